@@ -1,0 +1,29 @@
+# screenline: `make demo` and `make test` work on a fresh machine (they create .venv and install first).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+# Prefect, offline and project-local: no analytics, a patient ephemeral server, nothing written to ~/.prefect.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+
+.PHONY: install demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: install  ## samples → ingest on a generated sample set, then a summary of the lake
+	$(VENV)/bin/screenline demo
+
+test: install  ## the whole test suite (tiny lakes; minutes, not hours)
+	$(PY) -m pytest
+
+clean:  ## remove generated data (the lake, samples, Prefect's local state); keeps .venv
+	rm -rf lake build .prefect .pytest_cache

@@ -1,0 +1,1 @@
+"""One module per Prefect flow. Flows compose tasks; nothing else."""

@@ -1,0 +1,88 @@
+"""The `ingest` flow: shard files → validated rows in lake/images/, refusals in lake/rejects/."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prefect import flow, get_run_logger, unmapped
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.futures import as_completed
+
+from tasks.ingest import IngestOptions, ShardSummary, fingerprint_task, ingest_shard_task, lake_channels_task
+from tasks.lake import lake_root
+from tasks.shards import find_shards
+
+
+@dataclass
+class IngestReport:
+    """What one ingest run did: where the lake is, and a summary per shard."""
+
+    lake: str
+    channels: int
+    shards: list[ShardSummary] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> int:
+        """Images of these shards in the lake, landed now or by an earlier run."""
+        return sum(s.accepted for s in self.shards)
+
+    @property
+    def landed(self) -> int:
+        """Images this run added to the lake."""
+        return sum(s.accepted for s in self.shards if s.status == "ingested")
+
+    @property
+    def rejected(self) -> int:
+        return sum(s.rejected for s in self.shards)
+
+
+@flow(name="ingest")
+def ingest(
+    shards: list[str],
+    lake: str | None = None,
+    channels: int | None = None,
+    resize: bool = False,
+    subset: str | None = None,
+) -> IngestReport:
+    """Ingest shards (paths or globs: folders of PNG/JPEG, MedMNIST .npz, WebDataset .tar) into the lake.
+
+    channels: the lake's channel count, fixed by its first ingest (default: from the first shard's images).
+    resize: resize images that are not 64×64 instead of refusing them (recorded in the `resized` column).
+    subset: mark every image of these shards as belonging to a labelled audit subset of that name.
+    """
+    logger = get_run_logger()
+    root = str(lake_root(lake))
+    paths = [str(p) for p in find_shards(shards)]
+    refs = fingerprint_task.map(paths)
+    first = refs[0].result() if refs else None
+    options = IngestOptions(lake_channels_task(root, first, channels), resize, subset)
+    logger.info("ingesting %d shard(s) into %s (%d channel(s))", len(paths), root, options.channels)
+
+    progress = create_progress_artifact(0.0, key="ingest-progress", description="shards landed")
+    futures = ingest_shard_task.map(refs, lake_root=unmapped(root), options=unmapped(options))
+    report = IngestReport(root, options.channels)
+    for done, future in enumerate(as_completed(futures), start=1):
+        outcome = future.result(raise_on_failure=False)
+        if isinstance(outcome, ShardSummary):
+            report.shards.append(outcome)
+        else:
+            report.failed.append(f"{paths[futures.index(future)]}: {outcome}")
+        update_progress_artifact(progress, 100.0 * done / len(futures))
+    report.shards.sort(key=lambda s: s.shard)
+
+    create_table_artifact(
+        key="ingest-summary",
+        table=[
+            {"shard": s.shard, "shard_id": s.shard_id, "status": s.status, "accepted": s.accepted,
+             "rejected": s.rejected, "reasons": ", ".join(f"{k}={v}" for k, v in sorted(s.reasons.items()))}
+            for s in report.shards
+        ],
+        description=f"Ingest into {root}: {report.accepted} accepted, {report.rejected} rejected",
+    )
+    if report.failed:
+        raise RuntimeError(
+            f"{len(report.failed)} shard(s) failed after retries (the others landed; re-run to retry them): "
+            + "; ".join(report.failed)
+        )
+    return report

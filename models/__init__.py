@@ -1,0 +1,5 @@
+"""Model architectures, export, engines and the registry.
+
+Importing this package is cheap: nothing here imports torch at module level except the modules that train and
+export, which only `optimize` uses.
+"""

@@ -1,0 +1,19 @@
+"""The model's input contract, defined once.
+
+Every engine takes uint8 pixels shaped N×C×64×64 and returns float32 probabilities of a positive finding; the cast
+and the normalisation live inside the graph, so the host never converts pixels to float. The lake stores pixels as
+raw H×W×C bytes, which for one channel is the same memory as C×H×W.
+"""
+
+from __future__ import annotations
+
+IMAGE_SIZE = 64
+"""Height and width of every image in the lake and at every engine's input."""
+
+SUPPORTED_CHANNELS = (1, 3)
+"""1: grayscale (X-ray thumbnails); 3: RGB (pathology patches). A lake holds one or the other."""
+
+
+def pixel_bytes(channels: int) -> int:
+    """Bytes of one image's pixels in the lake (H×W×C uint8)."""
+    return IMAGE_SIZE * IMAGE_SIZE * channels

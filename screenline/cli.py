@@ -1,0 +1,173 @@
+"""`screenline`: the command line over the flows.
+
+    screenline samples [--out samples]            write a generated sample set of shards
+    screenline ingest PATH_OR_GLOB... [--lake]    land shards in the lake
+    screenline demo                               samples → ingest on an embedded default, then a summary
+
+The lake is `--lake`, else $SCREENLINE_LAKE, else ./lake. Flows run in Prefect's ephemeral mode unless
+PREFECT_API_URL points at a server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+# Prefect's ephemeral server needs longer than its 20 s default to start on a loaded 2-core machine. Only defaults:
+# a user's own Prefect settings win.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+class CliError(Exception):
+    """A one-line error for the user: printed without a traceback."""
+
+
+def _lake_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lake", help="lake root (default: $SCREENLINE_LAKE or ./lake)")
+
+
+def _print_ingest(report: "object", seconds: float) -> None:
+    from flows.ingest import IngestReport
+
+    assert isinstance(report, IngestReport)
+    width = max((len(Path(s.shard).name) for s in report.shards), default=5)
+    print(f"\n{'shard':<{width}}  {'status':<15} {'accepted':>8} {'rejected':>8}  reasons")
+    for s in report.shards:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(s.reasons.items())) or "-"
+        print(f"{Path(s.shard).name:<{width}}  {s.status:<15} {s.accepted:>8} {s.rejected:>8}  {reasons}")
+    rate = report.landed / seconds if seconds > 0 else 0.0
+    print(
+        f"\nlake: {report.lake}  ({report.channels} channel(s))\n"
+        f"accepted {report.accepted} image(s) ({report.landed} new, {report.accepted - report.landed} already in "
+        f"the lake), rejected {report.rejected} entr(ies); {seconds:.1f} s, {rate:,.0f} new images/s\n"
+        f"  images:  {report.lake}/images/\n  rejects: {report.lake}/rejects/"
+    )
+
+
+def cmd_samples(args: argparse.Namespace) -> None:
+    from tasks.samples import make_samples
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise CliError(f"{out} is not empty; pass --force to write the sample set there anyway")
+    t0 = time.perf_counter()
+    made = make_samples(out, n=args.n, prevalence=args.prevalence, seed=args.seed, defects=not args.no_defects)
+    print(
+        f"wrote {made.images} images ({made.positives} positive) in {time.perf_counter() - t0:.1f} s to {out}/\n"
+        f"  train:   {', '.join(p.name for p in made.train)}\n"
+        f"  holdout: {', '.join(p.name for p in made.holdout)}  (ingest with --subset holdout)\n"
+        f"  inbox:   {', '.join(p.name for p in made.inbox)}  (unlabelled)\n"
+        f"  defects: {made.defects} bad entries in {made.train[0].name}/ to show the reject path"
+    )
+
+
+def run_ingest(shards: list[str], lake: str | None, **options: object) -> "object":
+    """Run the ingest flow and print its summary; one-line errors for paths that match nothing."""
+    from flows.ingest import ingest
+    from tasks.shards import ShardNotFound, find_shards
+
+    try:
+        find_shards(shards)  # fail fast, before starting Prefect
+    except ShardNotFound as exc:
+        raise CliError(str(exc)) from None
+    t0 = time.perf_counter()
+    try:
+        report = ingest(shards=shards, lake=lake, **options)
+    except (ValueError, RuntimeError) as exc:  # the flow's own errors say what to do; Prefect logged the rest
+        raise CliError(str(exc)) from None
+    _print_ingest(report, time.perf_counter() - t0)
+    return report
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    run_ingest(args.shards, args.lake, channels=args.channels, resize=args.resize, subset=args.subset)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from tasks.lake import lake_root
+
+    samples = Path(args.samples)
+    if not (samples / "train").exists():
+        cmd_samples(argparse.Namespace(out=str(samples), n=args.n, prevalence=0.1, seed=0, no_defects=False,
+                                       force=True))
+    else:
+        print(f"using the sample set already in {samples}/")
+    lake = str(lake_root(args.lake))
+    print("\n== ingest: labelled training shards")
+    run_ingest([str(samples / "train")], lake)
+    print("\n== ingest: labelled hold-out subset for audits")
+    run_ingest([str(samples / "holdout")], lake, subset="holdout")
+    print("\n== ingest: unlabelled inbox")
+    run_ingest([str(samples / "inbox")], lake)
+    import pyarrow.parquet as pq
+
+    images = pq.read_table(f"{lake}/images", columns=["label", "subset"])
+    rejects = pq.read_table(f"{lake}/rejects", columns=["reason"])
+    labelled = images.column("label").is_valid().to_pylist().count(True)
+    print(
+        f"\nlake {lake}: {images.num_rows} images ({labelled} labelled), {rejects.num_rows} rejects\n"
+        f"read it with: python -c \"import pyarrow.parquet as pq; print(pq.read_table('{lake}/images').num_rows)\""
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="screenline",
+        description="Batch screening of 64×64 medical images with Prefect: ingest shards into a Parquet lake.",
+        epilog="Start with `screenline demo`, or `screenline samples` then `screenline ingest samples/train`.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("samples", help="write a generated, deterministic sample set of shards")
+    p.add_argument("--out", default="samples", help="folder to write (default: ./samples)")
+    p.add_argument("--n", type=int, default=24000, help="labelled training images (default: 24000)")
+    p.add_argument("--prevalence", type=float, default=0.1, help="fraction of positives (default: 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-defects", action="store_true", help="leave out the few deliberately bad entries")
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    p.set_defaults(func=cmd_samples)
+
+    p = sub.add_parser(
+        "ingest",
+        help="land shards in the lake",
+        description="Validate shards and land them in LAKE/images (one Parquet per shard); "
+        "refused entries go to LAKE/rejects with a reason. Re-ingesting the same bytes writes nothing.",
+    )
+    p.add_argument("shards", nargs="+", metavar="PATH_OR_GLOB",
+                   help="a folder of PNG/JPEG (+ labels.csv), a .npz (MedMNIST layout), a .tar (WebDataset), "
+                        "a folder of such shards, or a quoted glob")
+    _lake_arg(p)
+    p.add_argument("--channels", type=int, choices=(1, 3),
+                   help="the lake's channel count (fixed by the first ingest; default: from the first image)")
+    p.add_argument("--resize", action="store_true", help="resize images that are not 64×64 instead of refusing them")
+    p.add_argument("--subset", help="mark these images as a labelled audit subset of this name (e.g. holdout)")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("demo", help="generate samples and run the pipeline on them, then print a summary")
+    p.add_argument("--samples", default="build/samples", help="sample set folder (default: build/samples)")
+    p.add_argument("--n", type=int, default=24000, help="labelled training images to generate (default: 24000)")
+    _lake_arg(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `screenline` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CliError as exc:
+        print(f"screenline: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("screenline: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

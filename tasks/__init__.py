@@ -1,0 +1,1 @@
+"""Prefect tasks by stage, each a thin wrapper over plain typed functions that tests call without Prefect."""

@@ -1,0 +1,389 @@
+"""Ingest: validate every entry of a shard and land it in the lake, keeping what it refuses.
+
+`ingest_shard` is the plain function (tests call it directly); `ingest_shard_task` is its Prefect wrapper, retried
+on I/O errors only and cached on the shard's content. A bad entry never fails its shard: it becomes a reject row
+with a reason. A shard that cannot be read at all becomes one reject row. Landing is two-phase: the shard's rows
+stream into a temp file; then, under the lake's lock, images already in the lake are dropped as duplicates, the
+rejects file is written and the images file is renamed into place. The images file is the commit mark: a shard
+whose images file exists is done, so a re-run after kill -9 redoes exactly the shards that had not landed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+from prefect import get_run_logger, task
+from prefect.cache_policies import CachePolicy
+from prefect.utilities.hashing import hash_objects
+
+from models.contract import IMAGE_SIZE, SUPPORTED_CHANNELS
+from tasks.lake import (
+    IMAGES_SCHEMA,
+    REJECTS_SCHEMA,
+    ROW_GROUP_ROWS,
+    Lake,
+    atomic_parquet_writer,
+    write_table_atomic,
+)
+from tasks.shards import Entry, Refusal, ShardRef, ShardUnreadable, fingerprint, read_entries
+
+MAX_PIXELS = IMAGE_SIZE * IMAGE_SIZE * 1024
+"""Images declaring more pixels than this (4 Mpx) are refused before decoding: decompression-bomb guard."""
+
+_HIGH_BIT_MODES = {"I;16": 8, "I;16B": 8, "I;16L": 8, "I;16N": 8}
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """How entries are validated; part of the cache key."""
+
+    channels: int = 1
+    resize: bool = False
+    subset: str | None = None
+
+
+@dataclass
+class ShardSummary:
+    """What ingest did with one shard: small, returned by the task, shown in the report."""
+
+    shard_id: str
+    shard: str
+    accepted: int = 0
+    rejected: int = 0
+    status: str = "ingested"  # "ingested" | "already_in_lake" | "refused"
+    reasons: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+
+class Rejected(Exception):
+    """An entry that fails validation: carries the reject reason and detail."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def parse_label(raw: object) -> int | None:
+    """0/1 from text or a number; None for empty; Rejected for anything else."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text == "":
+            return None
+        if text in ("0", "1"):
+            return int(text)
+    elif isinstance(raw, (int, np.integer, bool)) and int(raw) in (0, 1):
+        return int(raw)
+    raise Rejected("bad_label", f"label {raw!r} is not 0, 1 or empty")
+
+
+def _to_mode(image: Image.Image, channels: int) -> Image.Image:
+    if image.mode in _HIGH_BIT_MODES:  # 16-bit grayscale: keep the top 8 bits rather than clipping
+        arr = np.asarray(image).astype(np.uint16) >> _HIGH_BIT_MODES[image.mode]
+        image = Image.fromarray(arr.astype(np.uint8), mode="L")
+    elif image.mode in ("I", "F"):
+        raise Rejected("unsupported_mode", f"{image.mode} (32-bit) images are not supported; export 8-bit PNG")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def _open_encoded(payload: bytes) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(payload))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise Rejected("decompression_bomb", str(exc)) from None
+    except UnidentifiedImageError:
+        raise Rejected("decode_error", f"not an image Pillow can read ({len(payload)} bytes)") from None
+    except (OSError, SyntaxError, ValueError, zlib.error) as exc:
+        raise Rejected("decode_error", f"{type(exc).__name__}: {exc}") from None
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise Rejected("decompression_bomb", f"declares {width}×{height} pixels (limit {MAX_PIXELS:,})")
+    return image
+
+
+def _load(image: Image.Image) -> None:
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
+        text = f"{type(exc).__name__}: {exc}"
+        reason = "truncated" if "truncat" in text.lower() or isinstance(exc, EOFError) else "decode_error"
+        raise Rejected(reason, text) from None
+
+
+def decode(payload: bytes | np.ndarray, channels: int, resize: bool) -> tuple[np.ndarray, bool]:
+    """An entry's pixels as uint8 H×W×C at the lake's size and channel count, and whether it was resized."""
+    if isinstance(payload, np.ndarray):
+        arr = payload[..., 0] if payload.ndim == 3 and payload.shape[2] == 1 else payload
+        image = Image.fromarray(np.ascontiguousarray(arr))
+        width, height = image.size
+    else:
+        image = _open_encoded(payload)
+        width, height = image.size
+    if (width, height) != (IMAGE_SIZE, IMAGE_SIZE) and not resize:
+        raise Rejected(
+            "wrong_size", f"{width}×{height}, expected {IMAGE_SIZE}×{IMAGE_SIZE} (ingest with --resize to resize)"
+        )
+    _load(image)
+    image = _to_mode(image, channels)
+    resized = image.size != (IMAGE_SIZE, IMAGE_SIZE)
+    if resized:
+        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE, channels)
+    return np.ascontiguousarray(pixels), resized
+
+
+def detect_channels(ref: ShardRef) -> int:
+    """The channel count of a shard's first decodable image (1 for grayscale, 3 otherwise)."""
+    for item in read_entries(ref):
+        if not isinstance(item, Entry):
+            continue
+        try:
+            if isinstance(item.payload, np.ndarray):
+                return 3 if item.payload.ndim == 3 and item.payload.shape[2] >= 3 else 1
+            image = _open_encoded(item.payload)
+        except Rejected:
+            continue
+        return 1 if image.mode in ("1", "L", "LA", "I", "F") or image.mode in _HIGH_BIT_MODES else 3
+    return 1
+
+
+class _RowBuffer:
+    """Accumulates accepted rows and flushes them as row groups."""
+
+    def __init__(self, writer: pq.ParquetWriter, shard_id: str, subset: str | None, channels: int) -> None:
+        self.writer, self.shard_id, self.subset, self.channels = writer, shard_id, subset, channels
+        self.now = datetime.now(timezone.utc)
+        self.rows: dict[str, list[Any]] = {"image_id": [], "source": [], "label": [], "resized": [], "pixels": [],
+                                           "sha256": []}
+        self.count = 0
+
+    def add(self, source: str, label: int | None, pixels: np.ndarray, resized: bool, sha: str) -> None:
+        for key, value in (("image_id", sha[:24]), ("source", source), ("label", label), ("resized", resized),
+                           ("pixels", pixels.tobytes()), ("sha256", sha)):
+            self.rows[key].append(value)
+        if len(self.rows["source"]) >= ROW_GROUP_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        n = len(self.rows["source"])
+        if n == 0:
+            return
+        table = pa.table(
+            {
+                "image_id": self.rows["image_id"],
+                "shard_id": [self.shard_id] * n,
+                "source": self.rows["source"],
+                "label": pa.array(self.rows["label"], pa.int8()),
+                "subset": pa.array([self.subset] * n, pa.string()),
+                "height": pa.array([IMAGE_SIZE] * n, pa.int16()),
+                "width": pa.array([IMAGE_SIZE] * n, pa.int16()),
+                "channels": pa.array([self.channels] * n, pa.int8()),
+                "resized": self.rows["resized"],
+                "pixels": pa.array(self.rows["pixels"], pa.binary()),
+                "sha256": self.rows["sha256"],
+                "ingested_at": pa.array([self.now] * n, pa.timestamp("us", tz="UTC")),
+            },
+            schema=IMAGES_SCHEMA,
+        )
+        self.writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        self.count += n
+        for values in self.rows.values():
+            values.clear()
+
+
+def _summary_of_landed(lake: Lake, ref: ShardRef) -> ShardSummary:
+    accepted = pq.ParquetFile(lake.image_file(ref.shard_id)).metadata.num_rows
+    reasons: dict[str, int] = {}
+    reject_file = lake.reject_file(ref.shard_id)
+    if reject_file.exists():
+        for reason in pq.read_table(reject_file, columns=["reason"]).column("reason").to_pylist():
+            reasons[reason] = reasons.get(reason, 0) + 1
+    return ShardSummary(ref.shard_id, ref.path, accepted, sum(reasons.values()), "already_in_lake", reasons)
+
+
+def _rejects_table(ref: ShardRef, refusals: list[Refusal]) -> pa.Table:
+    now = datetime.now(timezone.utc)
+    return pa.table(
+        {
+            "shard_id": [ref.shard_id] * len(refusals),
+            "shard": [ref.path] * len(refusals),
+            "entry": [r.entry for r in refusals],
+            "reason": [r.reason for r in refusals],
+            "detail": [r.detail for r in refusals],
+            "rejected_at": pa.array([now] * len(refusals), pa.timestamp("us", tz="UTC")),
+        },
+        schema=REJECTS_SCHEMA,
+    )
+
+
+def _drop_rows(tmp: Path, out: Path, drop: set[str], metadata: dict[str, str]) -> None:
+    """Copy the staged images file without the rows whose sha256 is in `drop` (rare: cross-shard duplicates)."""
+    staged = pq.ParquetFile(tmp)
+    keep_out = pa.array(sorted(drop), pa.string())
+    with atomic_parquet_writer(out, IMAGES_SCHEMA, metadata) as writer:
+        for batch in staged.iter_batches(batch_size=ROW_GROUP_ROWS):
+            mask = pc.invert(pc.is_in(batch.column("sha256"), value_set=keep_out))
+            writer.write_table(pa.Table.from_batches([batch.filter(mask)], schema=IMAGES_SCHEMA))
+
+
+def ingest_shard(ref: ShardRef, lake: Lake, options: IngestOptions) -> ShardSummary:
+    """Validate and land one shard; a no-op when the shard's content is already in the lake."""
+    if lake.image_file(ref.shard_id).exists():
+        return _summary_of_landed(lake, ref)
+    refusals: list[Refusal] = []
+    seen: dict[str, str] = {}  # sha256 -> source, within this shard
+    metadata = {"screenline.shard_sha256": ref.sha256, "screenline.shard_path": ref.path}
+    staging = lake.images / f".{ref.shard_id}.staging"
+    with atomic_parquet_writer(staging, IMAGES_SCHEMA, metadata) as writer:
+        rows = _RowBuffer(writer, ref.shard_id, options.subset, options.channels)
+        try:
+            for item in read_entries(ref):
+                if isinstance(item, Refusal):
+                    refusals.append(item)
+                    continue
+                try:
+                    label = parse_label(item.label)
+                    pixels, resized = decode(item.payload, options.channels, options.resize)
+                except Rejected as rej:
+                    refusals.append(Refusal(item.source, rej.reason, rej.detail))
+                    continue
+                sha = hashlib.sha256(pixels.data).hexdigest()
+                if sha in seen:
+                    refusals.append(Refusal(item.source, "duplicate", f"same pixels as {seen[sha]} in this shard"))
+                    continue
+                seen[sha] = item.source
+                rows.add(item.source, label, pixels, resized, sha)
+        except ShardUnreadable as exc:  # readers raise it before their first entry: nothing was written yet
+            refusals = [Refusal(None, exc.reason, exc.detail)]
+            seen.clear()
+            rows.rows = {k: [] for k in rows.rows}
+        rows.flush()
+    if not seen and not refusals:
+        refusals.append(Refusal(None, "empty_shard", "the shard holds no entries"))
+    return _commit_shard(ref, lake, staging, seen, refusals, metadata)
+
+
+def _commit_shard(
+    ref: ShardRef, lake: Lake, staging: Path, seen: dict[str, str], refusals: list[Refusal], metadata: dict[str, str]
+) -> ShardSummary:
+    final = lake.image_file(ref.shard_id)
+    try:
+        with lake.lock():
+            if final.exists():  # the same content landed meanwhile (another path, another run)
+                return _summary_of_landed(lake, ref)
+            existing = lake.image_hashes() if seen else {}
+            dups = {sha for sha in seen if sha in existing}
+            for sha in sorted(dups, key=seen.get):
+                refusals.append(Refusal(seen[sha], "duplicate", f"same pixels as {existing[sha]} already in the lake"))
+            if refusals:
+                write_table_atomic(lake.reject_file(ref.shard_id), _rejects_table(ref, refusals))
+            if dups:
+                _drop_rows(staging, final, dups, metadata)
+            else:
+                staging.replace(final)
+    finally:
+        staging.unlink(missing_ok=True)
+    reasons: dict[str, int] = {}
+    for r in refusals:
+        reasons[r.reason] = reasons.get(r.reason, 0) + 1
+    unreadable = len(refusals) == 1 and refusals[0].entry is None and not seen
+    return ShardSummary(
+        ref.shard_id,
+        ref.path,
+        accepted=len(seen) - len(dups),
+        rejected=len(refusals),
+        status="refused" if unreadable else "ingested",
+        reasons=reasons,
+        error=f"{refusals[0].reason}: {refusals[0].detail}" if unreadable else None,
+    )
+
+
+# --- Prefect wrappers ---------------------------------------------------------------------------------------------
+
+
+def _retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry transient I/O failures only; a bug or bad data fails at once."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@dataclass
+class ShardContentCache(CachePolicy):
+    """Cache key: the shard's content hash, the lake and the options; never the path or the run id.
+
+    Returns no key while the shard's images file is missing from the lake, so a deleted or new lake is always
+    written, and a cached result is never trusted for data that is not there.
+    """
+
+    def compute_key(
+        self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        ref: ShardRef = inputs["ref"]
+        lake = Lake.at(inputs["lake_root"])
+        if not lake.image_file(ref.shard_id).exists():
+            return None
+        return hash_objects("ingest-shard/v1", ref.sha256, str(lake.root), inputs["options"])
+
+
+IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_retry_on_io_error)
+
+
+@task(name="fingerprint-shard", **IO_RETRIES)
+def fingerprint_task(path: str) -> ShardRef:
+    """Hash a shard's content: the key for idempotency and caching."""
+    return fingerprint(Path(path))
+
+
+@task(name="lake-channels", **IO_RETRIES)
+def lake_channels_task(lake_root: str, first_shard: ShardRef | None, channels: int | None) -> int:
+    """The lake's channel count: fixed by its first ingest (from `channels` or the first shard's images)."""
+    lake = Lake.at(lake_root)
+    meta = lake.read_meta()
+    if meta is not None:
+        if channels is not None and channels != meta["channels"]:
+            raise ValueError(
+                f"the lake at {lake.root} holds {meta['channels']}-channel images; --channels {channels} conflicts"
+            )
+        return int(meta["channels"])
+    if channels is None:
+        channels = detect_channels(first_shard) if first_shard else 1
+    if channels not in SUPPORTED_CHANNELS:
+        raise ValueError(f"--channels must be one of {SUPPORTED_CHANNELS}, got {channels}")
+    return lake.ensure_channels(channels)
+
+
+@task(name="ingest-shard", cache_policy=ShardContentCache(), persist_result=True, **IO_RETRIES)
+def ingest_shard_task(ref: ShardRef, lake_root: str, options: IngestOptions) -> ShardSummary:
+    """Land one shard in the lake (see `ingest_shard`)."""
+    summary = ingest_shard(ref, Lake.at(lake_root), options)
+    logger = get_run_logger()
+    if summary.status == "refused":
+        logger.error("shard %s could not be read and was refused: %s", ref.path, summary.error)
+    else:
+        logger.info(
+            "shard %s: %d accepted, %d rejected (%s)", ref.path, summary.accepted, summary.rejected, summary.status
+        )
+    return summary

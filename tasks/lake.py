@@ -1,0 +1,200 @@
+"""The lake: its layout on disk and its Parquet schemas, defined once and imported everywhere.
+
+One root (`--lake`, default `./lake`, `SCREENLINE_LAKE` overrides) holds:
+
+    lake.json            the lake's fixed facts: format version, channel count (set by the first ingest)
+    images/<shard>.parquet      a row per accepted image, one file per ingested shard
+    rejects/<shard>.parquet     a row per refused entry (or one row for a shard that could not be read)
+    predictions/ audits/ models/<version>/    written by the later stages
+
+Every write goes to a hidden temp file in the same folder and is renamed into place, so readers (pyarrow, pandas,
+DuckDB) only ever see whole files: pyarrow skips names starting with "." and a `*.parquet` glob skips `*.tmp`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from models.contract import IMAGE_SIZE
+
+LAKE_ENV = "SCREENLINE_LAKE"
+DEFAULT_LAKE = "lake"
+LAKE_FORMAT = 1
+
+IMAGES_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("shard_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("label", pa.int8()),  # 1 positive, 0 negative, null unknown
+        pa.field("subset", pa.string()),  # null, or the name of a labelled audit subset
+        pa.field("height", pa.int16(), nullable=False),
+        pa.field("width", pa.int16(), nullable=False),
+        pa.field("channels", pa.int8(), nullable=False),
+        pa.field("resized", pa.bool_(), nullable=False),  # True when ingest resized it (`--resize`)
+        pa.field("pixels", pa.binary(), nullable=False),  # raw uint8, H×W×C
+        pa.field("sha256", pa.string(), nullable=False),  # of the pixels
+        pa.field("ingested_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field("shard_id", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),  # the shard's path as given to ingest
+        pa.field("entry", pa.string()),  # null when the whole shard was refused
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string(), nullable=False),
+        pa.field("rejected_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+ROW_GROUP_ROWS = 8192
+"""Rows per Parquet row group in images/: 32 MiB of grayscale pixels, so readers stream in modest batches."""
+
+
+def lake_root(path: str | os.PathLike[str] | None = None) -> Path:
+    """The lake's root: the explicit path, else $SCREENLINE_LAKE, else ./lake."""
+    return Path(path or os.environ.get(LAKE_ENV) or DEFAULT_LAKE).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class Lake:
+    """Paths inside one lake root. Cheap to create; touches nothing until asked."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, path: str | os.PathLike[str] | None = None) -> "Lake":
+        """The lake at `path` (or $SCREENLINE_LAKE, or ./lake)."""
+        return cls(lake_root(path))
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def rejects(self) -> Path:
+        return self.root / "rejects"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions"
+
+    @property
+    def audits(self) -> Path:
+        return self.root / "audits"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.root / "lake.json"
+
+    def image_file(self, shard_id: str) -> Path:
+        return self.images / f"{shard_id}.parquet"
+
+    def reject_file(self, shard_id: str) -> Path:
+        return self.rejects / f"{shard_id}.parquet"
+
+    def read_meta(self) -> dict | None:
+        """The lake's fixed facts, or None for a lake nothing was ingested into yet."""
+        if not self.meta_path.exists():
+            return None
+        return json.loads(self.meta_path.read_text())
+
+    def ensure_channels(self, channels: int) -> int:
+        """Fix the lake's channel count on first use; afterwards return the fixed one.
+
+        Raises ValueError when `channels` contradicts a lake that already has a different count.
+        """
+        with self.lock():
+            meta = self.read_meta()
+            if meta is None:
+                meta = {"format": LAKE_FORMAT, "channels": int(channels), "image_size": IMAGE_SIZE}
+                atomic_write_bytes(self.meta_path, json.dumps(meta, indent=2).encode())
+            return int(meta["channels"])
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """An exclusive lock on the lake, across threads and processes (flock on a fresh file description)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def image_hashes(self) -> dict[str, str]:
+        """sha256 → "shard_id/source" of every image already in the lake (reads two small columns)."""
+        files = sorted(self.images.glob("*.parquet")) if self.images.exists() else []
+        if not files:
+            return {}
+        table = ds.dataset([str(f) for f in files], format="parquet").to_table(
+            columns=["sha256", "shard_id", "source"]
+        )
+        cols = table.to_pydict()
+        return {h: f"{s}/{src}" for h, s, src in zip(cols["sha256"], cols["shard_id"], cols["source"])}
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path)
+    try:
+        tmp.write_bytes(data)
+        _commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_parquet_writer(
+    path: Path, schema: pa.Schema, metadata: dict[str, str] | None = None
+) -> Iterator[pq.ParquetWriter]:
+    """A zstd ParquetWriter whose file appears at `path` only if the block exits cleanly."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if metadata:
+        schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
+    tmp = _temp_name(path)
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            yield writer
+        _commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_table_atomic(path: Path, table: pa.Table, metadata: dict[str, str] | None = None) -> None:
+    """Write one small table atomically (rejects, audits)."""
+    with atomic_parquet_writer(path, table.schema, metadata) as writer:
+        writer.write_table(table)
