@@ -55,8 +55,7 @@ def ingest(
     root = str(lake_root(lake))
     paths = [str(p) for p in find_shards(shards)]
     refs = fingerprint_task.map(paths)
-    first = refs[0].result() if refs else None
-    options = IngestOptions(lake_channels_task(root, first, channels), resize, subset)
+    options = IngestOptions(lake_channels_task(root, refs, channels), resize, subset)
     logger.info("ingesting %d shard(s) into %s (%d channel(s))", len(paths), root, options.channels)
 
     progress = create_progress_artifact(0.0, key="ingest-progress", description="shards landed")

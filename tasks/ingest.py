@@ -94,7 +94,7 @@ def parse_label(raw: object) -> int | None:
 def _to_mode(image: Image.Image, channels: int) -> Image.Image:
     if image.mode in _HIGH_BIT_MODES:  # 16-bit grayscale: keep the top 8 bits rather than clipping
         arr = np.asarray(image).astype(np.uint16) >> _HIGH_BIT_MODES[image.mode]
-        image = Image.fromarray(arr.astype(np.uint8), mode="L")
+        image = Image.fromarray(arr.astype(np.uint8))
     elif image.mode in ("I", "F"):
         raise Rejected("unsupported_mode", f"{image.mode} (32-bit) images are not supported; export 8-bit PNG")
     if image.mode == "P" and "transparency" in image.info:
@@ -150,18 +150,22 @@ def decode(payload: bytes | np.ndarray, channels: int, resize: bool) -> tuple[np
     return np.ascontiguousarray(pixels), resized
 
 
-def detect_channels(ref: ShardRef) -> int:
-    """The channel count of a shard's first decodable image (1 for grayscale, 3 otherwise)."""
-    for item in read_entries(ref):
-        if not isinstance(item, Entry):
-            continue
+def detect_channels(refs: list[ShardRef]) -> int:
+    """The channel count of the first decodable image in these shards (1 for grayscale, 3 otherwise; 1 if none)."""
+    for ref in refs:
         try:
-            if isinstance(item.payload, np.ndarray):
-                return 3 if item.payload.ndim == 3 and item.payload.shape[2] >= 3 else 1
-            image = _open_encoded(item.payload)
-        except Rejected:
+            for item in read_entries(ref):
+                if not isinstance(item, Entry):
+                    continue
+                if isinstance(item.payload, np.ndarray):
+                    return 3 if item.payload.ndim == 3 and item.payload.shape[2] >= 3 else 1
+                try:
+                    image = _open_encoded(item.payload)
+                except Rejected:
+                    continue
+                return 1 if image.mode in ("1", "L", "LA", "I", "F") or image.mode in _HIGH_BIT_MODES else 3
+        except ShardUnreadable:
             continue
-        return 1 if image.mode in ("1", "L", "LA", "I", "F") or image.mode in _HIGH_BIT_MODES else 3
     return 1
 
 
@@ -358,8 +362,8 @@ def fingerprint_task(path: str) -> ShardRef:
 
 
 @task(name="lake-channels", **IO_RETRIES)
-def lake_channels_task(lake_root: str, first_shard: ShardRef | None, channels: int | None) -> int:
-    """The lake's channel count: fixed by its first ingest (from `channels` or the first shard's images)."""
+def lake_channels_task(lake_root: str, shards: list[ShardRef], channels: int | None) -> int:
+    """The lake's channel count: fixed by its first ingest (from `channels`, else the first readable image)."""
     lake = Lake.at(lake_root)
     meta = lake.read_meta()
     if meta is not None:
@@ -369,7 +373,7 @@ def lake_channels_task(lake_root: str, first_shard: ShardRef | None, channels: i
             )
         return int(meta["channels"])
     if channels is None:
-        channels = detect_channels(first_shard) if first_shard else 1
+        channels = detect_channels(shards)
     if channels not in SUPPORTED_CHANNELS:
         raise ValueError(f"--channels must be one of {SUPPORTED_CHANNELS}, got {channels}")
     return lake.ensure_channels(channels)

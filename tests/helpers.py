@@ -1,0 +1,44 @@
+"""Small builders the tests share (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from tasks.samples import generate
+
+
+def images(n: int, name: str, site: str = "a", prevalence: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """`n` generated 64×64 grayscale images and labels, distinct for each `name`."""
+    return generate(n, prevalence=prevalence, seed=7, site=site, name=name)
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_bomb(width: int = 50_000, height: int = 50_000) -> bytes:
+    """A tiny PNG whose header declares a huge image (decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def lake_rows(lake: Path, folder: str = "images", columns: list[str] | None = None) -> dict[str, list]:
+    """All rows of a lake folder as a dict of columns ({} when it has no files)."""
+    files = sorted((lake / folder).glob("*.parquet"))
+    if not files:
+        return {}
+    return pq.read_table(lake / folder, columns=columns).to_pydict()
