@@ -18,6 +18,7 @@ import hashlib
 import io
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence, Union
@@ -269,14 +270,27 @@ def _unsafe_member(name: str) -> bool:
     return not p.parts or p.is_absolute() or ".." in p.parts or name.startswith("\\")
 
 
+def _tar_sample(key: str, parts: dict[str, bytes]) -> Iterator[Entry | Refusal]:
+    images = [ext for ext in parts if f".{ext}" in IMAGE_SUFFIXES]
+    for ext in parts:
+        if ext != "cls" and ext not in images[:1]:
+            yield Refusal(f"{key}.{ext}", "unsupported_entry", "not an image or .cls component")
+    if not images:
+        if "cls" in parts:
+            yield Refusal(f"{key}.cls", "missing_image", "label without an image in this sample")
+        return
+    label = parts["cls"].decode("utf-8", errors="replace").strip() if "cls" in parts else None
+    yield Entry(f"{key}.{images[0]}", parts[images[0]], label)
+
+
 def _read_tar(path: Path) -> Iterator[Entry | Refusal]:
-    data = path.read_bytes()  # OSError here is I/O: let the task retry
+    """Stream a WebDataset tar: a sample's files are adjacent, so a sample is complete when the key changes."""
     try:
-        archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        archive = tarfile.open(path, mode="r:*")
+    except tarfile.TarError as exc:
         raise ShardUnreadable("unreadable_shard", f"not a readable tar ({type(exc).__name__}: {exc})") from None
-    samples: dict[str, dict[str, bytes]] = {}
-    order: list[str] = []
+    done: set[str] = set()
+    key, parts = None, {}
     with archive:
         members = iter(archive)
         while True:
@@ -284,8 +298,8 @@ def _read_tar(path: Path) -> Iterator[Entry | Refusal]:
                 member = next(members)
             except StopIteration:
                 break
-            except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-                yield Refusal(None, "truncated", f"tar ends early after {len(order)} samples: {exc}")
+            except (tarfile.TarError, EOFError, zlib.error) as exc:
+                yield Refusal(None, "truncated", f"tar ends early after {len(done)} samples: {exc}")
                 break
             name = member.name
             if _unsafe_member(name):
@@ -300,26 +314,24 @@ def _read_tar(path: Path) -> Iterator[Entry | Refusal]:
             if base.startswith("."):
                 continue
             key_base, _, ext = base.partition(".")
-            key = str(parent / key_base) if str(parent) != "." else key_base
+            member_key = str(parent / key_base) if str(parent) != "." else key_base
+            if member_key != key:
+                if key is not None:
+                    yield from _tar_sample(key, parts)
+                    done.add(key)
+                key, parts = member_key, {}
+            if member_key in done:
+                yield Refusal(name, "unsupported_entry", "not next to the other files of its sample")
+                continue
             try:
                 fh = archive.extractfile(member)
                 payload = fh.read() if fh else b""
-            except (tarfile.TarError, EOFError, OSError) as exc:
+            except (tarfile.TarError, EOFError, zlib.error) as exc:
                 yield Refusal(name, "truncated", f"cannot read member: {exc}")
                 continue
-            if key not in samples:
-                samples[key] = {}
-                order.append(key)
-            samples[key].setdefault(ext.lower(), payload)
-    for key in order:
-        parts = samples[key]
-        images = [ext for ext in parts if f".{ext}" in IMAGE_SUFFIXES]
-        for ext in parts:
-            if ext != "cls" and ext not in images[:1]:
-                yield Refusal(f"{key}.{ext}", "unsupported_entry", "not an image or .cls component")
-        if not images:
-            if "cls" in parts:
-                yield Refusal(f"{key}.cls", "missing_image", "label without an image in this sample")
-            continue
-        label = parts["cls"].decode("utf-8", errors="replace").strip() if "cls" in parts else None
-        yield Entry(f"{key}.{images[0]}", parts[images[0]], label)
+            if len(payload) != member.size:
+                yield Refusal(name, "truncated", f"member has {len(payload)} of {member.size} bytes")
+                continue
+            parts.setdefault(ext.lower(), payload)
+        if key is not None:
+            yield from _tar_sample(key, parts)

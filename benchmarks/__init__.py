@@ -1,0 +1,1 @@
+"""The performance harness: measurements anyone can re-run, never timed tests."""
