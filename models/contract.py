@@ -17,3 +17,12 @@ SUPPORTED_CHANNELS = (1, 3)
 def pixel_bytes(channels: int) -> int:
     """Bytes of one image's pixels in the lake (H×W×C uint8)."""
     return IMAGE_SIZE * IMAGE_SIZE * channels
+
+
+PIXEL_MEAN = 127.5
+PIXEL_STD = 64.0
+"""Normalisation applied inside every graph: (pixel - PIXEL_MEAN) / PIXEL_STD, the same for every channel."""
+
+INPUT_NAME = "pixels"
+OUTPUT_NAME = "score"
+"""Names of the exported graph's input (uint8 N×C×64×64) and output (float32 N, the probability of a positive)."""

@@ -198,3 +198,26 @@ def write_table_atomic(path: Path, table: pa.Table, metadata: dict[str, str] | N
     """Write one small table atomically (rejects, audits)."""
     with atomic_parquet_writer(path, table.schema, metadata) as writer:
         writer.write_table(table)
+
+
+def pixel_array(pixels: pa.Array | pa.ChunkedArray, channels: int) -> "np.ndarray":
+    """A binary pixels column (H×W×C bytes each) as uint8 N×C×64×64, without a per-image Python loop.
+
+    For one channel this is a view over Arrow's data buffer when the column is one contiguous chunk; three channels
+    need one transpose copy (the lake stores H×W×C, engines take C×H×W).
+    """
+    import numpy as np
+
+    if isinstance(pixels, pa.ChunkedArray):
+        pixels = pixels.combine_chunks() if pixels.num_chunks != 1 else pixels.chunk(0)
+    n = len(pixels)
+    size = IMAGE_SIZE * IMAGE_SIZE * channels
+    if n == 0:
+        return np.zeros((0, channels, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    offsets = np.frombuffer(pixels.buffers()[1], np.int32, n + 1, pixels.offset * 4)
+    if not np.all(np.diff(offsets) == size):
+        raise ValueError(f"pixels column holds values that are not {size} bytes (64×64×{channels})")
+    data = np.frombuffer(pixels.buffers()[2], np.uint8, n * size, int(offsets[0]))
+    hwc = data.reshape(n, IMAGE_SIZE, IMAGE_SIZE, channels)
+    return hwc.reshape(n, 1, IMAGE_SIZE, IMAGE_SIZE) if channels == 1 else np.ascontiguousarray(
+        hwc.transpose(0, 3, 1, 2))

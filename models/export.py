@@ -1,0 +1,57 @@
+"""Torch → ONNX: BatchNorm folded, a dynamic batch axis, one self-contained file, checked and compared with torch.
+
+The exported graph is the whole input contract: uint8 N×C×64×64 in, float32 probabilities N out (the sigmoid is in
+the graph too), so every engine returns the same thing.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from models.contract import IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME
+from models.nets import fold_batchnorm
+
+OPSET = 17
+
+
+class _WithSigmoid(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(x))
+
+
+def export_onnx(model: nn.Module, path: Path, channels: int = 1) -> Path:
+    """Write `model` (eval, BatchNorm folded) as a single-file ONNX graph with a dynamic batch axis."""
+    model = fold_batchnorm(copy.deepcopy(model).eval())
+    wrapped = _WithSigmoid(model).eval()
+    example = torch.zeros(2, channels, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with torch.inference_mode():
+        torch.onnx.export(
+            wrapped, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            opset_version=OPSET, dynamo=False, dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+    graph = onnx.load(str(tmp))
+    onnx.checker.check_model(graph, full_check=True)
+    tmp.replace(path)
+    return path
+
+
+def torch_scores(model: nn.Module, pixels: np.ndarray, batch: int = 512) -> np.ndarray:
+    """Probabilities from the torch model (eval) on uint8 N×C×64×64 pixels."""
+    model = model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(pixels), batch):
+            out.append(torch.sigmoid(model(torch.from_numpy(pixels[i: i + batch]))).numpy())
+    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
