@@ -17,7 +17,7 @@ from torch import nn
 from models.contract import IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME
 from models.nets import fold_batchnorm
 
-OPSET = 17
+OPSET = 18
 
 
 class _WithSigmoid(nn.Module):
@@ -37,9 +37,11 @@ def export_onnx(model: nn.Module, path: Path, channels: int = 1) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with torch.inference_mode():
+        # torch 2.14's exporter writes weights as external data by default: one self-contained file instead.
         torch.onnx.export(
             wrapped, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            opset_version=OPSET, dynamo=False, dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=OPSET, dynamo=True, external_data=False,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
         )
     graph = onnx.load(str(tmp))
     onnx.checker.check_model(graph, full_check=True)

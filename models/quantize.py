@@ -42,7 +42,6 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, fmt: str = "u8
             str(prepped), str(tmp), _Reader(calibration), quant_format=QuantFormat.QDQ,
             activation_type=getattr(QuantType, FORMATS[fmt]), weight_type=QuantType.QInt8,
             per_channel=per_channel, calibrate_method=CalibrationMethod.MinMax,
-            op_types_to_quantize=["Conv", "Add", "GlobalAveragePool", "Gemm", "MatMul"],
             extra_options={"ActivationSymmetric": symmetric_activations},
         )
         tmp.replace(out)

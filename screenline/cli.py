@@ -2,7 +2,9 @@
 
     screenline samples [--out samples]            write a generated sample set of shards
     screenline ingest PATH_OR_GLOB... [--lake]    land shards in the lake
-    screenline demo                               samples → ingest on an embedded default, then a summary
+    screenline optimize [--lake] [--epochs N]     train, export, quantize, calibrate, gate, register, promote
+    screenline models [--lake]                    list registered model versions
+    screenline demo                               samples → ingest → optimize on an embedded default
 
 The lake is `--lake`, else $SCREENLINE_LAKE, else ./lake. Flows run in Prefect's ephemeral mode unless
 PREFECT_API_URL points at a server.
@@ -87,6 +89,55 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     run_ingest(args.shards, args.lake, channels=args.channels, resize=args.resize, subset=args.subset)
 
 
+def run_optimize(lake: str | None, **params: object) -> dict:
+    """Run the optimize flow and print what ships; one-line errors for an empty lake or a failed gate."""
+    from flows.optimize import NotPromoted, optimize
+
+    try:
+        result = optimize(lake=lake, **params)
+    except NotPromoted as exc:
+        raise CliError(str(exc)) from None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    ship, test, knee = result["shipping"], result["test"], result["knee"]
+    print(
+        f"\npromoted {result['version']}: {ship['engine']} {ship['candidate']}, threshold {ship['threshold']:.4f}\n"
+        f"  held-out test: sensitivity {test['sensitivity']:.4f} (95% CI {test['sensitivity_ci95'][0]:.4f}–"
+        f"{test['sensitivity_ci95'][1]:.4f}), specificity {test['specificity']:.4f}, AUC {test['auc']:.4f}\n"
+        f"  this host: knee batch {knee['batch']}, {knee['images_per_s']:,.0f} images/s, "
+        f"batch-1 latency {knee['batch1_latency_ms']:.3f} ms"
+    )
+    return result
+
+
+def cmd_optimize(args: argparse.Namespace) -> None:
+    params = {k: v for k, v in vars(args).items() if k in ("epochs", "width", "arch", "teacher",
+                                                          "target_sensitivity", "seed", "force_int8_fail")}
+    run_optimize(args.lake, **params)
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from models.registry import ModelNotFound, Registry
+    from tasks.lake import Lake
+
+    registry = Registry(Lake.at(args.lake))
+    versions = registry.versions()
+    if not versions:
+        raise CliError(f"no models in {registry.root}: run `screenline optimize` to make one")
+    try:
+        promoted = registry.promoted()
+    except ModelNotFound:
+        promoted = None
+    print(f"{'version':<16} {'promoted':<8} {'ships':<18} {'threshold':>9} {'test sens':>9} {'test AUC':>8}  registered")
+    for version in versions:
+        m = registry.manifest(version)
+        ship, test = m.get("shipping", {}), m.get("test", {})
+        mark = "*" if version == promoted else ("no" if not m.get("promoted") else "yes")
+        print(f"{version:<16} {mark:<8} {ship.get('candidate', '?'):<18} {ship.get('threshold', float('nan')):>9.4f} "
+              f"{test.get('sensitivity', float('nan')):>9.4f} {test.get('auc', float('nan')):>8.4f}  "
+              f"{m.get('registered_at', '?')}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from tasks.lake import lake_root
 
@@ -112,6 +163,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
         f"\nlake {lake}: {images.num_rows} images ({labelled} labelled), {rejects.num_rows} rejects\n"
         f"read it with: python -c \"import pyarrow.parquet as pq; print(pq.read_table('{lake}/images').num_rows)\""
     )
+    print("\n== optimize: train, export, quantize, calibrate, gate, register, promote")
+    run_optimize(lake)
+    print(f"models: {lake}/models/  (list them with `screenline models --lake {lake}`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +200,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", action="store_true", help="resize images that are not 64×64 instead of refusing them")
     p.add_argument("--subset", help="mark these images as a labelled audit subset of this name (e.g. holdout)")
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser(
+        "optimize",
+        help="train the fast net, export, quantize, calibrate, gate and promote",
+        description="Train the native-64 MobileNetV2-style net on the lake's labelled images, export it to ONNX "
+        "(BatchNorm folded), quantize to INT8, calibrate each engine's threshold for the sensitivity target on "
+        "validation, measure this host's knee, and register the version; promote it only if held-out test "
+        "sensitivity reaches the target.",
+    )
+    _lake_arg(p)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier (capacity vs speed)")
+    p.add_argument("--arch", default="screennet", choices=("screennet", "resnet18", "resnet18-native"),
+                   help="screennet (default); the seed's resnet18 (64→224) or resnet18-native to compare")
+    p.add_argument("--teacher", help="a baseline checkpoint (state_dict) to distil from")
+    p.add_argument("--target-sensitivity", type=float, default=0.98)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force-int8-fail", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("models", help="list registered model versions")
+    _lake_arg(p)
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("demo", help="generate samples and run the pipeline on them, then print a summary")
     p.add_argument("--samples", default="build/samples", help="sample set folder (default: build/samples)")

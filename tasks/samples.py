@@ -43,7 +43,7 @@ SITES: dict[str, Site] = {
     "b": Site("b", gain=0.85, bias=20.0, gamma=1.15, noise=7.0, blur=0.4),
     "c": Site("c", gain=1.1, bias=-12.0, gamma=0.9, noise=4.0, blur=0.0),
     # A site whose findings are much fainter: for audits that must fail. Not in the default sample set.
-    "faint": Site("faint", gain=1.0, bias=0.0, gamma=1.0, noise=6.0, blur=0.3, lesion_scale=0.35),
+    "faint": Site("faint", gain=1.0, bias=0.0, gamma=1.0, noise=6.0, blur=0.3, lesion_scale=0.3),
 }
 
 
@@ -108,15 +108,15 @@ def generate(
         side = rng.integers(0, 2, n)
         cx, cy, rx, ry = (np.where(side[:, None, None] == 0, a, b) for a, b in zip(*centres))
         r, t = np.sqrt(u(0, 1)) * 0.8, u(0, 2 * np.pi)
-        amp = u(0.03, 0.09) * (u(0, 1) < 0.6)
+        amp = u(0.02, 0.06) * (u(0, 1) < 0.6)
         img = img + amp * _blob(yy, xx, cy + r * ry * np.sin(t), cx + r * rx * np.cos(t), u(0.02, 0.035))
 
     # The finding: a soft nodule inside a lung, log-normal contrast, varying size.
     side = rng.integers(0, 2, n)
     cx, cy, rx, ry = (np.where(side[:, None, None] == 0, a, b) for a, b in zip(*centres))
     r, t = np.sqrt(u(0, 1)) * 0.75, u(0, 2 * np.pi)
-    contrast = 0.085 * np.exp(rng.normal(0.0, 0.5, (n, 1, 1))).astype(np.float32) * site.lesion_scale
-    sigma = u(1.3, 3.2) * 2 / IMAGE_SIZE
+    contrast = 0.24 * np.exp(rng.normal(0.0, 0.4, (n, 1, 1))).astype(np.float32) * site.lesion_scale
+    sigma = u(1.8, 3.6) * 2 / IMAGE_SIZE
     finding = contrast * _blob(yy, xx, cy + r * ry * np.sin(t), cx + r * rx * np.cos(t), sigma)
     img = img + finding * labels[:, None, None]
 

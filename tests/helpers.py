@@ -42,3 +42,18 @@ def lake_rows(lake: Path, folder: str = "images", columns: list[str] | None = No
     if not files:
         return {}
     return pq.read_table(lake / folder, columns=columns).to_pydict()
+
+
+def task_states(flow_state) -> list[str]:
+    """"task-name:State" of every task run of a flow run, sorted."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+            limit=200,
+        )
+    return sorted(f"{r.name.rsplit('-', 1)[0]}:{r.state.name}" for r in runs)

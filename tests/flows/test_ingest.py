@@ -17,24 +17,10 @@ from hypothesis import strategies as st
 
 from conftest import ENV
 from flows.ingest import ingest
-from helpers import images, lake_rows
+from helpers import images, lake_rows, task_states
 from tasks.samples import make_samples, write_tar
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-
-
-def task_states(flow_state) -> list[str]:
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.sorting import TaskRunSort
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])),
-            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
-            limit=200,
-        )
-    return sorted(f"{r.name.rsplit('-', 1)[0]}:{r.state.name}" for r in runs)
 
 
 def test_sample_set_lands_and_is_readable_by_pyarrow_pandas_and_duckdb(tmp_path, lake_dir):

@@ -1,0 +1,75 @@
+"""The `optimize` flow: from the lake's labelled images to a fast, sensitivity-gated, registered engine."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.dataset import SplitRef, make_split
+from tasks.lake import Lake, lake_root
+from tasks.optimize import GateSettings, evaluate_task, export_task, register_task, train_task
+from tasks.train import TrainSettings
+
+
+class NotPromoted(RuntimeError):
+    """The model was registered but its held-out sensitivity is below target."""
+
+
+@flow(name="optimize")
+def optimize(
+    lake: str | None = None,
+    epochs: int = 10,
+    width: float = 1.0,
+    arch: str = "screennet",
+    teacher: str | None = None,
+    target_sensitivity: float = 0.98,
+    calibration_margin: float = 0.01,
+    int8_auc_tolerance: float = 0.005,
+    seed: int = 0,
+    max_batch: int = 512,
+    force_int8_fail: bool = False,
+) -> dict:
+    """Train → export (BatchNorm folded) → quantize INT8 → per-engine threshold and knee → gates → register → promote.
+
+    arch: screennet (default), or the seed's resnet18 (64→224) / resnet18-native for comparison.
+    teacher: a baseline checkpoint to distil from. max_batch: top of the knee sweep (extended if the peak is there).
+    force_int8_fail: make INT8 fail its gate (tests the FP32 path).
+    Ends Failed, with the version registered, when held-out test sensitivity is below target.
+    """
+    logger = get_run_logger()
+    root = str(lake_root(lake))
+    split: SplitRef = make_split(Lake.at(root))
+    logger.info("split %s: %s", split.sha256[:16], split.counts)
+    settings = TrainSettings(arch=arch, width=width, epochs=epochs, seed=seed, teacher=teacher)
+    gates = replace(GateSettings(), target_sensitivity=target_sensitivity, calibration_margin=calibration_margin,
+                    int8_auc_tolerance=int8_auc_tolerance, max_batch=max_batch)
+    checkpoint = train_task(split, settings)
+    export_dir = export_task(checkpoint, split, gates)
+    evaluation = evaluate_task(export_dir, split, gates, force_int8_fail)
+    manifest = register_task(export_dir, checkpoint, split, settings, gates, evaluation)
+
+    ship, test = manifest["shipping"], manifest["test"]
+    knee = next(iter(manifest["knees"].values()))
+    create_markdown_artifact(
+        key="optimize-summary",
+        markdown=(
+            f"# {manifest['version']}\n\n"
+            f"ships **{ship['engine']} {ship['candidate']}** at threshold {ship['threshold']:.4f} ({ship['why']})\n\n"
+            f"| candidate | val AUC | val sensitivity | images/s at knee | knee | gate |\n|---|---|---|---|---|---|\n"
+            + "".join(
+                f"| {c['name']} | {c['val_auc']:.4f} | {c['val_table']['sensitivity']:.4f} | "
+                f"{c['knee']['images_per_s']:,.0f} | {c['knee']['batch']} | {c['why']} |\n"
+                for c in manifest["candidates"]
+            )
+            + f"\ntest: sensitivity {test['sensitivity']:.4f}, specificity {test['specificity']:.4f}, "
+              f"AUC {test['auc']:.4f}\n\n{manifest['promotion']}\n"
+        ),
+        description="optimize: candidates, gates, promotion",
+    )
+    logger.info("%s: %s; knee b=%d at %.0f images/s", manifest["version"], manifest["promotion"], knee["batch"],
+                knee["images_per_s"])
+    if not manifest["promoted"]:
+        raise NotPromoted(f"{manifest['version']} registered but {manifest['promotion']}")
+    return {"version": manifest["version"], "promoted": True, "shipping": ship, "test": test, "knee": knee}

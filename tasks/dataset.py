@@ -1,0 +1,85 @@
+"""The labelled data optimize learns from: a deterministic train/val/test split, and loading a split's pixels.
+
+The split is by image hash: an image's split is a function of its own pixels' sha256, so it is the same in every run
+and new data never reshuffles old assignments. Images in a named `subset` are reserved for audits and never used.
+A split is written once to `lake/models/splits/<hash>.parquet` and passed around by reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from tasks.lake import Lake, pixel_array, write_table_atomic
+
+SPLIT_PERCENT = {"train": 70, "val": 15, "test": 15}
+
+
+def split_of(sha256: str) -> str:
+    """train (70%), val (15%) or test (15%), from the first 32 bits of an image's sha256."""
+    bucket = int(sha256[:8], 16) % 100
+    return "train" if bucket < SPLIT_PERCENT["train"] else "val" if bucket < 85 else "test"
+
+
+@dataclass(frozen=True)
+class SplitRef:
+    """A written split: its file, its content hash, and counts per split (images, positives)."""
+
+    lake_root: str
+    path: str
+    sha256: str
+    channels: int
+    counts: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+def make_split(lake: Lake) -> SplitRef:
+    """Split the lake's labelled, non-audit images; write the assignment once, keyed by its content."""
+    meta = lake.read_meta()
+    files = sorted(lake.images.glob("*.parquet")) if lake.images.exists() else []
+    if meta is None or not files:
+        raise ValueError(f"the lake at {lake.root} holds no images: run `screenline ingest` (or `make demo`) first")
+    table = ds.dataset([str(f) for f in files], format="parquet").to_table(
+        columns=["image_id", "sha256", "label"],
+        filter=pc.field("label").is_valid() & pc.field("subset").is_null(),
+    ).sort_by("image_id")
+    if table.num_rows == 0:
+        raise ValueError(f"the lake at {lake.root} has no labelled images outside audit subsets to learn from")
+    splits = [split_of(h) for h in table.column("sha256").to_pylist()]
+    labels = table.column("label").to_pylist()
+    ids = table.column("image_id").to_pylist()
+    digest = hashlib.sha256()
+    for image_id, split, label in zip(ids, splits, labels):
+        digest.update(f"{image_id},{split},{label}\n".encode())
+    sha = digest.hexdigest()
+    path = lake.models / "splits" / f"{sha[:16]}.parquet"
+    if not path.exists():
+        write_table_atomic(path, pa.table({"image_id": ids, "split": splits, "label": pa.array(labels, pa.int8())}))
+    counts = {}
+    for name in SPLIT_PERCENT:
+        in_split = [lab for s, lab in zip(splits, labels) if s == name]
+        counts[name] = {"images": len(in_split), "positives": int(sum(in_split))}
+    return SplitRef(str(lake.root), str(path), sha, int(meta["channels"]), counts)
+
+
+def load_split(ref: SplitRef, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels (uint8 N×C×64×64) and labels (uint8 N) of one split, in image_id order."""
+    assignment = pq.read_table(ref.path, filters=[("split", "=", name)], columns=["image_id"])
+    lake = Lake.at(ref.lake_root)
+    files = sorted(lake.images.glob("*.parquet"))
+    table = ds.dataset([str(f) for f in files], format="parquet").to_table(
+        columns=["image_id", "label", "pixels"],
+        filter=pc.field("image_id").isin(assignment.column("image_id")),
+    ).sort_by("image_id")
+    if table.num_rows != assignment.num_rows:
+        raise ValueError(
+            f"split {ref.sha256[:16]} lists {assignment.num_rows} {name} images but the lake has {table.num_rows}: "
+            f"images were removed since; re-run optimize"
+        )
+    pixels = pixel_array(table.column("pixels"), ref.channels)
+    return np.ascontiguousarray(pixels), table.column("label").to_numpy().astype(np.uint8)

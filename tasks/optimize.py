@@ -1,0 +1,238 @@
+"""Optimize's steps after training: export and quantize, evaluate each candidate engine, gate, register, promote.
+
+Each step is a plain function (tests call them) wrapped by a Prefect task. Work products live under
+`lake/models/work/<step>-<key>/`, named by a hash of their inputs, so a cached task's output is found again, and the
+cache policy refuses to hit while that output is missing.
+
+Candidates: FP32 ONNX and INT8 QDQ graphs (U8S8 and S8S8 activations, per-tensor and per-channel weights). Each is scored on the validation
+split by its own ONNX Runtime session (INT8 moves scores), its threshold is calibrated there, and its knee is
+measured on this host. INT8 ships only if its validation AUC is within `int8_auc_tolerance` of FP32 and its
+threshold still reaches the target; the fastest passing candidate ships. The shipped model is then checked once on
+the held-out test split with its threshold frozen: below target, the version is registered but not promoted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import get_run_logger, task
+
+from models.engine import OrtEngine, find_knee, scores
+from models.registry import Registry, host_fingerprint
+from tasks.caching import OutputCache, content_key
+from tasks.dataset import SplitRef, load_split
+from tasks.ingest import IO_RETRIES
+from tasks.lake import Lake
+from tasks.metrics import auc, calibrate_threshold, table_at
+from tasks.train import TrainSettings
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """What a model must reach to ship and to be promoted."""
+
+    target_sensitivity: float = 0.98
+    calibration_margin: float = 0.01  # calibrate for target + margin on val, so test sensitivity keeps the target
+    int8_auc_tolerance: float = 0.005
+    # (activation format, per-channel weights): all are built and measured; the fastest that passes ships
+    int8_variants: tuple[tuple[str, bool], ...] = (("u8s8", False), ("u8s8", True), ("s8s8", False), ("s8s8", True))
+    calibration_images: int = 512
+    max_batch: int = 512
+
+
+@dataclass
+class Candidate:
+    """One engine/precision built from the trained model, and what it measured."""
+
+    name: str  # "fp32" | "int8-<u8s8|s8s8>-<per-tensor|per-channel>"
+    file: str
+    precision: str
+    val_auc: float = float("nan")
+    threshold: float = float("nan")
+    val_table: dict = field(default_factory=dict)
+    knee: dict = field(default_factory=dict)
+    passes: bool = False
+    why: str = ""
+
+
+def work_dir(lake_root: str, step: str, *parts: Any) -> Path:
+    """Where a step's outputs for these inputs live."""
+    return Lake.at(lake_root).models / "work" / f"{step}-{content_key(step, *parts)}"
+
+
+# --- train ---------------------------------------------------------------------------------------------------------
+
+
+def _train_output(inputs: dict[str, Any]) -> Path:
+    split: SplitRef = inputs["split"]
+    return work_dir(split.lake_root, "train", split.sha256, inputs["settings"]) / "model.pt"
+
+
+@task(name="train", cache_policy=OutputCache(namespace="train/v1", output=_train_output), persist_result=True, **IO_RETRIES)
+def train_task(split: SplitRef, settings: TrainSettings) -> str:
+    """Train the net on the split (cached on the split's content hash and the settings)."""
+    from tasks.train import train_model
+
+    out = _train_output({"split": split, "settings": settings})
+    if out.exists():
+        return str(out)
+    return str(train_model(split, settings, out.parent, log=get_run_logger().info))
+
+
+# --- export and quantize -------------------------------------------------------------------------------------------
+
+
+def export_and_quantize(checkpoint: Path, split: SplitRef, gates: GateSettings, out_dir: Path) -> dict[str, Any]:
+    """FP32 ONNX (BatchNorm folded) with its parity against torch, and the INT8 QDQ graphs; returns a summary."""
+    from models.export import OPSET, export_onnx
+    from models.quantize import quantize_int8
+    from tasks.train import load_checkpoint, predict
+
+    model = load_checkpoint(checkpoint)
+    fp32 = export_onnx(model, out_dir / "model-fp32.onnx", split.channels)
+    x_val, _ = load_split(split, "val")
+    probe = x_val[:256]
+    parity = float(np.abs(scores(OrtEngine(fp32), probe) - predict(model, probe)).max())
+    rng = np.random.default_rng(0)
+    x_train, _ = load_split(split, "train")
+    calibration = x_train[np.sort(rng.choice(len(x_train), min(gates.calibration_images, len(x_train)), False))]
+    files = {"fp32": fp32.name}
+    for fmt, per_channel in gates.int8_variants:
+        name = f"int8-{fmt}-{'per-channel' if per_channel else 'per-tensor'}"
+        files[name] = quantize_int8(fp32, out_dir / f"model-{name}.onnx", calibration, fmt, per_channel).name
+    summary = {"files": files, "fp32_max_abs_diff_vs_torch": parity, "opset": OPSET}
+    (out_dir / "export.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _export_output(inputs: dict[str, Any]) -> Path:
+    return work_dir(inputs["split"].lake_root, "export", inputs["checkpoint"], inputs["gates"]) / "export.json"
+
+
+@task(name="export-quantize", cache_policy=OutputCache(namespace="export/v1", output=_export_output), persist_result=True,
+      **IO_RETRIES)
+def export_task(checkpoint: str, split: SplitRef, gates: GateSettings) -> str:
+    """Export to ONNX and quantize to INT8; returns the folder holding the graphs."""
+    out = _export_output({"checkpoint": checkpoint, "split": split, "gates": gates})
+    if not out.exists():
+        export_and_quantize(Path(checkpoint), split, gates, out.parent)
+    return str(out.parent)
+
+
+# --- evaluate: scores by each engine, threshold, knee, gates --------------------------------------------------------
+
+
+def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings) -> dict[str, Any]:
+    """Score val with every candidate engine, calibrate its threshold, measure its knee, apply the INT8 gate."""
+    summary = json.loads((export_dir / "export.json").read_text())
+    x_val, y_val = load_split(split, "val")
+    aim = min(1.0, gates.target_sensitivity + gates.calibration_margin)
+    candidates = []
+    for name, file in summary["files"].items():
+        engine = OrtEngine(export_dir / file, "fp32" if name == "fp32" else "int8")
+        s = scores(engine, x_val)
+        c = Candidate(name, file, engine.precision, val_auc=auc(s, y_val))
+        c.threshold = calibrate_threshold(s, y_val, aim)
+        table = table_at(s, y_val, c.threshold)
+        c.val_table = table.as_dict()
+        c.knee = find_knee(engine, x_val[:1024], max_batch=gates.max_batch).as_dict()
+        candidates.append(c)
+    fp32 = next(c for c in candidates if c.name == "fp32")
+    for c in candidates:
+        sens = c.val_table["sensitivity"]
+        if sens < gates.target_sensitivity:
+            c.why = f"val sensitivity {sens:.4f} below target {gates.target_sensitivity}"
+        elif c.precision == "int8" and fp32.val_auc - c.val_auc > gates.int8_auc_tolerance:
+            c.why = f"val AUC {c.val_auc:.4f} is more than {gates.int8_auc_tolerance} below FP32's {fp32.val_auc:.4f}"
+        else:
+            c.passes, c.why = True, "passes"
+    passing = [c for c in candidates if c.passes]
+    ship = max(passing, key=lambda c: c.knee["images_per_s"]) if passing else fp32
+    return {"candidates": [asdict(c) for c in candidates], "ship": ship.name,
+            "host": host_fingerprint("onnxruntime", ship.precision)}
+
+
+def force_int8_failure(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """Test hook: make every INT8 candidate fail its gate, as if quantization had lost sensitivity."""
+    for c in evaluation["candidates"]:
+        if c["precision"] == "int8":
+            c["passes"], c["why"] = False, "forced to fail"
+    evaluation["ship"] = "fp32"
+    return evaluation
+
+
+# --- register, test gate, promote ----------------------------------------------------------------------------------
+
+
+def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settings: TrainSettings,
+                     gates: GateSettings, evaluation: dict[str, Any]) -> dict[str, Any]:
+    """Copy the graphs into lake/models/<version>/, freeze the shipping threshold, test it, write the manifest,
+    and promote when held-out test sensitivity reaches the target. Returns the manifest."""
+    lake = Lake.at(split.lake_root)
+    registry = Registry(lake)
+    version = "sn-" + content_key("version", split.sha256, settings, gates, checkpoint)[:12]
+    folder = registry.folder(version)
+    folder.mkdir(parents=True, exist_ok=True)
+    export = json.loads((export_dir / "export.json").read_text())
+    for file in export["files"].values():
+        shutil.copyfile(export_dir / file, folder / file)
+    shutil.copyfile(checkpoint, folder / "model.pt")
+    shutil.copyfile(checkpoint.parent / "model.json", folder / "model.json")
+
+    ship = next(c for c in evaluation["candidates"] if c["name"] == evaluation["ship"])
+    x_test, y_test = load_split(split, "test")
+    engine = OrtEngine(folder / ship["file"], ship["precision"])
+    test_scores = scores(engine, x_test)
+    test_table = table_at(test_scores, y_test, ship["threshold"]).as_dict()  # threshold frozen before this
+    test_auc = auc(test_scores, y_test)
+    promoted = test_table["sensitivity"] >= gates.target_sensitivity
+    meta = json.loads((checkpoint.parent / "model.json").read_text())
+    manifest = {
+        "architecture": {"name": settings.arch, "width": settings.width, "channels": split.channels},
+        "data": {"split_sha256": split.sha256, "split_file": Path(split.path).name, "counts": split.counts},
+        "training": {"settings": settings.as_dict(), "history": meta["history"], "best_val_auc": meta["val_auc"]},
+        "export": {"fp32_max_abs_diff_vs_torch": export["fp32_max_abs_diff_vs_torch"], "opset": export["opset"],
+                   "batchnorm_folded": True},
+        "gates": asdict(gates),
+        "candidates": evaluation["candidates"],
+        "metrics": {c["name"]: {"val_auc": c["val_auc"], "val": c["val_table"]} for c in evaluation["candidates"]},
+        "thresholds": {f"onnxruntime/{c['name']}": c["threshold"] for c in evaluation["candidates"]},
+        "knees": {evaluation["host"]: ship["knee"]},
+        "shipping": {"engine": "onnxruntime", "candidate": ship["name"], "precision": ship["precision"],
+                     "file": ship["file"], "threshold": ship["threshold"], "why": ship["why"]},
+        "test": {"auc": test_auc, **test_table},
+        "promoted": promoted,
+        "promotion": (
+            f"test sensitivity {test_table['sensitivity']:.4f} (95% CI {test_table['sensitivity_ci95'][0]:.4f}–"
+            f"{test_table['sensitivity_ci95'][1]:.4f}) at the frozen threshold reaches the target "
+            f"{gates.target_sensitivity}" if promoted else
+            f"NOT promoted: test sensitivity {test_table['sensitivity']:.4f} ({test_table['tp']}/"
+            f"{test_table['tp'] + test_table['fn']}) at the frozen threshold {ship['threshold']:.4f} is below the "
+            f"target {gates.target_sensitivity}; train longer or on more positives, or raise calibration_margin"
+        ),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    manifest = registry.register(version, manifest)
+    if promoted:
+        registry.promote(version)
+    return manifest
+
+
+@task(name="evaluate", **IO_RETRIES)
+def evaluate_task(export_dir: str, split: SplitRef, gates: GateSettings, force_int8_fail: bool = False) -> dict:
+    """Scores, thresholds and knees of every candidate engine on this host."""
+    evaluation = evaluate_candidates(Path(export_dir), split, gates)
+    return force_int8_failure(evaluation) if force_int8_fail else evaluation
+
+
+@task(name="register", **IO_RETRIES)
+def register_task(export_dir: str, checkpoint: str, split: SplitRef, settings: TrainSettings, gates: GateSettings,
+                  evaluation: dict) -> dict:
+    """Register the version, gate it on held-out test sensitivity, promote it if it passes."""
+    return register_version(Path(export_dir), Path(checkpoint), split, settings, gates, evaluation)

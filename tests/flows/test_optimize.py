@@ -1,0 +1,111 @@
+"""The `optimize` flow end to end on a tiny lake (seconds), its cache, its gates and its registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.ingest import ingest
+from flows.optimize import NotPromoted, optimize
+from helpers import images, task_states
+from models.registry import Registry
+from tasks.dataset import make_split
+from tasks.lake import Lake
+from tasks.optimize import GateSettings, register_version
+from tasks.samples import write_tar
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+FAST = dict(epochs=1, max_batch=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_lake(tmp_path_factory) -> Path:
+    """~900 labelled images, half positive, from two sites."""
+    root = tmp_path_factory.mktemp("optimize")
+    for i, site in enumerate("ab"):
+        write_tar(root / "shards" / f"s{i}.tar", *images(450, f"opt-{i}", site=site, prevalence=0.5), prefix=f"s{i}")
+    ingest([str(root / "shards")], lake=str(root / "lake"))
+    return root / "lake"
+
+
+def run(lake: Path, **params):
+    state = optimize(lake=str(lake), return_state=True, **{**FAST, **params})
+    registry = Registry(Lake(lake))
+    return state, registry
+
+
+def latest_manifest(registry: Registry) -> dict:
+    return max((registry.manifest(v) for v in registry.versions()), key=lambda m: m["registered_at"])
+
+
+def test_optimize_registers_a_version_whose_promotion_matches_its_test_gate(tiny_lake):
+    state, registry = run(tiny_lake)
+    manifest = latest_manifest(registry)
+    test = manifest["test"]
+    assert manifest["promoted"] == (test["sensitivity"] >= 0.98)
+    assert state.is_completed() == manifest["promoted"]
+    if manifest["promoted"]:
+        assert registry.promoted() == manifest["version"]
+    ship = manifest["shipping"]
+    assert manifest["thresholds"][f"onnxruntime/{ship['candidate']}"] == ship["threshold"]
+    assert set(manifest["files"]) >= {"model-fp32.onnx", "model-int8-u8s8-per-tensor.onnx",
+                                      "model-int8-s8s8-per-channel.onnx", "model.pt"}
+    knee = next(iter(manifest["knees"].values()))
+    swept = [point[0] for point in knee["sweep"]]
+    assert swept[:4] == [1, 2, 4, 8] and knee["batch"] in swept and knee["images_per_s"] > 0
+    assert manifest["export"]["fp32_max_abs_diff_vs_torch"] < 1e-4
+    # the shipped engine loads, verified, and its threshold reaches the target on val
+    engine = registry.load_engine(manifest["version"])
+    assert engine.precision == ship["precision"]
+    assert manifest["metrics"][ship["candidate"]]["val"]["sensitivity"] >= 0.98
+
+
+def test_rerun_hits_the_cache_for_training_and_export(tiny_lake):
+    run(tiny_lake)
+    state = optimize(lake=str(tiny_lake), return_state=True, **FAST)
+    states = task_states(state)
+    assert "train:Cached" in states and "export-quantize:Cached" in states
+
+
+def test_int8_failing_its_gate_ships_fp32_and_says_why(tiny_lake):
+    _, registry = run(tiny_lake, force_int8_fail=True)
+    manifest = latest_manifest(registry)
+    assert manifest["shipping"]["candidate"] == "fp32" and manifest["shipping"]["precision"] == "fp32"
+    assert all(c["why"] == "forced to fail" for c in manifest["candidates"] if c["precision"] == "int8")
+
+
+def test_a_model_below_target_on_test_is_registered_not_promoted(tiny_lake, tmp_path):
+    """Through the plain function: a threshold above every score misses every positive on test."""
+    from prefect import task  # noqa: F401  (the flow's tasks import Prefect anyway)
+
+    registry = Registry(Lake(tiny_lake))
+    manifest = latest_manifest(registry)
+    folder = registry.folder(manifest["version"])
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    for name in ("model-fp32.onnx",):
+        (export_dir / name).write_bytes((folder / name).read_bytes())
+    (export_dir / "export.json").write_text(json.dumps(
+        {"files": {"fp32": "model-fp32.onnx"}, "fp32_max_abs_diff_vs_torch": 0.0, "opset": 18}))
+    ckpt = tmp_path / "ckpt" / "model.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes((folder / "model.pt").read_bytes())
+    (ckpt.parent / "model.json").write_text((folder / "model.json").read_text())
+    candidate = {**next(c for c in manifest["candidates"] if c["name"] == "fp32"), "threshold": 1.01}
+    evaluation = {"candidates": [candidate], "ship": "fp32", "host": "test host"}
+    from tasks.train import TrainSettings
+
+    out = register_version(export_dir, ckpt, make_split(Lake(tiny_lake)), TrainSettings(epochs=99), GateSettings(),
+                           evaluation)
+    assert out["promoted"] is False and out["test"]["sensitivity"] == 0.0
+    assert "NOT promoted" in out["promotion"] and "below the target 0.98" in out["promotion"]
+    assert registry.promoted() != out["version"] if registry.versions() else True
+
+
+def test_flow_fails_loudly_when_not_promoted(tiny_lake):
+    with pytest.raises(NotPromoted, match="below the target"):
+        optimize(lake=str(tiny_lake), target_sensitivity=1.0, calibration_margin=0.0, seed=5, **FAST)

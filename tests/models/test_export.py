@@ -1,0 +1,57 @@
+"""ONNX export: one self-contained file, dynamic batch, BatchNorm folded, scores equal to torch; INT8 close."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+
+from models.engine import OrtEngine, find_knee, scores
+from models.export import export_onnx, torch_scores
+from models.nets import ScreenNet
+from models.quantize import quantize_int8
+
+
+def trained_like() -> ScreenNet:
+    model = ScreenNet().eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2)
+    return model
+
+
+def test_export_parity_dynamic_batch_and_single_file(tmp_path):
+    model = trained_like()
+    path = export_onnx(model, tmp_path / "m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no external data
+    graph = onnx.load(str(path))
+    assert not any(n.op_type == "BatchNormalization" for n in graph.graph.node)
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    x = np.random.default_rng(1).integers(0, 256, (37, 1, 64, 64), dtype=np.uint8)
+    engine = OrtEngine(path)
+    for n in (1, 7, 37):
+        assert engine.infer(x[:n]).shape == (n,)
+    diff = np.abs(scores(engine, x) - torch_scores(model, x)).max()
+    assert diff < 1e-5
+
+
+def test_int8_graph_tracks_fp32_and_the_knee_is_a_sweep_point(tmp_path):
+    model = trained_like()
+    fp32 = export_onnx(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(2).integers(0, 256, (128, 1, 64, 64), dtype=np.uint8)
+    int8 = quantize_int8(fp32, tmp_path / "q.onnx", x[:64], "u8s8")
+    q = onnx.load(str(int8))
+    assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
+    a, b = scores(OrtEngine(fp32), x), scores(OrtEngine(int8, "int8"), x)
+    assert np.abs(a - b).max() < 0.05  # probabilities; quality on real data is gated in optimize
+    knee = find_knee(OrtEngine(int8, "int8"), x, max_batch=8, seconds_per_point=0.02)
+    assert knee.batch in [p.batch for p in knee.sweep] and knee.sweep[0].batch == 1
+
+
+def test_engine_refuses_float_input(tmp_path):
+    engine = OrtEngine(export_onnx(trained_like(), tmp_path / "m.onnx"))
+    import pytest
+
+    with pytest.raises(ValueError, match="uint8"):
+        engine.infer(np.zeros((1, 1, 64, 64), np.float32))

@@ -1,0 +1,52 @@
+"""The input contract and the architectures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.contract import PIXEL_MEAN, PIXEL_STD
+from models.nets import Baseline, ScreenNet, ScreenNetConfig, fold_batchnorm, macs_per_image
+
+
+def pixels(n: int = 4, channels: int = 1) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(0).integers(0, 256, (n, channels, 64, 64), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_uint8_input_gives_the_same_scores_as_the_float_path(channels):
+    model = ScreenNet(ScreenNetConfig(channels=channels)).eval()
+    x = pixels(channels=channels)
+    normalised = (x.double().numpy() - PIXEL_MEAN) / PIXEL_STD
+    with torch.inference_mode():
+        from_bytes = model(x)
+        from_float = model.forward_head(model.features(torch.from_numpy(normalised).float()))
+    assert torch.allclose(from_bytes, from_float, atol=1e-5)
+
+
+def test_screennet_cost_is_in_the_budget_and_width_scales_it():
+    assert 5e6 <= macs_per_image(ScreenNet()) <= 15e6  # 5-30 MFLOPs
+    assert macs_per_image(ScreenNet(ScreenNetConfig(width=0.5))) < macs_per_image(ScreenNet()) / 2
+
+
+def test_baseline_upsamples_to_224_and_native_does_not():
+    assert macs_per_image(Baseline()) > 10 * macs_per_image(Baseline(native=True))
+    with torch.inference_mode():
+        assert Baseline().eval()(pixels(2)).shape == (2,)
+
+
+def test_folding_batchnorm_keeps_the_outputs():
+    model = ScreenNet().eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+    x = pixels()
+    with torch.inference_mode():
+        before = model(x)
+        fold_batchnorm(model)
+        after = model(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert torch.allclose(before, after, atol=1e-4)
