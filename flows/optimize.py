@@ -29,12 +29,14 @@ def optimize(
     int8_auc_tolerance: float = 0.005,
     seed: int = 0,
     max_batch: int = 512,
+    promote: bool = True,
     force_int8_fail: bool = False,
 ) -> dict:
     """Train → export (BatchNorm folded) → quantize INT8 → per-engine threshold and knee → gates → register → promote.
 
     arch: screennet (default), or the seed's resnet18 (64→224) / resnet18-native for comparison.
     teacher: a baseline checkpoint to distil from. max_batch: top of the knee sweep (extended if the peak is there).
+    promote: False registers without promoting (comparison runs, e.g. the seed's architecture).
     force_int8_fail: make INT8 fail its gate (tests the FP32 path).
     Ends Failed, with the version registered, when held-out test sensitivity is below target.
     """
@@ -48,7 +50,7 @@ def optimize(
     checkpoint = train_task(split, settings)
     export_dir = export_task(checkpoint, split, gates)
     evaluation = evaluate_task(export_dir, split, gates, force_int8_fail)
-    manifest = register_task(export_dir, checkpoint, split, settings, gates, evaluation)
+    manifest = register_task(export_dir, checkpoint, split, settings, gates, evaluation, promote)
 
     ship, test = manifest["shipping"], manifest["test"]
     knee = next(iter(manifest["knees"].values()))
@@ -70,6 +72,6 @@ def optimize(
     )
     logger.info("%s: %s; knee b=%d at %.0f images/s", manifest["version"], manifest["promotion"], knee["batch"],
                 knee["images_per_s"])
-    if not manifest["promoted"]:
+    if not manifest["passed_gate"]:
         raise NotPromoted(f"{manifest['version']} registered but {manifest['promotion']}")
-    return {"version": manifest["version"], "promoted": True, "shipping": ship, "test": test, "knee": knee}
+    return {"version": manifest["version"], "promoted": manifest["promoted"], "shipping": ship, "test": test, "knee": knee}

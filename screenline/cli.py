@@ -101,7 +101,8 @@ def run_optimize(lake: str | None, **params: object) -> dict:
         raise CliError(str(exc)) from None
     ship, test, knee = result["shipping"], result["test"], result["knee"]
     print(
-        f"\npromoted {result['version']}: {ship['engine']} {ship['candidate']}, threshold {ship['threshold']:.4f}\n"
+        f"\n{'promoted' if result['promoted'] else 'registered (not promoted)'} {result['version']}: "
+        f"{ship['engine']} {ship['candidate']}, threshold {ship['threshold']:.4f}\n"
         f"  held-out test: sensitivity {test['sensitivity']:.4f} (95% CI {test['sensitivity_ci95'][0]:.4f}–"
         f"{test['sensitivity_ci95'][1]:.4f}), specificity {test['specificity']:.4f}, AUC {test['auc']:.4f}\n"
         f"  this host: knee batch {knee['batch']}, {knee['images_per_s']:,.0f} images/s, "
@@ -112,7 +113,7 @@ def run_optimize(lake: str | None, **params: object) -> dict:
 
 def cmd_optimize(args: argparse.Namespace) -> None:
     params = {k: v for k, v in vars(args).items() if k in ("epochs", "width", "arch", "teacher",
-                                                          "target_sensitivity", "seed", "force_int8_fail")}
+                                                          "target_sensitivity", "seed", "force_int8_fail", "promote")}
     run_optimize(args.lake, **params)
 
 
@@ -217,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="a baseline checkpoint (state_dict) to distil from")
     p.add_argument("--target-sensitivity", type=float, default=0.98)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-promote", dest="promote", action="store_false",
+                   help="register without promoting (comparison runs)")
     p.add_argument("--force-int8-fail", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_optimize)
 

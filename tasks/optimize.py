@@ -171,9 +171,9 @@ def force_int8_failure(evaluation: dict[str, Any]) -> dict[str, Any]:
 
 
 def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settings: TrainSettings,
-                     gates: GateSettings, evaluation: dict[str, Any]) -> dict[str, Any]:
+                     gates: GateSettings, evaluation: dict[str, Any], promote: bool = True) -> dict[str, Any]:
     """Copy the graphs into lake/models/<version>/, freeze the shipping threshold, test it, write the manifest,
-    and promote when held-out test sensitivity reaches the target. Returns the manifest."""
+    and promote when held-out test sensitivity reaches the target (and `promote`). Returns the manifest."""
     lake = Lake.at(split.lake_root)
     registry = Registry(lake)
     version = "sn-" + content_key("version", split.sha256, settings, gates, checkpoint)[:12]
@@ -191,7 +191,8 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
     test_scores = scores(engine, x_test)
     test_table = table_at(test_scores, y_test, ship["threshold"]).as_dict()  # threshold frozen before this
     test_auc = auc(test_scores, y_test)
-    promoted = test_table["sensitivity"] >= gates.target_sensitivity
+    passed = test_table["sensitivity"] >= gates.target_sensitivity
+    promoted = passed and promote
     meta = json.loads((checkpoint.parent / "model.json").read_text())
     manifest = {
         "architecture": {"name": settings.arch, "width": settings.width, "channels": split.channels},
@@ -208,10 +209,12 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
                      "file": ship["file"], "threshold": ship["threshold"], "why": ship["why"]},
         "test": {"auc": test_auc, **test_table},
         "promoted": promoted,
+        "passed_gate": passed,
         "promotion": (
             f"test sensitivity {test_table['sensitivity']:.4f} (95% CI {test_table['sensitivity_ci95'][0]:.4f}–"
             f"{test_table['sensitivity_ci95'][1]:.4f}) at the frozen threshold reaches the target "
-            f"{gates.target_sensitivity}" if promoted else
+            f"{gates.target_sensitivity}" + ("" if promote else "; not promoted: registered for comparison only")
+            if passed else
             f"NOT promoted: test sensitivity {test_table['sensitivity']:.4f} ({test_table['tp']}/"
             f"{test_table['tp'] + test_table['fn']}) at the frozen threshold {ship['threshold']:.4f} is below the "
             f"target {gates.target_sensitivity}; train longer or on more positives, or raise calibration_margin"
@@ -233,6 +236,6 @@ def evaluate_task(export_dir: str, split: SplitRef, gates: GateSettings, force_i
 
 @task(name="register", **IO_RETRIES)
 def register_task(export_dir: str, checkpoint: str, split: SplitRef, settings: TrainSettings, gates: GateSettings,
-                  evaluation: dict) -> dict:
+                  evaluation: dict, promote: bool = True) -> dict:
     """Register the version, gate it on held-out test sensitivity, promote it if it passes."""
-    return register_version(Path(export_dir), Path(checkpoint), split, settings, gates, evaluation)
+    return register_version(Path(export_dir), Path(checkpoint), split, settings, gates, evaluation, promote)

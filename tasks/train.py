@@ -50,11 +50,16 @@ def build_model(arch: str, channels: int, width: float = 1.0):
     raise ValueError(f"unknown architecture {arch!r}: screennet, resnet18 or resnet18-native")
 
 
-def load_checkpoint(path: Path):
-    """A model from a checkpoint folder (model.pt + model.json); weights_only: no pickled code runs."""
+def load_checkpoint(path: Path, channels: int = 1):
+    """A model from a state_dict checkpoint; weights_only, so no pickled code runs.
+
+    The architecture comes from model.json beside it (what training writes); a bare checkpoint without one is taken
+    to be the seed's baseline (ResNet18, 64→224) with `channels` input channels.
+    """
     import torch
 
-    meta = json.loads((path.parent / "model.json").read_text())
+    meta_path = path.parent / "model.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"arch": "resnet18", "channels": channels}
     model = build_model(meta["arch"], meta["channels"], meta.get("width", 1.0))
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
@@ -96,7 +101,7 @@ def train_model(split: SplitRef, settings: TrainSettings, out_dir: Path, log=pri
     if y_train.sum() == 0 or y_train.sum() == len(y_train):
         raise ValueError("the training split needs both positives and negatives")
     model = build_model(settings.arch, split.channels, settings.width).to(memory_format=torch.channels_last)
-    teacher = load_checkpoint(Path(settings.teacher)) if settings.teacher else None
+    teacher = load_checkpoint(Path(settings.teacher), split.channels) if settings.teacher else None
     pos_weight = torch.tensor(float((y_train == 0).sum()) / float(y_train.sum()))
     steps = settings.epochs * max(1, len(x_train) // settings.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
