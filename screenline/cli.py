@@ -4,6 +4,8 @@
     screenline ingest PATH_OR_GLOB... [--lake]    land shards in the lake
     screenline optimize [--lake] [--epochs N]     train, export, quantize, calibrate, gate, register, promote
     screenline models [--lake]                    list registered model versions
+    screenline screen [--lake] [--dask ADDR|local] score every image with the promoted model at the knee
+    screenline results [--version|--run-id|--since] [--out F]   predictions joined with shard and source
     screenline demo                               samples → ingest → optimize on an embedded default
 
 The lake is `--lake`, else $SCREENLINE_LAKE, else ./lake. Flows run in Prefect's ephemeral mode unless
@@ -139,6 +141,68 @@ def cmd_models(args: argparse.Namespace) -> None:
               f"{m.get('registered_at', '?')}")
 
 
+def screen_flow(dask: str | None, workers: int | None):
+    """The screen flow, on threads (default) or on a Dask cluster through prefect-dask (extra `dask`)."""
+    from flows.screen import screen
+
+    if not dask:
+        return screen
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise CliError("--dask needs the `dask` extra: pip install -e '.[dask]'") from None
+    if dask == "local":
+        from models.engine import default_threads
+
+        n = workers or default_threads()
+        runner = DaskTaskRunner(cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True,
+                                                "dashboard_address": None})
+    else:
+        runner = DaskTaskRunner(address=dask)
+    return screen.with_options(task_runner=runner)
+
+
+def run_screen(lake: str | None, version: str | None = None, workers: int | None = None,
+               dask: str | None = None) -> "object":
+    """Run the screen flow and print where the predictions are."""
+    from models.registry import ModelNotFound
+
+    flow_fn = screen_flow(dask, workers)
+    if dask == "local" and workers is None:
+        from models.engine import default_threads
+
+        workers = default_threads()
+    try:
+        report = flow_fn(lake=lake, version=version, workers=workers)
+    except (ModelNotFound, ValueError, RuntimeError) as exc:
+        raise CliError(str(exc)) from None
+    rate = report.scored / report.seconds if report.seconds else 0.0
+    print(
+        f"\nscreened with {report.version} at batch {report.batch}: {report.scored} image(s) scored "
+        f"({rate:,.0f} images/s), {report.flagged} flagged positive; "
+        f"{sum(s.status == 'already_scored' for s in report.shards)} shard(s) already scored\n"
+        f"  predictions: {report.lake}/predictions/{report.version}/"
+    )
+    return report
+
+
+def cmd_screen(args: argparse.Namespace) -> None:
+    run_screen(args.lake, args.version, args.workers, args.dask)
+
+
+def cmd_results(args: argparse.Namespace) -> None:
+    from tasks.results import ResultsQuery, write_results
+
+    query = ResultsQuery(version=args.version, run_id=args.run_id, since=args.since, until=args.until,
+                         positives_only=args.positives)
+    try:
+        n, where = write_results(args.lake, query, args.out)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if where:
+        print(f"wrote {n} prediction(s) to {where}", file=sys.stderr)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from tasks.lake import lake_root
 
@@ -167,6 +231,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print("\n== optimize: train, export, quantize, calibrate, gate, register, promote")
     run_optimize(lake)
     print(f"models: {lake}/models/  (list them with `screenline models --lake {lake}`)")
+    print("\n== screen: every image in the lake, with the promoted model at this host's knee")
+    run_screen(lake)
+    print(f"pull them: screenline results --lake {lake} --out predictions.parquet  (or .csv)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,6 +293,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list registered model versions")
     _lake_arg(p)
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("screen", help="score every image in the lake with the promoted model")
+    _lake_arg(p)
+    p.add_argument("--version", help="a registered model version (default: the promoted one)")
+    p.add_argument("--workers", type=int, help="shard tasks at once (default: one per core)")
+    p.add_argument("--dask", metavar="ADDRESS|local",
+                   help="run the shard tasks on a Dask cluster (scheduler address, or `local` for a LocalCluster)")
+    p.set_defaults(func=cmd_screen)
+
+    p = sub.add_parser("results", help="pull predictions as Parquet or CSV, joined with shard and source")
+    _lake_arg(p)
+    p.add_argument("--version", help="predictions of this model version (default: the promoted one)")
+    p.add_argument("--run-id", help="predictions written by this screen flow run")
+    p.add_argument("--since", help="scored at or after this ISO date/time (UTC)")
+    p.add_argument("--until", help="scored before this ISO date/time (UTC)")
+    p.add_argument("--positives", action="store_true", help="only images flagged positive")
+    p.add_argument("--out", help="FILE.parquet or FILE.csv (default: CSV on standard output)")
+    p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("demo", help="generate samples and run the pipeline on them, then print a summary")
     p.add_argument("--samples", default="build/samples", help="sample set folder (default: build/samples)")

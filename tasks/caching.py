@@ -24,13 +24,14 @@ class OutputCache(CachePolicy):
 
     namespace: str = ""
     output: Callable[[dict[str, Any]], Path] | None = None
+    exclude: tuple[str, ...] = ()  # inputs that do not change the result (a run id)
 
     def compute_key(
         self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str | None:
         if self.output is not None and not self.output(inputs).exists():
             return None
-        return hash_objects(self.namespace, inputs)
+        return hash_objects(self.namespace, {k: v for k, v in inputs.items() if k not in self.exclude})
 
 
 def content_key(*parts: Any) -> str:

@@ -5,7 +5,8 @@ One root (`--lake`, default `./lake`, `SCREENLINE_LAKE` overrides) holds:
     lake.json            the lake's fixed facts: format version, channel count (set by the first ingest)
     images/<shard>.parquet      a row per accepted image, one file per ingested shard
     rejects/<shard>.parquet     a row per refused entry (or one row for a shard that could not be read)
-    predictions/ audits/ models/<version>/    written by the later stages
+    predictions/<model_version>/<shard>.parquet  a row per image scored by that model version
+    audits/ models/<version>/    written by audit and optimize
 
 Every write goes to a hidden temp file in the same folder and is renamed into place, so readers (pyarrow, pandas,
 DuckDB) only ever see whole files: pyarrow skips names starting with "." and a `*.parquet` glob skips `*.tmp`.
@@ -57,6 +58,21 @@ REJECTS_SCHEMA = pa.schema(
         pa.field("reason", pa.string(), nullable=False),
         pa.field("detail", pa.string(), nullable=False),
         pa.field("rejected_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+PREDICTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("shard_id", pa.string(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),  # probability of a positive finding
+        pa.field("positive", pa.bool_(), nullable=False),  # score >= threshold
+        pa.field("threshold", pa.float32(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("engine", pa.string(), nullable=False),
+        pa.field("precision", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ]
 )
 

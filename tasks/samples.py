@@ -115,7 +115,9 @@ def generate(
     side = rng.integers(0, 2, n)
     cx, cy, rx, ry = (np.where(side[:, None, None] == 0, a, b) for a, b in zip(*centres))
     r, t = np.sqrt(u(0, 1)) * 0.75, u(0, 2 * np.pi)
-    contrast = 0.24 * np.exp(rng.normal(0.0, 0.4, (n, 1, 1))).astype(np.float32) * site.lesion_scale
+    # Log-normal contrast with a floor at half the median: faint findings exist, invisible ones do not (a finding no
+    # reader could see would only teach the threshold to flag everything).
+    contrast = 0.24 * np.maximum(np.exp(rng.normal(0.0, 0.4, (n, 1, 1))), 0.5).astype(np.float32) * site.lesion_scale
     sigma = u(1.8, 3.6) * 2 / IMAGE_SIZE
     finding = contrast * _blob(yy, xx, cy + r * ry * np.sin(t), cx + r * rx * np.cos(t), sigma)
     img = img + finding * labels[:, None, None]

@@ -1,0 +1,81 @@
+"""The `screen` flow: score every lake shard with the promoted model at this host's knee, predictions as Parquet."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prefect import flow, get_run_logger, unmapped
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from models.engine import default_threads
+from tasks.lake import lake_root
+from tasks.screen import ShardScreenSummary, list_shards_task, resolve_model_task, screen_shard_task
+
+
+@dataclass
+class ScreenReport:
+    """What one screen run did."""
+
+    lake: str
+    version: str
+    batch: int
+    shards: list[ShardScreenSummary] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def scored(self) -> int:
+        return sum(s.images for s in self.shards if s.status == "scored")
+
+    @property
+    def flagged(self) -> int:
+        return sum(s.flagged for s in self.shards if s.status == "scored")
+
+
+@flow(name="screen", task_runner=ThreadPoolTaskRunner(max_workers=default_threads()))
+def screen(lake: str | None = None, version: str | None = None, workers: int | None = None) -> ScreenReport:
+    """Score every image in the lake with the promoted model (or `version`), a task per shard.
+
+    workers: shard tasks running at once (default: one per core); each engine call then uses cores // workers
+    threads, so the cores are busy and not oversubscribed. Shards this model version already scored are skipped.
+    """
+    logger = get_run_logger()
+    root = str(lake_root(lake))
+    workers = workers or default_threads()
+    model = resolve_model_task(root, version, workers)
+    shards = list_shards_task(root)
+    logger.info("screening %d shard(s) with %s (%s %s, threshold %.4f, batch %d, %d thread(s) per engine call)",
+                len(shards), model.version, model.engine, model.precision, model.threshold, model.batch,
+                model.threads)
+    report = ScreenReport(root, model.version, model.batch)
+    if not shards:
+        return report
+    t0 = time.perf_counter()
+    progress = create_progress_artifact(0.0, key="screen-progress", description="shards scored")
+    futures = screen_shard_task.map(
+        [s for s, _ in shards], [h for _, h in shards], model=unmapped(model), run_id=unmapped(str(flow_run.id))
+    )
+    for done, future in enumerate(as_completed(futures), start=1):
+        outcome = future.result(raise_on_failure=False)
+        if isinstance(outcome, ShardScreenSummary):
+            report.shards.append(outcome)
+        else:
+            report.failed.append(f"{shards[futures.index(future)][0]}: {outcome}")
+        update_progress_artifact(progress, 100.0 * done / len(futures))
+    report.seconds = time.perf_counter() - t0
+    create_table_artifact(
+        key="screen-summary",
+        table=[{"model": model.version, "shards": len(report.shards), "images scored": report.scored,
+                "flagged positive": report.flagged, "seconds": round(report.seconds, 2),
+                "images/s": round(report.scored / report.seconds) if report.seconds else 0,
+                "failed shards": len(report.failed)}],
+        description=f"screen of {root} with {model.version}",
+    )
+    if report.failed:
+        raise RuntimeError(f"{len(report.failed)} shard(s) failed (the others were scored): "
+                           + "; ".join(report.failed))
+    return report

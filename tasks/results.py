@@ -1,0 +1,87 @@
+"""Pulling predictions out of the lake: by model version, run or date range, joined with where each image came from."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.dataset as ds
+
+from models.registry import ModelNotFound, Registry
+from tasks.lake import Lake, write_table_atomic
+
+
+@dataclass(frozen=True)
+class ResultsQuery:
+    """Which predictions to pull. Without version or run_id: the promoted model's."""
+
+    version: str | None = None
+    run_id: str | None = None
+    since: str | None = None  # ISO date or date-time, UTC
+    until: str | None = None
+    positives_only: bool = False
+
+
+def _when(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"not an ISO date or date-time: {text!r} (e.g. 2026-11-23 or 2026-11-23T02:00)") from None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def query_results(lake_root: str | None, query: ResultsQuery) -> pa.Table:
+    """Predictions matching `query`, with the image's shard_id, source, label and subset."""
+    lake = Lake.at(lake_root)
+    folder = lake.predictions
+    if query.version or not query.run_id:
+        try:
+            version = query.version or Registry(lake).promoted()
+        except ModelNotFound as exc:
+            raise ValueError(str(exc)) from None
+        folder = lake.predictions / version
+    files = sorted(folder.rglob("*.parquet")) if folder.exists() else []
+    if not files:
+        raise ValueError(f"no predictions in {folder}: run `screenline screen` first")
+    condition = pc.scalar(True)
+    if query.run_id:
+        condition &= pc.field("run_id") == query.run_id
+    if query.since:
+        condition &= pc.field("scored_at") >= pa.scalar(_when(query.since), pa.timestamp("us", tz="UTC"))
+    if query.until:
+        condition &= pc.field("scored_at") < pa.scalar(_when(query.until), pa.timestamp("us", tz="UTC"))
+    if query.positives_only:
+        condition &= pc.field("positive")
+    predictions = ds.dataset([str(f) for f in files], format="parquet").to_table(filter=condition)
+    images = ds.dataset([str(f) for f in sorted(lake.images.glob("*.parquet"))], format="parquet").to_table(
+        columns=["image_id", "source", "label", "subset"],
+        filter=pc.field("image_id").isin(predictions.column("image_id").combine_chunks().cast(pa.string())),
+    )
+    joined = predictions.join(images, "image_id", join_type="left outer")
+    order = ["image_id", "shard_id", "source", "label", "subset", "score", "positive", "threshold",
+             "model_version", "engine", "precision", "run_id", "scored_at"]
+    return joined.select(order).sort_by([("shard_id", "ascending"), ("source", "ascending")])
+
+
+def write_results(lake_root: str | None, query: ResultsQuery, out: str | None) -> tuple[int, str | None]:
+    """Write matching predictions to out (.parquet or .csv) or as CSV to standard output."""
+    table = query_results(lake_root, query)
+    if out is None:
+        pcsv.write_csv(table, sys.stdout.buffer)
+        return table.num_rows, None
+    path = Path(out)
+    if path.suffix == ".parquet":
+        write_table_atomic(path, table)
+    elif path.suffix == ".csv":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        pcsv.write_csv(table, str(tmp))
+        tmp.replace(path)
+    else:
+        raise ValueError(f"--out must end in .parquet or .csv, got {out}")
+    return table.num_rows, str(path)

@@ -1,0 +1,173 @@
+"""The `screen` flow end to end: lineage, equality with the engine, caching, kill -9 resume, Dask, bad shards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ENV
+from flows.ingest import ingest
+from flows.screen import screen
+from helpers import images, task_states
+from models.engine import OrtEngine
+from models.registry import Registry, host_fingerprint
+from tasks.lake import Lake, pixel_array
+from tasks.results import ResultsQuery, query_results
+from tasks.samples import write_tar
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def register_model(lake: Path, version: str, seed: int, threshold: float = 0.5, knee: int | None = 16) -> str:
+    """A random-weight ScreenNet exported and registered as `version`, promoted (no training: seconds)."""
+    import torch
+
+    from models.export import export_onnx
+    from models.nets import ScreenNet
+
+    torch.manual_seed(seed)
+    registry = Registry(Lake(lake))
+    folder = registry.folder(version)
+    export_onnx(ScreenNet().eval(), folder / "model-fp32.onnx")
+    host = host_fingerprint("onnxruntime", "fp32")
+    manifest = {"shipping": {"engine": "onnxruntime", "candidate": "fp32", "precision": "fp32",
+                             "file": "model-fp32.onnx", "threshold": threshold},
+                "knees": {host: {"batch": knee, "images_per_s": 1.0, "batch1_latency_ms": 1.0}} if knee else {}}
+    registry.register(version, manifest)
+    registry.promote(version)
+    return version
+
+
+def make_lake(root: Path, shards: int = 3, per_shard: int = 40) -> Path:
+    for i in range(shards):
+        write_tar(root / "shards" / f"s{i}.tar", *images(per_shard, f"screen-{i}"), prefix=f"s{i}")
+    ingest([str(root / "shards")], lake=str(root / "lake"))
+    return root / "lake"
+
+
+@pytest.fixture(scope="module")
+def screened(tmp_path_factory):
+    root = tmp_path_factory.mktemp("screen")
+    lake = make_lake(root)
+    register_model(lake, "sn-a", seed=1, threshold=0.5)
+    state = screen(lake=str(lake), return_state=True)
+    return lake, state
+
+
+def predictions(lake: Path, version: str) -> dict:
+    return pq.read_table(lake / "predictions" / version).to_pydict()
+
+
+def test_every_image_scored_once_with_lineage(screened):
+    lake, state = screened
+    report = state.result()
+    assert report.scored == 120 and report.shards and not report.failed
+    rows = predictions(lake, "sn-a")
+    assert sorted(rows["image_id"]) == sorted(pq.read_table(lake / "images").column("image_id").to_pylist())
+    assert set(rows["model_version"]) == {"sn-a"} and set(rows["engine"]) == {"onnxruntime"}
+    assert set(rows["precision"]) == {"fp32"} and set(rows["threshold"]) == {0.5}
+    assert set(rows["run_id"]) == {str(state.state_details.flow_run_id)}
+    assert rows["positive"] == [s >= 0.5 for s in rows["score"]]
+    assert pq.read_schema(next((lake / "predictions" / "sn-a").glob("*.parquet"))).field("score").type == "float"
+
+
+def test_predictions_equal_the_engine_called_directly(screened):
+    lake, _ = screened
+    table = pq.read_table(lake / "images", columns=["image_id", "pixels"])
+    engine = OrtEngine(lake / "models" / "sn-a" / "model-fp32.onnx")
+    direct = dict(zip(table.column("image_id").to_pylist(), engine.infer(pixel_array(table.column("pixels"), 1))))
+    rows = predictions(lake, "sn-a")
+    np.testing.assert_allclose([direct[i] for i in rows["image_id"]], rows["score"], rtol=0, atol=1e-6)
+
+
+def test_second_run_scores_nothing_and_a_new_model_rescores(screened):
+    lake, _ = screened
+    before = {p: p.stat().st_mtime_ns for p in (lake / "predictions").rglob("*.parquet")}
+    again = screen(lake=str(lake))
+    assert again.scored == 0 and {s.status for s in again.shards} == {"already_scored"}
+    third = screen(lake=str(lake), return_state=True)
+    assert task_states(third).count("screen-shard:Cached") == 3
+    assert {p: p.stat().st_mtime_ns for p in (lake / "predictions").rglob("*.parquet")} == before
+    register_model(lake, "sn-b", seed=2, threshold=0.4)
+    report = screen(lake=str(lake))
+    assert report.version == "sn-b" and report.scored == 120
+    assert len(predictions(lake, "sn-b")["image_id"]) == 120 and len(predictions(lake, "sn-a")["image_id"]) == 120
+
+
+def test_results_join_source_and_filter(screened):
+    lake, _ = screened
+    table = query_results(str(lake), ResultsQuery(version="sn-a", positives_only=True))
+    assert set(table.column("positive").to_pylist()) <= {True}
+    everything = query_results(str(lake), ResultsQuery(version="sn-a"))
+    assert everything.num_rows == 120 and everything.column("source").null_count == 0
+    assert query_results(str(lake), ResultsQuery(version="sn-a", since="2999-01-01")).num_rows == 0
+    with pytest.raises(ValueError, match="ISO"):
+        query_results(str(lake), ResultsQuery(version="sn-a", since="yesterday"))
+
+
+def test_knee_is_measured_and_stored_when_this_host_has_none(tmp_path):
+    lake = make_lake(tmp_path, shards=1, per_shard=20)
+    register_model(lake, "sn-k", seed=3, knee=None)
+    report = screen(lake=str(lake))
+    knees = Registry(Lake(lake)).manifest("sn-k")["knees"]
+    assert report.batch == knees[host_fingerprint("onnxruntime", "fp32")]["batch"]
+
+
+def test_a_corrupt_shard_fails_its_task_clearly_while_the_others_are_scored(tmp_path):
+    lake = make_lake(tmp_path)
+    register_model(lake, "sn-c", seed=4)
+    victim = sorted((lake / "images").glob("*.parquet"))[0]
+    victim.write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(RuntimeError, match=f"{victim.stem}.*not readable Parquet"):
+        screen(lake=str(lake))
+    scored = sorted(p.stem for p in (lake / "predictions" / "sn-c").glob("*.parquet"))
+    assert len(scored) == 2 and victim.stem not in scored
+
+
+def test_dask_local_cluster_gives_the_same_predictions_as_threads(screened, tmp_path):
+    pytest.importorskip("prefect_dask")
+    from prefect_dask import DaskTaskRunner
+
+    lake, _ = screened
+    copy = tmp_path / "lake"
+    shutil.copytree(lake, copy, ignore=shutil.ignore_patterns("predictions"))
+    Registry(Lake(copy)).promote("sn-a")
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
+                                            "dashboard_address": None})
+    report = screen.with_options(task_runner=runner)(lake=str(copy), workers=2)
+    assert report.scored == 120
+    threads = dict(zip(*[predictions(lake, "sn-a")[k] for k in ("image_id", "score")]))
+    dask = dict(zip(*[predictions(copy, "sn-a")[k] for k in ("image_id", "score")]))
+    assert threads.keys() == dask.keys()
+    np.testing.assert_allclose([dask[k] for k in threads], list(threads.values()), rtol=0, atol=1e-6)
+
+
+def test_kill_9_midway_then_rerun_gives_one_prediction_per_image(tmp_path):
+    lake = make_lake(tmp_path, shards=12, per_shard=400)
+    register_model(lake, "sn-k9", seed=5, knee=1)  # batch 1: slow enough to kill mid-run
+    proc = subprocess.Popen([sys.executable, "-m", "screenline.cli", "screen", "--lake", str(lake)], cwd=tmp_path,
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    out = lake / "predictions" / "sn-k9"
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("*.parquet")) and time.monotonic() < deadline:
+            assert proc.poll() is None, "screen ended before it was killed"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert 0 < len(list(out.glob("*.parquet"))) < 12, "the kill did not land mid-run"
+    result = subprocess.run([sys.executable, "-m", "screenline.cli", "screen", "--lake", str(lake)], cwd=tmp_path,
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ids = pq.read_table(out, columns=["image_id"]).column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 12 * 400
