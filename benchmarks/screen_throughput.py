@@ -1,0 +1,145 @@
+"""End-to-end screen throughput and memory: the `screen` flow on an N-image lake (Parquet in → Parquet out,
+Prefect included, server warm), against the raw engine loop on the same pixels.
+
+    python -m benchmarks.screen_throughput [--n 100000] [--shards 10] [--profile]
+
+The model is a ScreenNet exported and quantized exactly as optimize ships it (INT8 U8S8 per-tensor); its weights
+are random, which changes no timing. Each measurement runs in a fresh process, so its peak RSS (VmHWM) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build_lake(root: Path, n: int, shards: int) -> Path:
+    """n generated images in `shards` MedMNIST .npz shards, ingested; a shipping-like model registered."""
+    import numpy as np
+    import torch
+
+    from flows.ingest import ingest
+    from models.engine import OrtEngine, find_knee
+    from models.export import export_onnx
+    from models.nets import ScreenNet
+    from models.quantize import quantize_int8
+    from models.registry import Registry, host_fingerprint
+    from tasks.lake import Lake
+    from tasks.samples import generate, write_npz
+
+    per = n // shards
+    for i in range(shards):
+        imgs, labels = generate(per, seed=21, site="abc"[i % 3], name=f"bench-{i}")
+        write_npz(root / "shards" / f"s{i:03d}.npz", {"train": (imgs, labels)})
+    lake = root / "lake"
+    ingest([str(root / "shards")], lake=str(lake))
+    registry = Registry(Lake(lake))
+    folder = registry.folder("sn-bench")
+    torch.manual_seed(0)
+    fp32 = export_onnx(ScreenNet().eval(), folder / "model-fp32.onnx")
+    calib = np.random.default_rng(0).integers(0, 256, (256, 1, 64, 64), dtype=np.uint8)
+    int8 = quantize_int8(fp32, folder / "model-int8.onnx", calib, "u8s8", per_channel=False)
+    knee = find_knee(OrtEngine(int8, "int8"), calib).as_dict()
+    registry.register("sn-bench", {
+        "shipping": {"engine": "onnxruntime", "candidate": "int8-u8s8-per-tensor", "precision": "int8",
+                     "file": "model-int8.onnx", "threshold": 0.5},
+        "knees": {host_fingerprint("onnxruntime", "int8"): knee}})
+    registry.promote("sn-bench")
+    return lake
+
+
+def measure_flow(lake: Path, profile: bool) -> dict:
+    from flows.screen import screen
+
+    # Warm the ephemeral server with a cheap flow run, so its start-up (10-20 s) is not counted.
+    from prefect import flow
+
+    flow(lambda: None, name="warm-up")()
+    if profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    t0 = time.perf_counter()
+    report = screen(lake=str(lake))
+    seconds = time.perf_counter() - t0
+    result = {"images": report.scored, "seconds": seconds, "images_per_s": report.scored / seconds,
+              "batch": report.batch, "peak_rss_mb": peak_rss_mb()}
+    if profile:
+        profiler.disable()
+        stats = pstats.Stats(profiler).sort_stats("tottime")
+        stats.print_stats(12)
+    return result
+
+
+def measure_engine(lake: Path) -> dict:
+    """The raw loop: the same Parquet pixels through the same engine, no Prefect, no writing."""
+    import pyarrow.parquet as pq
+
+    from models.registry import Registry
+    from tasks.lake import Lake, pixel_array
+
+    registry = Registry(Lake(lake))
+    manifest = registry.manifest("sn-bench")
+    batch = next(iter(manifest["knees"].values()))["batch"]
+    engine = registry.load_engine("sn-bench")
+    files = sorted((lake / "images").glob("*.parquet"))
+    t0 = time.perf_counter()
+    n = 0
+    for file in files:
+        for b in pq.ParquetFile(file).iter_batches(batch_size=batch, columns=["pixels"]):
+            engine.infer(pixel_array(b.column(0), 1))
+            n += b.num_rows
+    seconds = time.perf_counter() - t0
+    return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "batch": batch,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--shards", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the flow run")
+    parser.add_argument("--measure", nargs=2, metavar=("WHAT", "LAKE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        what, lake = args.measure
+        result = measure_flow(Path(lake), args.profile) if what == "flow" else measure_engine(Path(lake))
+        print("RESULT " + json.dumps(result))
+        return
+    with tempfile.TemporaryDirectory(prefix="screenline-screen-bench-") as tmp:
+        t0 = time.perf_counter()
+        lake = build_lake(Path(tmp), args.n, args.shards)
+        print(f"built a {args.n}-image lake in {time.perf_counter() - t0:.0f} s", flush=True)
+        for what in ("engine", "flow"):
+            cmd = [sys.executable, "-m", "benchmarks.screen_throughput", "--measure", what, str(lake)]
+            out = subprocess.run(cmd + (["--profile"] if args.profile and what == "flow" else []),
+                                 capture_output=True, text=True, check=True).stdout
+            if args.profile and what == "flow":
+                print(out[: out.find("RESULT")])
+            result = json.loads(out[out.find("RESULT") + 7:].splitlines()[0])
+            print(f"{what:>6}: {result['images']} images in {result['seconds']:.2f} s = "
+                  f"{result['images_per_s']:,.0f} images/s at batch {result['batch']}, "
+                  f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
