@@ -103,14 +103,23 @@ def measure_engine(lake: Path) -> dict:
     engine = registry.load_engine("sn-bench")
     files = sorted((lake / "images").glob("*.parquet"))
     t0 = time.perf_counter()
-    n = 0
+    n, reading, inferring = 0, 0.0, 0.0
     for file in files:
-        for b in pq.ParquetFile(file).iter_batches(batch_size=batch, columns=["pixels"]):
-            engine.infer(pixel_array(b.column(0), 1))
+        batches = pq.ParquetFile(file).iter_batches(batch_size=batch, columns=["pixels"])
+        while True:
+            t = time.perf_counter()
+            b = next(batches, None)
+            if b is None:
+                break
+            x = pixel_array(b.column(0), 1)
+            t1 = time.perf_counter()
+            engine.infer(x)
+            inferring += time.perf_counter() - t1
+            reading += t1 - t
             n += b.num_rows
     seconds = time.perf_counter() - t0
     return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "batch": batch,
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), "read_s": reading, "infer_s": inferring}
 
 
 def main() -> None:
@@ -136,9 +145,11 @@ def main() -> None:
             if args.profile and what == "flow":
                 print(out[: out.find("RESULT")])
             result = json.loads(out[out.find("RESULT") + 7:].splitlines()[0])
+            split = (f" (Parquet read + pixel view {result['read_s']:.2f} s, engine {result['infer_s']:.2f} s)"
+                     if "read_s" in result else "")
             print(f"{what:>6}: {result['images']} images in {result['seconds']:.2f} s = "
                   f"{result['images_per_s']:,.0f} images/s at batch {result['batch']}, "
-                  f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+                  f"peak RSS {result['peak_rss_mb']:.0f} MB{split}", flush=True)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,10 @@ def screen(lake: str | None = None, version: str | None = None, workers: int | N
     """
     logger = get_run_logger()
     root = str(lake_root(lake))
-    workers = workers or default_threads()
-    model = resolve_model_task(root, version, workers)
     shards = list_shards_task(root)
+    # Fewer shards than workers: give each engine call the spare cores instead of leaving them idle.
+    workers = max(1, min(workers or default_threads(), len(shards)))
+    model = resolve_model_task(root, version, workers)
     logger.info("screening %d shard(s) with %s (%s %s, threshold %.4f, batch %d, %d thread(s) per engine call)",
                 len(shards), model.version, model.engine, model.precision, model.threshold, model.batch,
                 model.threads)

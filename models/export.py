@@ -40,7 +40,7 @@ def export_onnx(model: nn.Module, path: Path, channels: int = 1) -> Path:
         # torch 2.14's exporter writes weights as external data by default: one self-contained file instead.
         torch.onnx.export(
             wrapped, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            opset_version=OPSET, dynamo=True, external_data=False,
+            opset_version=OPSET, dynamo=True, external_data=False, verbose=False,
             dynamic_shapes=({0: torch.export.Dim("batch")},),
         )
     graph = onnx.load(str(tmp))
