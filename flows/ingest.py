@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger, unmapped
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
-from prefect.futures import as_completed
+from prefect.artifacts import create_table_artifact
 
+from flows.progress import gather_with_progress
 from tasks.ingest import IngestOptions, ShardSummary, fingerprint_task, ingest_shard_task, lake_channels_task
 from tasks.lake import lake_root
 from tasks.shards import find_shards
@@ -58,17 +58,9 @@ def ingest(
     options = IngestOptions(lake_channels_task(root, refs, channels), resize, subset)
     logger.info("ingesting %d shard(s) into %s (%d channel(s))", len(paths), root, options.channels)
 
-    progress = create_progress_artifact(0.0, key="ingest-progress", description="shards landed")
     futures = ingest_shard_task.map(refs, lake_root=unmapped(root), options=unmapped(options))
-    report = IngestReport(root, options.channels)
-    for done, future in enumerate(as_completed(futures), start=1):
-        outcome = future.result(raise_on_failure=False)
-        if isinstance(outcome, ShardSummary):
-            report.shards.append(outcome)
-        else:
-            report.failed.append(f"{paths[futures.index(future)]}: {outcome}")
-        update_progress_artifact(progress, 100.0 * done / len(futures))
-    report.shards.sort(key=lambda s: s.shard)
+    landed, failed = gather_with_progress(futures, paths, "ingest-progress", "shards landed")
+    report = IngestReport(root, options.channels, sorted(landed, key=lambda s: s.shard), failed)
 
     create_table_artifact(
         key="ingest-summary",

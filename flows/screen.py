@@ -6,11 +6,11 @@ import time
 from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger, unmapped
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
-from prefect.futures import as_completed
+from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.progress import gather_with_progress
 from models.engine import default_threads
 from tasks.lake import lake_root
 from tasks.screen import ShardScreenSummary, list_shards_task, resolve_model_task, screen_shard_task
@@ -56,17 +56,10 @@ def screen(lake: str | None = None, version: str | None = None, workers: int | N
     if not shards:
         return report
     t0 = time.perf_counter()
-    progress = create_progress_artifact(0.0, key="screen-progress", description="shards scored")
-    futures = screen_shard_task.map(
-        [s for s, _ in shards], [h for _, h in shards], model=unmapped(model), run_id=unmapped(str(flow_run.id))
-    )
-    for done, future in enumerate(as_completed(futures), start=1):
-        outcome = future.result(raise_on_failure=False)
-        if isinstance(outcome, ShardScreenSummary):
-            report.shards.append(outcome)
-        else:
-            report.failed.append(f"{shards[futures.index(future)][0]}: {outcome}")
-        update_progress_artifact(progress, 100.0 * done / len(futures))
+    ids = [s for s, _ in shards]
+    futures = screen_shard_task.map(ids, [h for _, h in shards], model=unmapped(model),
+                                    run_id=unmapped(str(flow_run.id)))
+    report.shards, report.failed = gather_with_progress(futures, ids, "screen-progress", "shards scored")
     report.seconds = time.perf_counter() - t0
     create_table_artifact(
         key="screen-summary",
