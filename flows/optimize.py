@@ -20,8 +20,8 @@ class NotPromoted(RuntimeError):
 @flow(name="optimize")
 def optimize(
     lake: str | None = None,
-    epochs: int = 10,
-    width: float = 1.0,
+    epochs: int = 14,
+    width: float = 1.25,
     arch: str = "screennet",
     teacher: str | None = None,
     target_sensitivity: float = 0.98,

@@ -25,8 +25,8 @@ class TrainSettings:
     """How a model is trained; every field is part of the cache key and the manifest."""
 
     arch: str = "screennet"  # "screennet" | "resnet18" (the seed's, 64→224) | "resnet18-native" (at 64×64)
-    width: float = 1.0
-    epochs: int = 10
+    width: float = 1.25
+    epochs: int = 14
     batch_size: int = 128
     lr: float = 4e-3
     weight_decay: float = 1e-4
