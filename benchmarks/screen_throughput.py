@@ -3,8 +3,8 @@ Prefect included, server warm), against the raw engine loop on the same pixels.
 
     python -m benchmarks.screen_throughput [--n 100000] [--shards 10] [--profile]
 
-The model is a ScreenNet exported and quantized exactly as optimize ships it (INT8 U8S8 per-tensor); its weights
-are random, which changes no timing. Each measurement runs in a fresh process, so its peak RSS (VmHWM) is its own.
+The model is a ScreenNet at optimize's default width, exported and quantized as optimize ships it (INT8 U8S8
+per-tensor); its weights are random, which changes no timing. Each measurement runs in a fresh process, so its peak RSS (VmHWM) is its own.
 """
 
 from __future__ import annotations
@@ -38,11 +38,12 @@ def build_lake(root: Path, n: int, shards: int) -> Path:
     from flows.ingest import ingest
     from models.engine import OrtEngine, find_knee
     from models.export import export_onnx
-    from models.nets import ScreenNet
+    from models.nets import ScreenNet, ScreenNetConfig
     from models.quantize import quantize_int8
     from models.registry import Registry, host_fingerprint
     from tasks.lake import Lake
     from tasks.samples import generate, write_npz
+    from tasks.train import TrainSettings
 
     per = n // shards
     for i in range(shards):
@@ -53,7 +54,7 @@ def build_lake(root: Path, n: int, shards: int) -> Path:
     registry = Registry(Lake(lake))
     folder = registry.folder("sn-bench")
     torch.manual_seed(0)
-    fp32 = export_onnx(ScreenNet().eval(), folder / "model-fp32.onnx")
+    fp32 = export_onnx(ScreenNet(ScreenNetConfig(width=TrainSettings().width)).eval(), folder / "model-fp32.onnx")
     calib = np.random.default_rng(0).integers(0, 256, (256, 1, 64, 64), dtype=np.uint8)
     int8 = quantize_int8(fp32, folder / "model-int8.onnx", calib, "u8s8", per_channel=False)
     knee = find_knee(OrtEngine(int8, "int8"), calib).as_dict()
