@@ -20,7 +20,7 @@ class NotPromoted(RuntimeError):
 @flow(name="optimize")
 def optimize(
     lake: str | None = None,
-    epochs: int = 14,
+    epochs: int = 16,
     width: float = 1.25,
     arch: str = "screennet",
     teacher: str | None = None,

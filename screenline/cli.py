@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sensitivity reaches the target.",
     )
     _lake_arg(p)
-    p.add_argument("--epochs", type=int, default=14)
+    p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--width", type=float, default=1.25, help="width multiplier (capacity vs speed; default 1.25)")
     p.add_argument("--arch", default="screennet", choices=("screennet", "resnet18", "resnet18-native"),
                    help="screennet (default); the seed's resnet18 (64→224) or resnet18-native to compare")

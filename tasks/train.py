@@ -26,7 +26,7 @@ class TrainSettings:
 
     arch: str = "screennet"  # "screennet" | "resnet18" (the seed's, 64→224) | "resnet18-native" (at 64×64)
     width: float = 1.25
-    epochs: int = 14
+    epochs: int = 16
     batch_size: int = 128
     lr: float = 4e-3
     weight_decay: float = 1e-4
