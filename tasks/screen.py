@@ -90,12 +90,13 @@ def resolve_model(lake: Lake, version: str | None, workers: int) -> ScreenModel:
 
 
 def _sample_pixels(lake: Lake, n: int = 1024) -> np.ndarray:
+    """Up to n images from the lake's first non-empty shard: what the knee is measured on."""
     meta = lake.read_meta() or {"channels": 1}
     for file in sorted(lake.images.glob("*.parquet")):
-        table = pq.ParquetFile(file).read_row_group(0, columns=["pixels"]) if pq.ParquetFile(
-            file).num_row_groups else None
-        if table is not None and table.num_rows:
-            return pixel_array(table.column("pixels").slice(0, n), int(meta["channels"]))
+        parquet = pq.ParquetFile(file)
+        if parquet.metadata.num_rows:
+            pixels = parquet.read_row_group(0, columns=["pixels"]).column("pixels").slice(0, n)
+            return pixel_array(pixels, int(meta["channels"]))
     raise ValueError(f"the lake at {lake.root} holds no images to screen")
 
 
@@ -123,6 +124,16 @@ def screen_shard(shard_id: str, model: ScreenModel, run_id: str, engine: Engine 
     images = flagged = 0
     now = datetime.now(timezone.utc)
     meta = {"screenline.model_version": model.version, "screenline.run_id": run_id}
+    # The lineage columns are the same for every row: built once at batch size, sliced per batch.
+    lineage = {
+        "shard_id": pa.array([shard_id] * model.batch, pa.string()),
+        "threshold": pa.array(np.full(model.batch, model.threshold, np.float32)),
+        "model_version": pa.array([model.version] * model.batch, pa.string()),
+        "engine": pa.array([model.engine] * model.batch, pa.string()),
+        "precision": pa.array([model.precision] * model.batch, pa.string()),
+        "run_id": pa.array([run_id] * model.batch, pa.string()),
+        "scored_at": pa.array([now] * model.batch, pa.timestamp("us", tz="UTC")),
+    }
     with atomic_parquet_writer(out, PREDICTIONS_SCHEMA, meta) as writer:
         try:
             batches = reader.iter_batches(batch_size=model.batch, columns=["image_id", "pixels"])
@@ -130,18 +141,10 @@ def screen_shard(shard_id: str, model: ScreenModel, run_id: str, engine: Engine 
                 scores = engine.infer(pixel_array(batch.column(1), channels))
                 positive = scores >= model.threshold
                 n = len(scores)
-                writer.write_table(pa.table({
-                    "image_id": batch.column(0),
-                    "shard_id": pa.array([shard_id] * n, pa.string()),
-                    "score": pa.array(scores, pa.float32()),
-                    "positive": pa.array(positive),
-                    "threshold": pa.array(np.full(n, model.threshold, np.float32)),
-                    "model_version": pa.array([model.version] * n, pa.string()),
-                    "engine": pa.array([model.engine] * n, pa.string()),
-                    "precision": pa.array([model.precision] * n, pa.string()),
-                    "run_id": pa.array([run_id] * n, pa.string()),
-                    "scored_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
-                }, schema=PREDICTIONS_SCHEMA))
+                columns = {name: values.slice(0, n) for name, values in lineage.items()}
+                columns.update(image_id=batch.column(0), score=pa.array(scores, pa.float32()),
+                               positive=pa.array(positive))
+                writer.write_table(pa.table(columns, schema=PREDICTIONS_SCHEMA))
                 images += n
                 flagged += int(positive.sum())
         except (pa.ArrowInvalid, OSError) as exc:
