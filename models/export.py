@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -48,12 +47,3 @@ def export_onnx(model: nn.Module, path: Path, channels: int = 1) -> Path:
     tmp.replace(path)
     return path
 
-
-def torch_scores(model: nn.Module, pixels: np.ndarray, batch: int = 512) -> np.ndarray:
-    """Probabilities from the torch model (eval) on uint8 N×C×64×64 pixels."""
-    model = model.eval()
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(pixels), batch):
-            out.append(torch.sigmoid(model(torch.from_numpy(pixels[i: i + batch]))).numpy())
-    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)

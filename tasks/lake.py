@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -216,14 +217,12 @@ def write_table_atomic(path: Path, table: pa.Table, metadata: dict[str, str] | N
         writer.write_table(table)
 
 
-def pixel_array(pixels: pa.Array | pa.ChunkedArray, channels: int) -> "np.ndarray":
+def pixel_array(pixels: pa.Array | pa.ChunkedArray, channels: int) -> np.ndarray:
     """A binary pixels column (H×W×C bytes each) as uint8 N×C×64×64, without a per-image Python loop.
 
     For one channel this is a view over Arrow's data buffer when the column is one contiguous chunk; three channels
     need one transpose copy (the lake stores H×W×C, engines take C×H×W).
     """
-    import numpy as np
-
     if isinstance(pixels, pa.ChunkedArray):
         pixels = pixels.combine_chunks() if pixels.num_chunks != 1 else pixels.chunk(0)
     n = len(pixels)

@@ -7,9 +7,10 @@ import onnx
 import torch
 
 from models.engine import OrtEngine, find_knee, scores
-from models.export import export_onnx, torch_scores
+from models.export import export_onnx
 from models.nets import ScreenNet
 from models.quantize import quantize_int8
+from tasks.train import predict
 
 
 def trained_like() -> ScreenNet:
@@ -32,7 +33,7 @@ def test_export_parity_dynamic_batch_and_single_file(tmp_path):
     engine = OrtEngine(path)
     for n in (1, 7, 37):
         assert engine.infer(x[:n]).shape == (n,)
-    diff = np.abs(scores(engine, x) - torch_scores(model, x)).max()
+    diff = np.abs(scores(engine, x) - predict(model, x)).max()
     assert diff < 1e-5
 
 

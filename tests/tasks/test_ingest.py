@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from helpers import images, lake_rows, png_bomb, png_bytes
 from tasks.ingest import IngestOptions, ShardSummary, ingest_shard, parse_label, Rejected
 from tasks.lake import IMAGES_SCHEMA, REJECTS_SCHEMA, Lake
-from tasks.samples import write_npz, write_png_folder, write_tar
+from tasks.samples import write_png_folder, write_tar
 from tasks.shards import fingerprint
 
 
