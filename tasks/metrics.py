@@ -87,3 +87,90 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     if labels.min(initial=0) == labels.max(initial=0):
         return float("nan")
     return float(roc_auc_score(labels, scores))
+
+
+def positives_needed(target: float, misses: int = 0, confidence: float = 0.95) -> int:
+    """The fewest positives, `misses` of them missed, whose exact lower bound on sensitivity reaches `target`.
+
+    With no miss at 98% and 95% confidence this is 183: 0.025 ** (1/183) ≥ 0.98. The bound rises with n for a fixed
+    number of misses, so the search doubles, then bisects.
+    """
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target must be in (0, 1), got {target}")
+
+    def enough(n: int) -> bool:
+        return clopper_pearson(n - misses, n, confidence)[0] >= target
+
+    hi = max(misses + 1, 2)
+    while not enough(hi):
+        hi *= 2
+    lo = max(misses, 1)  # `lo` positives are never enough (or are the floor)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid, hi)
+    return hi
+
+
+@dataclass
+class Figures:
+    """Everything an audit reports for one group of labelled images at one threshold."""
+
+    n: int
+    positives: int
+    negatives: int
+    tp: int
+    fn: int
+    tn: int
+    fp: int
+    sensitivity: float
+    sensitivity_cp_low: float
+    sensitivity_cp_high: float
+    sensitivity_wilson_low: float
+    sensitivity_wilson_high: float
+    specificity: float
+    specificity_cp_low: float
+    specificity_cp_high: float
+    specificity_wilson_low: float
+    specificity_wilson_high: float
+    ppv: float
+    npv: float
+    auc: float
+
+
+def figures(scores: np.ndarray, labels: np.ndarray, threshold: float) -> Figures:
+    """The 2×2 table at `threshold`, sensitivity and specificity with exact (Clopper-Pearson) and Wilson 95%
+    intervals, PPV, NPV and AUC. Ratios with an empty denominator are nan."""
+    t = table_at(scores, labels, threshold)
+    pos, neg = t.tp + t.fn, t.tn + t.fp
+
+    def ratio(a: int, b: int) -> float:
+        return a / b if b else float("nan")
+
+    return Figures(
+        n=pos + neg, positives=pos, negatives=neg, tp=t.tp, fn=t.fn, tn=t.tn, fp=t.fp,
+        sensitivity=ratio(t.tp, pos), sensitivity_cp_low=clopper_pearson(t.tp, pos)[0],
+        sensitivity_cp_high=clopper_pearson(t.tp, pos)[1], sensitivity_wilson_low=wilson(t.tp, pos)[0],
+        sensitivity_wilson_high=wilson(t.tp, pos)[1],
+        specificity=ratio(t.tn, neg), specificity_cp_low=clopper_pearson(t.tn, neg)[0],
+        specificity_cp_high=clopper_pearson(t.tn, neg)[1], specificity_wilson_low=wilson(t.tn, neg)[0],
+        specificity_wilson_high=wilson(t.tn, neg)[1],
+        ppv=ratio(t.tp, t.tp + t.fp), npv=ratio(t.tn, t.tn + t.fn), auc=auc(scores, labels),
+    )
+
+
+def claim(f: Figures, target: float, confidence: float = 0.95) -> tuple[bool, int, str]:
+    """Whether these positives support sensitivity ≥ target at the exact lower bound, how many positives (with the
+    misses seen) that takes, and a sentence saying so."""
+    needed_clean = positives_needed(target, 0, confidence)
+    if f.positives == 0:
+        return False, needed_clean, (f"no positives: sensitivity cannot be estimated; claiming {target:.0%} at the "
+                                     f"{confidence:.0%} lower bound needs ≥ {needed_clean} positives with no miss")
+    if f.sensitivity_cp_low >= target:
+        return True, f.positives, (f"supports sensitivity ≥ {target:.0%}: exact {confidence:.0%} lower bound "
+                                   f"{f.sensitivity_cp_low:.4f} from {f.tp}/{f.positives} positives found")
+    needed = positives_needed(target, f.fn, confidence)
+    return False, needed, (
+        f"too few positives to claim {target:.0%} at the exact {confidence:.0%} lower bound "
+        f"({f.sensitivity_cp_low:.4f} from {f.tp}/{f.positives}): that needs ≥ {needed_clean} positives with no miss"
+        + (f", or ≥ {needed} with {f.fn} miss(es)" if f.fn else "")
+    )

@@ -170,6 +170,21 @@ def force_int8_failure(evaluation: dict[str, Any]) -> dict[str, Any]:
 # --- register, test gate, promote ----------------------------------------------------------------------------------
 
 
+def write_reference_scores(folder: Path, engine: OrtEngine, split: SplitRef, threshold: float) -> dict[str, Any]:
+    """The shipped engine's validation scores and labels, written beside the model: audit's drift reference."""
+    import pyarrow as pa
+
+    from tasks.audit import REFERENCE_FILE
+    from tasks.lake import write_table_atomic
+
+    x_val, y_val = load_split(split, "val")
+    s = scores(engine, x_val)
+    write_table_atomic(folder / REFERENCE_FILE, pa.table({"score": pa.array(s, pa.float32()),
+                                                          "label": pa.array(y_val.astype(np.int8))}))
+    return {"file": REFERENCE_FILE, "split": "val", "n": int(len(s)),
+            "positive_rate": float(np.mean(s >= threshold)), "mean_score": float(np.mean(s))}
+
+
 def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settings: TrainSettings,
                      gates: GateSettings, evaluation: dict[str, Any], promote: bool = True) -> dict[str, Any]:
     """Copy the graphs into lake/models/<version>/, freeze the shipping threshold, test it, write the manifest,
@@ -186,6 +201,8 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
     shutil.copyfile(checkpoint.parent / "model.json", folder / "model.json")
 
     ship = next(c for c in evaluation["candidates"] if c["name"] == evaluation["ship"])
+    reference = write_reference_scores(folder, OrtEngine(folder / ship["file"], ship["precision"]), split,
+                                       ship["threshold"])
     x_test, y_test = load_split(split, "test")
     engine = OrtEngine(folder / ship["file"], ship["precision"])
     test_scores = scores(engine, x_test)
@@ -208,6 +225,7 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
         "shipping": {"engine": "onnxruntime", "candidate": ship["name"], "precision": ship["precision"],
                      "file": ship["file"], "threshold": ship["threshold"], "why": ship["why"]},
         "test": {"auc": test_auc, **test_table},
+        "reference": reference,
         "promoted": promoted,
         "passed_gate": passed,
         "promotion": (

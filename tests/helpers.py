@@ -57,3 +57,55 @@ def task_states(flow_state) -> list[str]:
             limit=200,
         )
     return sorted(f"{r.name.rsplit('-', 1)[0]}:{r.state.name}" for r in runs)
+
+
+def spot_detector(centre: float = 37.0, scale: float = 6.0):
+    """A hand-made model that finds bright blobs: the largest difference-of-box-filters response, as a logit.
+
+    Deterministic and meaningful without training (positives score higher; dimmer images score lower), so audit
+    tests have real sensitivity and drift to measure.
+    """
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    class SpotDetector(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x.float().mean(dim=1, keepdim=True)
+            dog = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False) - F.avg_pool2d(x, 11, 1, 5,
+                                                                                 count_include_pad=False)
+            return (dog.amax(dim=(1, 2, 3)) - centre) / scale
+
+    return SpotDetector()
+
+
+def register_model(lake: Path, version: str, seed: int, threshold: float = 0.5, knee: int | None = 16,
+                   reference: np.ndarray | None = None, model=None) -> str:
+    """A random-weight ScreenNet (or `model`) exported and registered as `version`, promoted (no training: seconds).
+
+    reference: pixels whose scores become the model's drift reference (as optimize writes its validation scores).
+    """
+    import pyarrow as pa
+    import torch
+
+    from models.engine import OrtEngine, scores
+    from models.export import export_onnx
+    from models.nets import ScreenNet
+    from models.registry import Registry, host_fingerprint
+    from tasks.audit import REFERENCE_FILE
+    from tasks.lake import Lake, write_table_atomic
+
+    torch.manual_seed(seed)
+    registry = Registry(Lake(lake))
+    folder = registry.folder(version)
+    onnx = export_onnx((model or ScreenNet()).eval(), folder / "model-fp32.onnx")
+    if reference is not None:
+        write_table_atomic(folder / REFERENCE_FILE, pa.table({"score": scores(OrtEngine(onnx), reference)}))
+    host = host_fingerprint("onnxruntime", "fp32")
+    manifest = {"shipping": {"engine": "onnxruntime", "candidate": "fp32", "precision": "fp32",
+                             "file": "model-fp32.onnx", "threshold": threshold},
+                "gates": {"target_sensitivity": 0.98},
+                "knees": {host: {"batch": knee, "images_per_s": 1.0, "batch1_latency_ms": 1.0}} if knee else {}}
+    registry.register(version, manifest)
+    registry.promote(version)
+    return version

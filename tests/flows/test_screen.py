@@ -17,7 +17,7 @@ import pytest
 from conftest import ENV
 from flows.ingest import ingest
 from flows.screen import screen
-from helpers import images, task_states
+from helpers import images, register_model, task_states
 from models.engine import OrtEngine
 from models.registry import Registry, host_fingerprint
 from tasks.lake import Lake, pixel_array
@@ -25,26 +25,6 @@ from tasks.results import ResultsQuery, query_results
 from tasks.samples import write_tar
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-
-
-def register_model(lake: Path, version: str, seed: int, threshold: float = 0.5, knee: int | None = 16) -> str:
-    """A random-weight ScreenNet exported and registered as `version`, promoted (no training: seconds)."""
-    import torch
-
-    from models.export import export_onnx
-    from models.nets import ScreenNet
-
-    torch.manual_seed(seed)
-    registry = Registry(Lake(lake))
-    folder = registry.folder(version)
-    export_onnx(ScreenNet().eval(), folder / "model-fp32.onnx")
-    host = host_fingerprint("onnxruntime", "fp32")
-    manifest = {"shipping": {"engine": "onnxruntime", "candidate": "fp32", "precision": "fp32",
-                             "file": "model-fp32.onnx", "threshold": threshold},
-                "knees": {host: {"batch": knee, "images_per_s": 1.0, "batch1_latency_ms": 1.0}} if knee else {}}
-    registry.register(version, manifest)
-    registry.promote(version)
-    return version
 
 
 def make_lake(root: Path, shards: int = 3, per_shard: int = 40) -> Path:

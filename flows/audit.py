@@ -1,0 +1,99 @@
+"""The `audit` flow: sensitivity on the lake's labelled subsets, with intervals, subgroups, drift and a report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
+
+from tasks.audit import (
+    AuditFailed,
+    AuditSummary,
+    audit_drift_task,
+    audit_figures_task,
+    audit_report_task,
+    plan_audit_task,
+)
+from tasks.lake import lake_root
+
+
+@dataclass
+class AuditReport:
+    """Where an audit's figures and report are, and what it found."""
+
+    summary: AuditSummary
+    report: str
+
+    @property
+    def passed(self) -> bool:
+        return not self.summary.failing
+
+
+@flow(name="audit")
+def audit(
+    lake: str | None = None,
+    version: str | None = None,
+    subsets: list[str] | None = None,
+    batch: list[str] | None = None,
+    threshold: float | None = None,
+    target_sensitivity: float | None = None,
+) -> AuditReport:
+    """Audit a model's predictions against the labels of the lake's labelled subsets, and check drift.
+
+    version: default the promoted model. subsets: default every labelled subset. batch: shard ids whose scores are
+    compared with the reference for drift (default: the shards of the newest screen run). threshold: default the
+    shipped one (set it to see what another threshold would do). target_sensitivity: default the model's gate.
+    Ends Failed, after writing the figures and the report, when a subset's sensitivity is below target.
+    """
+    logger = get_run_logger()
+    root = str(lake_root(lake))
+    plan = plan_audit_task(root, version, subsets, batch, threshold, target_sensitivity)
+    summary = audit_figures_task(plan)
+    drift = audit_drift_task(plan)
+    report = audit_report_task(plan, summary, drift)
+    summary.report_file, summary.drift, summary.drift_file = report, drift, str(plan.drift_file())
+
+    create_table_artifact(
+        key="audit-figures",
+        table=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                if k in ("subset", "n", "positives", "tp", "fn", "sensitivity", "sensitivity_cp_low",
+                         "sensitivity_cp_high", "sensitivity_wilson_low", "sensitivity_wilson_high", "specificity",
+                         "ppv", "npv", "auc", "meets_target", "claim")} for row in summary.subsets],
+        description=f"audit {plan.audit_id}: {plan.version} at threshold {plan.threshold:.4f}; report {report}",
+    )
+    create_table_artifact(
+        key="audit-drift",
+        table=[{k: drift[k] for k in ("reference", "batch_n", "reference_n", "ks_statistic", "ks_pvalue",
+                                      "batch_positive_rate", "reference_positive_rate", "flagged", "why")}],
+        description=f"drift of {len(plan.batch)} shard(s) against the {drift['reference']} reference",
+    )
+    verdict = ("FAILED: " + "; ".join(summary.failing)) if summary.failing else (
+        "passed: every subset at or above target" if plan.subsets else "no labelled subsets: sensitivity not audited")
+    create_markdown_artifact(
+        key="audit-report",
+        markdown=(f"# Audit {plan.audit_id}\n\n**{verdict}**\n\n"
+                  + "".join(f"- **{r['subset']}**: sensitivity {r['sensitivity']:.4f} (exact 95% CI "
+                            f"{r['sensitivity_cp_low']:.4f}–{r['sensitivity_cp_high']:.4f}), specificity "
+                            f"{r['specificity']:.4f}, {r['claim']}\n" for r in summary.subsets)
+                  + f"\n**Drift: {'FLAGGED' if drift['flagged'] else 'none'}** — {drift['why']}\n\n"
+                  f"Report: `{report}`\n"),
+        description="audit verdict, drift, and where the report is",
+    )
+    create_link_artifact(key="audit-report-file", link=f"file://{report}", link_text="audit report (HTML)")
+    for sentence in summary.weak_groups:
+        logger.warning("below target in a shard subgroup: %s", sentence)
+    if drift["flagged"]:
+        logger.warning("drift flagged: %s", drift["why"])
+    logger.info("audit %s: %s; report %s", plan.audit_id, verdict, report)
+    if summary.failing:
+        raise AuditFailed(
+            f"audit of {plan.version} failed: " + "; ".join(summary.failing) + ". The predictions stay in the lake. "
+            f"Read the report ({report}); before relying on negatives from these images, add labelled images like "
+            f"them to training and re-run `screenline optimize`, or raise its calibration margin."
+        )
+    return AuditReport(summary, report)

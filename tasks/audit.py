@@ -1,0 +1,358 @@
+"""Auditing: sensitivity on labelled subsets with confidence intervals, per subset and per shard, and score drift.
+
+An audit reads a model version's predictions and the labels of the lake's labelled subsets (images ingested with
+`--subset NAME`), and writes, under one content-keyed audit id:
+
+    lake/audits/figures/<audit_id>.parquet   a row per subset and per subset × shard: the 2×2 table, sensitivity
+                                             and specificity with Clopper-Pearson and Wilson 95% intervals, PPV,
+                                             NPV, AUC, the threshold, the model, and whether the positives suffice
+                                             to claim the target at the exact lower bound
+    lake/audits/drift/<audit_id>.parquet     this batch's scores against a reference: KS test, positive rates
+    lake/audits/reports/<audit_id>.html      the report a person reads (tasks/report.py)
+
+The audit id is a hash of what the audit reads (model, threshold, target, the predictions' run ids, the batch), so
+auditing unchanged predictions again finds the same files instead of writing new ones.
+
+Drift reference: the shipped engine's scores on the model's validation split (`reference-scores.parquet`, written
+by optimize and hashed in the manifest); for a model registered without one, this version's scores of the lake's
+other shards (earlier nights). A batch drifts when the KS test rejects at `ks_alpha` *and* the KS statistic is at
+least `min_ks_statistic` (with thousands of images, any difference is "significant"; the effect size says whether
+it matters), or when its predicted-positive rate moves by more than `max_rate_change` from the reference's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from prefect import task
+
+from models.registry import Registry
+from tasks.caching import OutputCache, content_key
+from tasks.ingest import IO_RETRIES
+from tasks.lake import Lake, write_table_atomic
+from tasks.metrics import claim, figures
+
+REFERENCE_FILE = "reference-scores.parquet"
+"""In a model's folder: its shipped engine's validation scores and labels, the default drift reference."""
+
+
+class AuditFailed(RuntimeError):
+    """A labelled subset's sensitivity is below target. The predictions stay in the lake."""
+
+
+@dataclass(frozen=True)
+class DriftSettings:
+    """When a batch's scores count as drifted from the reference."""
+
+    ks_alpha: float = 0.01
+    min_ks_statistic: float = 0.1
+    max_rate_change: float = 0.05  # absolute change in the fraction flagged positive
+
+
+@dataclass(frozen=True)
+class AuditPlan:
+    """What one audit reads: small, content-keyed, passed between the audit's tasks."""
+
+    lake_root: str
+    audit_id: str
+    version: str
+    engine: str
+    precision: str
+    threshold: float
+    threshold_source: str  # "manifest" | "override"
+    target: float
+    subsets: tuple[str, ...]
+    batch: tuple[str, ...]  # shard ids whose scores are checked for drift
+    runs: tuple[tuple[str, str], ...]  # (shard_id, run_id) of every predictions file read
+    drift: DriftSettings = DriftSettings()
+
+    @property
+    def lake(self) -> Lake:
+        return Lake.at(self.lake_root)
+
+    def figures_file(self) -> Path:
+        return self.lake.audits / "figures" / f"{self.audit_id}.parquet"
+
+    def drift_file(self) -> Path:
+        return self.lake.audits / "drift" / f"{self.audit_id}.parquet"
+
+    def report_file(self) -> Path:
+        return self.lake.audits / "reports" / f"{self.audit_id}.html"
+
+
+@dataclass
+class AuditSummary:
+    """What an audit found, small enough for artifacts and flow results; the figures are in the lake."""
+
+    audit_id: str
+    version: str
+    threshold: float
+    target: float
+    subsets: list[dict[str, Any]] = field(default_factory=list)  # the rows with group == "all"
+    failing: list[str] = field(default_factory=list)  # one sentence per subset below target
+    weak_groups: list[str] = field(default_factory=list)  # shard subgroups below target (warnings)
+    drift: dict[str, Any] = field(default_factory=dict)
+    figures_file: str = ""
+    drift_file: str = ""
+    report_file: str = ""
+
+
+# --- reading the lake ----------------------------------------------------------------------------------------------
+
+
+def _shard_names(lake: Lake) -> dict[str, str]:
+    """shard_id → the shard's file or folder name, as given to ingest."""
+    names = {}
+    for file in sorted(lake.images.glob("*.parquet")):
+        meta = pq.read_schema(file).metadata or {}
+        names[file.stem] = Path(meta.get(b"screenline.shard_path", file.stem.encode()).decode()).name
+    return names
+
+
+def _prediction_files(lake: Lake, version: str) -> dict[str, Path]:
+    folder = lake.predictions / version
+    return {f.stem: f for f in sorted(folder.glob("*.parquet"))} if folder.exists() else {}
+
+
+def _run_id(file: Path) -> str:
+    return (pq.read_schema(file).metadata or {}).get(b"screenline.run_id", b"").decode()
+
+
+def labelled_subsets(lake: Lake) -> pa.Table:
+    """image_id, shard_id, label, subset of every labelled image in a named subset."""
+    files = sorted(lake.images.glob("*.parquet"))
+    if not files:
+        return pa.table({"image_id": pa.array([], pa.string()), "shard_id": pa.array([], pa.string()),
+                         "label": pa.array([], pa.int8()), "subset": pa.array([], pa.string())})
+    return ds.dataset([str(f) for f in files], format="parquet").to_table(
+        columns=["image_id", "shard_id", "label", "subset"],
+        filter=pc.field("subset").is_valid() & pc.field("label").is_valid(),
+    )
+
+
+def scores_of(lake: Lake, version: str, shard_ids: list[str] | tuple[str, ...]) -> pa.Table:
+    """image_id, score of every prediction `version` made for these shards."""
+    files = _prediction_files(lake, version)
+    paths = [str(files[s]) for s in shard_ids if s in files]
+    if not paths:
+        return pa.table({"image_id": pa.array([], pa.string()), "score": pa.array([], pa.float32())})
+    return ds.dataset(paths, format="parquet").to_table(columns=["image_id", "score"])
+
+
+def plan_audit(lake: Lake, version: str | None = None, subsets: list[str] | None = None,
+               batch: list[str] | None = None, threshold: float | None = None, target: float | None = None,
+               drift: DriftSettings = DriftSettings()) -> AuditPlan:
+    """Decide what an audit reads, and check it can be done: the subsets exist and every image in them is scored.
+
+    version: default the promoted one. subsets: default every labelled subset in the lake. batch: the shard ids
+    whose scores are checked for drift (default: those the newest screen run of `version` wrote). threshold:
+    default the shipped one from the manifest (an override re-decides every prediction). target: default the
+    model's gate.
+    """
+    registry = Registry(lake)
+    version = version or registry.promoted()
+    manifest = registry.manifest(version)
+    ship = manifest["shipping"]
+    target = float(target if target is not None else manifest.get("gates", {}).get("target_sensitivity", 0.98))
+    files = _prediction_files(lake, version)
+    if not files:
+        raise ValueError(f"no predictions by {version} in {lake.predictions / version}: run `screenline screen` "
+                         f"first")
+    labelled = labelled_subsets(lake)
+    found = sorted(set(labelled.column("subset").to_pylist()))
+    wanted = sorted(set(subsets)) if subsets else found
+    missing = [s for s in wanted if s not in found]
+    if missing:
+        raise ValueError(f"no labelled images in subset(s) {', '.join(missing)} of {lake.root} (subsets here: "
+                         f"{', '.join(found) or 'none'}); ingest labelled shards with `--subset NAME`")
+    subset_shards = sorted({s for s, name in zip(labelled.column("shard_id").to_pylist(),
+                                                 labelled.column("subset").to_pylist()) if name in wanted})
+    unscored = [s for s in subset_shards if s not in files]
+    if unscored:
+        raise ValueError(f"{len(unscored)} shard(s) of subset(s) {', '.join(wanted)} have no predictions by "
+                         f"{version} (e.g. {unscored[0]}): run `screenline screen` first")
+    if batch is None:
+        newest = max(files.values(), key=lambda f: f.stat().st_mtime_ns)
+        batch_run = _run_id(newest)
+        batch = [s for s, f in files.items() if _run_id(f) == batch_run]
+    batch = sorted(set(batch))
+    unscored = [s for s in batch if s not in files]
+    if unscored:
+        raise ValueError(f"batch shard(s) {', '.join(unscored)} have no predictions by {version}: run "
+                         f"`screenline screen` first")
+    runs = tuple((s, _run_id(files[s])) for s in sorted(set(subset_shards) | set(batch)))
+    source = "manifest" if threshold is None else "override"
+    threshold = float(ship["threshold"] if threshold is None else threshold)
+    key = content_key("audit/v1", version, threshold, target, wanted, batch, runs, asdict(drift))
+    return AuditPlan(str(lake.root), f"{version}-{key[:12]}", version, ship["engine"], ship["precision"], threshold,
+                     source, target, tuple(wanted), tuple(batch), runs, drift)
+
+
+# --- figures -------------------------------------------------------------------------------------------------------
+
+
+FIGURES_SCHEMA = pa.schema([
+    pa.field("audit_id", pa.string()), pa.field("audited_at", pa.timestamp("us", tz="UTC")),
+    pa.field("subset", pa.string()), pa.field("group_kind", pa.string()), pa.field("group", pa.string()),
+    pa.field("shard_id", pa.string()),
+    *[pa.field(name, pa.int64()) for name in ("n", "positives", "negatives", "tp", "fn", "tn", "fp")],
+    *[pa.field(name, pa.float64()) for name in (
+        "sensitivity", "sensitivity_cp_low", "sensitivity_cp_high", "sensitivity_wilson_low",
+        "sensitivity_wilson_high", "specificity", "specificity_cp_low", "specificity_cp_high",
+        "specificity_wilson_low", "specificity_wilson_high", "ppv", "npv", "auc", "threshold", "target")],
+    pa.field("meets_target", pa.bool_()), pa.field("claim_supported", pa.bool_()),
+    pa.field("positives_needed", pa.int64()), pa.field("claim", pa.string()),
+    pa.field("model_version", pa.string()), pa.field("engine", pa.string()), pa.field("precision", pa.string()),
+    pa.field("threshold_source", pa.string()),
+])
+
+
+def labelled_scores(plan: AuditPlan) -> pa.Table:
+    """subset, shard_id, label, score of every labelled image the plan audits."""
+    labelled = labelled_subsets(plan.lake).filter(pc.field("subset").isin(list(plan.subsets)))
+    scored = scores_of(plan.lake, plan.version, sorted(set(labelled.column("shard_id").to_pylist())))
+    return labelled.join(scored, "image_id", join_type="inner").select(["subset", "shard_id", "label", "score"])
+
+
+def audit_figures(plan: AuditPlan) -> AuditSummary:
+    """Figures per subset and per subset × shard at the plan's threshold, written to the figures file."""
+    table = labelled_scores(plan)
+    names = _shard_names(plan.lake)
+    subsets = np.asarray(table.column("subset").to_pylist(), dtype=object)
+    shards = np.asarray(table.column("shard_id").to_pylist(), dtype=object)
+    labels = table.column("label").to_numpy(zero_copy_only=False).astype(np.int8)
+    scores = table.column("score").to_numpy(zero_copy_only=False)
+    now = datetime.now(timezone.utc)
+    rows, summary = [], AuditSummary(plan.audit_id, plan.version, plan.threshold, plan.target)
+    for subset in plan.subsets:
+        in_subset = subsets == subset
+        groups = [("subset", "all", "", in_subset)] + [
+            ("shard", names.get(s, s), s, in_subset & (shards == s)) for s in sorted(set(shards[in_subset]))]
+        for kind, group, shard_id, mask in groups:
+            f = figures(scores[mask], labels[mask], plan.threshold)
+            supported, needed, sentence = claim(f, plan.target)
+            meets = bool(f.positives) and f.sensitivity >= plan.target
+            row = {"audit_id": plan.audit_id, "audited_at": now, "subset": subset, "group_kind": kind,
+                   "group": group, "shard_id": shard_id, **asdict(f), "threshold": plan.threshold,
+                   "target": plan.target, "meets_target": meets, "claim_supported": supported,
+                   "positives_needed": needed, "claim": sentence, "model_version": plan.version,
+                   "engine": plan.engine, "precision": plan.precision, "threshold_source": plan.threshold_source}
+            rows.append(row)
+            if kind == "subset":
+                summary.subsets.append(row)
+            if f.positives and not meets:
+                where = f"subset {subset!r}" + (f" shard {group}" if kind == "shard" else "")
+                sentence = (f"{where}: sensitivity {f.sensitivity:.4f} ({f.tp}/{f.positives} positives found; "
+                            f"95% CI {f.sensitivity_cp_low:.4f}–{f.sensitivity_cp_high:.4f} exact, "
+                            f"{f.sensitivity_wilson_low:.4f}–{f.sensitivity_wilson_high:.4f} Wilson) is below the "
+                            f"target {plan.target} at threshold {plan.threshold:.4f}")
+                (summary.failing if kind == "subset" else summary.weak_groups).append(sentence)
+    write_table_atomic(plan.figures_file(), pa.Table.from_pylist(rows, FIGURES_SCHEMA))
+    summary.figures_file = str(plan.figures_file())
+    return summary
+
+
+# --- drift ---------------------------------------------------------------------------------------------------------
+
+
+DRIFT_SCHEMA = pa.schema([
+    pa.field("audit_id", pa.string()), pa.field("audited_at", pa.timestamp("us", tz="UTC")),
+    pa.field("reference", pa.string()), pa.field("batch_n", pa.int64()), pa.field("reference_n", pa.int64()),
+    pa.field("ks_statistic", pa.float64()), pa.field("ks_pvalue", pa.float64()),
+    pa.field("batch_positive_rate", pa.float64()), pa.field("reference_positive_rate", pa.float64()),
+    pa.field("batch_mean_score", pa.float64()), pa.field("reference_mean_score", pa.float64()),
+    pa.field("flagged", pa.bool_()), pa.field("why", pa.string()), pa.field("batch_shards", pa.list_(pa.string())),
+    pa.field("model_version", pa.string()), pa.field("threshold", pa.float64()),
+])
+
+
+def reference_scores(plan: AuditPlan) -> tuple[str, np.ndarray]:
+    """The drift reference: the model's validation scores (verified against the manifest), else this version's
+    scores of the lake's other shards."""
+    registry = Registry(plan.lake)
+    if REFERENCE_FILE in registry.manifest(plan.version).get("files", {}):
+        path = registry.verified_file(plan.version, REFERENCE_FILE)
+        return "validation", pq.read_table(path, columns=["score"]).column("score").to_numpy()
+    others = [s for s in _prediction_files(plan.lake, plan.version) if s not in plan.batch]
+    return "earlier shards", scores_of(plan.lake, plan.version, others).column("score").to_numpy()
+
+
+def drift_check(batch: np.ndarray, reference: np.ndarray, threshold: float,
+                settings: DriftSettings = DriftSettings()) -> dict[str, Any]:
+    """Two-sample KS on scores and the change in predicted-positive rate; `flagged` with the reason."""
+    from scipy import stats
+
+    if len(batch) == 0 or len(reference) == 0:
+        return {"batch_n": len(batch), "reference_n": len(reference), "ks_statistic": float("nan"),
+                "ks_pvalue": float("nan"), "batch_positive_rate": float("nan"),
+                "reference_positive_rate": float("nan"), "batch_mean_score": float("nan"),
+                "reference_mean_score": float("nan"), "flagged": False,
+                "why": "not checked: " + ("the batch is empty" if len(batch) == 0 else "no reference scores")}
+    ks = stats.ks_2samp(batch, reference)
+    rate, ref_rate = float(np.mean(batch >= threshold)), float(np.mean(reference >= threshold))
+    reasons = []
+    if ks.pvalue < settings.ks_alpha and ks.statistic >= settings.min_ks_statistic:
+        reasons.append(f"score distribution shifted (KS {ks.statistic:.3f}, p={ks.pvalue:.2g})")
+    if abs(rate - ref_rate) > settings.max_rate_change:
+        reasons.append(f"positive rate {rate:.3f} vs {ref_rate:.3f} in the reference")
+    return {"batch_n": len(batch), "reference_n": len(reference), "ks_statistic": float(ks.statistic),
+            "ks_pvalue": float(ks.pvalue), "batch_positive_rate": rate, "reference_positive_rate": ref_rate,
+            "batch_mean_score": float(np.mean(batch)), "reference_mean_score": float(np.mean(reference)),
+            "flagged": bool(reasons),
+            "why": "; ".join(reasons) or f"no drift (KS {ks.statistic:.3f}, p={ks.pvalue:.2g}; positive rate "
+                                         f"{rate:.3f} vs {ref_rate:.3f})"}
+
+
+def audit_drift(plan: AuditPlan) -> dict[str, Any]:
+    """Drift of the plan's batch against the reference, written to the drift file."""
+    name, reference = reference_scores(plan)
+    batch = scores_of(plan.lake, plan.version, plan.batch).column("score").to_numpy()
+    result = {"audit_id": plan.audit_id, "audited_at": datetime.now(timezone.utc), "reference": name,
+              **drift_check(batch, reference, plan.threshold, plan.drift), "batch_shards": list(plan.batch),
+              "model_version": plan.version, "threshold": plan.threshold}
+    write_table_atomic(plan.drift_file(), pa.Table.from_pylist([result], DRIFT_SCHEMA))
+    return {k: v for k, v in result.items() if k != "audited_at"}
+
+
+# --- tasks ---------------------------------------------------------------------------------------------------------
+
+
+@task(name="plan-audit", **IO_RETRIES)
+def plan_audit_task(lake_root: str, version: str | None, subsets: list[str] | None, batch: list[str] | None,
+                    threshold: float | None, target: float | None) -> AuditPlan:
+    """What the audit reads, keyed on its content."""
+    return plan_audit(Lake.at(lake_root), version, subsets, batch, threshold, target)
+
+
+@task(name="audit-figures", cache_policy=OutputCache(namespace="audit-figures/v1",
+                                                     output=lambda i: i["plan"].figures_file()),
+      persist_result=True, **IO_RETRIES)
+def audit_figures_task(plan: AuditPlan) -> AuditSummary:
+    """Figures per subset and shard (cached on the plan: unchanged predictions are not audited twice)."""
+    return audit_figures(plan)
+
+
+@task(name="audit-drift", cache_policy=OutputCache(namespace="audit-drift/v1",
+                                                   output=lambda i: i["plan"].drift_file()),
+      persist_result=True, **IO_RETRIES)
+def audit_drift_task(plan: AuditPlan) -> dict[str, Any]:
+    """The batch's score drift against the reference."""
+    return audit_drift(plan)
+
+
+@task(name="audit-report", cache_policy=OutputCache(namespace="audit-report/v1",
+                                                    output=lambda i: i["plan"].report_file()),
+      persist_result=True, **IO_RETRIES)
+def audit_report_task(plan: AuditPlan, summary: AuditSummary, drift: dict[str, Any]) -> str:
+    """The HTML report; returns its path."""
+    from tasks.report import write_report
+
+    return str(write_report(plan, summary, drift))

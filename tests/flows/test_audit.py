@@ -1,0 +1,134 @@
+"""The `audit` flow end to end: figures on a labelled subset, the report, a failing audit, drift, idempotence."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from helpers import images, register_model, spot_detector, task_states
+from PIL import Image
+
+from flows.audit import audit
+from flows.ingest import ingest
+from flows.screen import screen
+from models.engine import OrtEngine, scores
+from tasks.audit import AuditFailed
+from tasks.metrics import calibrate_threshold, clopper_pearson, wilson
+from tasks.samples import SITES, Site, generate, write_tar
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+DIM = Site("dim", gain=0.6, bias=40.0, noise=5.0, blur=0.8)  # an exposure change: scores move
+
+
+@pytest.fixture(scope="module")
+def audited_lake(tmp_path_factory):
+    """A lake with a labelled hold-out subset, an unshifted night shard and a dimmer one, all screened by a
+    hand-made spot detector whose threshold is calibrated on the hold-out for 99% sensitivity."""
+    root = tmp_path_factory.mktemp("audit")
+    lake = root / "lake"
+    hold_x, hold_y = images(240, "holdout", prevalence=0.5)
+    write_tar(root / "holdout" / "hold-a.tar", hold_x, hold_y, prefix="hold")
+    write_tar(root / "nights" / "night-a.tar", generate(300, 0.1, 7, SITES["a"], "night")[0], None, prefix="na")
+    write_tar(root / "nights" / "night-dim.tar", generate(300, 0.1, 7, DIM, "night")[0], None, prefix="nd")
+    held = ingest([str(root / "holdout")], lake=str(lake), subset="holdout")
+    nights = ingest([str(root / "nights")], lake=str(lake))
+    ids = {Path(s.shard).name: s.shard_id for s in held.shards + nights.shards}
+
+    model_file = register_model(lake, "sn-probe", seed=0, model=spot_detector())  # to score with, unpromoted below
+    engine = OrtEngine(lake / "models" / model_file / "model-fp32.onnx")
+    threshold = calibrate_threshold(scores(engine, hold_x[:, None]), hold_y, 0.99)
+    reference = generate(600, 0.1, 7, SITES["a"], "reference")[0][:, None]
+    register_model(lake, "sn-spot", seed=0, threshold=threshold, reference=reference, model=spot_detector())
+    screen(lake=str(lake))
+    return lake, ids, threshold, int(hold_y.sum())
+
+
+def test_audit_reports_each_subset_and_shard_with_both_intervals(audited_lake):
+    lake, ids, threshold, positives = audited_lake
+    report = audit(lake=str(lake), batch=[ids["night-a.tar"]])
+    assert report.passed
+    (subset,) = report.summary.subsets
+    assert subset["subset"] == "holdout" and subset["positives"] == positives and subset["n"] == 240
+    assert subset["sensitivity"] >= 0.98 and subset["threshold"] == pytest.approx(threshold)
+    tp, pos = subset["tp"], subset["positives"]
+    assert (subset["sensitivity_cp_low"], subset["sensitivity_cp_high"]) == pytest.approx(clopper_pearson(tp, pos))
+    assert (subset["sensitivity_wilson_low"], subset["sensitivity_wilson_high"]) == pytest.approx(wilson(tp, pos))
+    assert subset["sensitivity_cp_low"] < subset["sensitivity"] <= subset["sensitivity_cp_high"]
+    assert "too few positives to claim 98%" in subset["claim"] and "≥ 183 positives with no miss" in subset["claim"]
+    rows = pq.read_table(lake / "audits" / "figures").to_pylist()
+    assert {(r["group_kind"], r["group"]) for r in rows} == {("subset", "all"), ("shard", "hold-a.tar")}
+    assert {r["model_version"] for r in rows} == {"sn-spot"}
+
+
+def test_the_report_is_one_html_file_with_its_plots_inline(audited_lake):
+    lake, ids, _, _ = audited_lake
+    report = audit(lake=str(lake), batch=[ids["night-a.tar"]])
+    page = Path(report.report).read_text()
+    assert Path(report.report).parent == lake / "audits" / "reports"
+    assert "PASSED" in page and "Wilson 95% CI" in page and "exact 95% CI" in page and "hold-a.tar" in page
+    plots = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(plots) == 2  # ROC + PR + histograms for the one subset, and the drift plot
+    for plot in plots:
+        width, height = Image.open(io.BytesIO(base64.b64decode(plot))).size
+        assert width > 600 and height > 200
+    assert "src=\"http" not in page and "<script" not in page  # self-contained
+
+
+def test_drift_is_flagged_on_a_dimmer_batch_and_not_on_an_unshifted_one(audited_lake):
+    lake, ids, _, _ = audited_lake
+    calm = audit(lake=str(lake), batch=[ids["night-a.tar"]]).summary
+    moved = audit(lake=str(lake), batch=[ids["night-dim.tar"]]).summary
+    drift = pq.read_table(lake / "audits" / "drift").to_pylist()
+    assert {d["audit_id"] for d in drift} >= {calm.audit_id, moved.audit_id}
+    calm_row = next(d for d in drift if d["audit_id"] == calm.audit_id)
+    moved_row = next(d for d in drift if d["audit_id"] == moved.audit_id)
+    assert calm_row["reference"] == "validation" and calm_row["reference_n"] == 600 and calm_row["batch_n"] == 300
+    assert not calm_row["flagged"] and moved_row["flagged"]
+    assert "score distribution shifted" in moved_row["why"]
+    assert "Drift: FLAGGED" in Path(lake / "audits" / "reports" / f"{moved.audit_id}.html").read_text()
+
+
+def test_a_threshold_forced_too_high_fails_the_audit_and_keeps_the_predictions(audited_lake):
+    lake, ids, _, _ = audited_lake
+    before = sorted(p.name for p in (lake / "predictions" / "sn-spot").glob("*.parquet"))
+    state = audit(lake=str(lake), batch=[ids["night-a.tar"]], threshold=0.999, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(AuditFailed) as failure:
+        state.result()
+    message = str(failure.value)
+    assert "subset 'holdout'" in message and "below the target 0.98 at threshold 0.9990" in message
+    assert "predictions stay in the lake" in message and "screenline optimize" in message
+    report = re.search(r"Read the report \(([^)]+)\)", message).group(1)
+    assert "FAILED" in Path(report).read_text()
+    assert sorted(p.name for p in (lake / "predictions" / "sn-spot").glob("*.parquet")) == before
+
+
+def test_auditing_unchanged_predictions_again_writes_nothing_new(audited_lake):
+    lake, ids, _, _ = audited_lake
+    first = audit(lake=str(lake), batch=[ids["night-a.tar"]])
+    files = sorted(p for p in (lake / "audits").rglob("*") if p.is_file())
+    mtimes = [p.stat().st_mtime_ns for p in files]
+    state = audit(lake=str(lake), batch=[ids["night-a.tar"]], return_state=True)
+    assert state.result().summary.audit_id == first.summary.audit_id
+    assert {"audit-figures:Cached", "audit-drift:Cached", "audit-report:Cached"} <= set(task_states(state))
+    assert [p.stat().st_mtime_ns for p in files] == mtimes
+    assert sorted(p for p in (lake / "audits").rglob("*") if p.is_file()) == files
+
+
+def test_a_subset_that_does_not_exist_is_a_clear_error(audited_lake):
+    lake, _, _, _ = audited_lake
+    with pytest.raises(ValueError, match=r"no labelled images in subset\(s\) nope .*subsets here: holdout"):
+        audit(lake=str(lake), subsets=["nope"])
+
+
+def test_the_default_batch_is_the_newest_screen_run(audited_lake):
+    lake, _, _, _ = audited_lake
+    summary = audit(lake=str(lake)).summary
+    assert summary.drift["batch_n"] == 840  # one screen run scored all three shards
+    assert np.isfinite(summary.drift["ks_statistic"])
