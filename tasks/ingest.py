@@ -37,7 +37,7 @@ from tasks.lake import (
     atomic_parquet_writer,
     write_table_atomic,
 )
-from tasks.shards import Entry, Refusal, ShardRef, ShardUnreadable, fingerprint, read_entries
+from tasks.shards import Entry, Refusal, ShardRef, ShardUnreadable, fingerprint, inbox_shards, read_entries
 
 MAX_PIXELS = IMAGE_SIZE * IMAGE_SIZE * 1024
 """Images declaring more pixels than this (4 Mpx) are refused before decoding: decompression-bomb guard."""
@@ -391,3 +391,12 @@ def ingest_shard_task(ref: ShardRef, lake_root: str, options: IngestOptions) -> 
             "shard %s: %d accepted, %d rejected (%s)", ref.path, summary.accepted, summary.rejected, summary.status
         )
     return summary
+
+
+@task(name="list-inbox", **IO_RETRIES)
+def list_inbox_task(inbox: str) -> list[str]:
+    """The shards waiting in an inbox folder (entries that are not shards are logged and left alone)."""
+    shards, ignored = inbox_shards(inbox)
+    for path in ignored:
+        get_run_logger().warning("inbox entry %s is not a shard (a folder of images, .npz or .tar): ignored", path)
+    return [str(p) for p in shards]

@@ -135,6 +135,19 @@ def find_shards(patterns: Sequence[str]) -> list[Path]:
     return sorted(found)
 
 
+def inbox_shards(inbox: str | Path) -> tuple[list[Path], list[Path]]:
+    """The shards in an inbox folder (sub-folders of images, .npz, .tar) and the other entries, which are ignored.
+
+    Raises ShardNotFound when the inbox does not exist: a mistyped inbox must not look like a quiet night.
+    """
+    folder = Path(inbox).expanduser()
+    if not folder.is_dir():
+        raise ShardNotFound(f"inbox {folder.resolve()} is not a folder: create it, or pass the folder the sites drop "
+                            f"their shards in (parameter `inbox`)")
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    return [p.resolve() for p in entries if shard_kind(p)], [p for p in entries if not shard_kind(p)]
+
+
 def _file_sha256(path: Path, h: "hashlib._Hash | None" = None) -> str:
     digest = h or hashlib.sha256()
     with open(path, "rb") as fh:

@@ -109,3 +109,21 @@ def register_model(lake: Path, version: str, seed: int, threshold: float = 0.5, 
     registry.register(version, manifest)
     registry.promote(version)
     return version
+
+
+def labelled_lake_with_model(lake: Path, holdout: Path, hold_x: np.ndarray, hold_y: np.ndarray):
+    """Ingest `holdout` (the shards of hold_x/hold_y) as the labelled subset "holdout" and promote a spot detector
+    whose threshold is calibrated there for 99% sensitivity, its drift reference 600 site-a images.
+    Returns (the ingest report, the threshold)."""
+    from flows.ingest import ingest
+    from models.engine import OrtEngine, scores
+    from tasks.metrics import calibrate_threshold
+    from tasks.samples import SITES
+
+    held = ingest([str(holdout)], lake=str(lake), subset="holdout")
+    register_model(lake, "sn-probe", seed=0, model=spot_detector())
+    engine = OrtEngine(lake / "models" / "sn-probe" / "model-fp32.onnx")
+    threshold = calibrate_threshold(scores(engine, hold_x[:, None]), hold_y, 0.99)
+    reference = generate(600, 0.1, 7, SITES["a"], "reference")[0][:, None]
+    register_model(lake, "sn-spot", seed=0, threshold=threshold, reference=reference, model=spot_detector())
+    return held, threshold

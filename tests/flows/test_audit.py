@@ -10,15 +10,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import images, register_model, spot_detector, task_states
+from helpers import images, labelled_lake_with_model, task_states
 from PIL import Image
 
 from flows.audit import audit
 from flows.ingest import ingest
 from flows.screen import screen
-from models.engine import OrtEngine, scores
 from tasks.audit import AuditFailed
-from tasks.metrics import calibrate_threshold, clopper_pearson, wilson
+from tasks.metrics import clopper_pearson, wilson
 from tasks.samples import SITES, Site, generate, write_tar
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -36,15 +35,9 @@ def audited_lake(tmp_path_factory):
     write_tar(root / "holdout" / "hold-a.tar", hold_x, hold_y, prefix="hold")
     write_tar(root / "nights" / "night-a.tar", generate(300, 0.1, 7, SITES["a"], "night")[0], None, prefix="na")
     write_tar(root / "nights" / "night-dim.tar", generate(300, 0.1, 7, DIM, "night")[0], None, prefix="nd")
-    held = ingest([str(root / "holdout")], lake=str(lake), subset="holdout")
+    held, threshold = labelled_lake_with_model(lake, root / "holdout", hold_x, hold_y)
     nights = ingest([str(root / "nights")], lake=str(lake))
     ids = {Path(s.shard).name: s.shard_id for s in held.shards + nights.shards}
-
-    model_file = register_model(lake, "sn-probe", seed=0, model=spot_detector())  # to score with, unpromoted below
-    engine = OrtEngine(lake / "models" / model_file / "model-fp32.onnx")
-    threshold = calibrate_threshold(scores(engine, hold_x[:, None]), hold_y, 0.99)
-    reference = generate(600, 0.1, 7, SITES["a"], "reference")[0][:, None]
-    register_model(lake, "sn-spot", seed=0, threshold=threshold, reference=reference, model=spot_detector())
     screen(lake=str(lake))
     return lake, ids, threshold, int(hold_y.sum())
 
