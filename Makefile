@@ -8,8 +8,12 @@ PY := $(VENV)/bin/python
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+# `make serve`: the port, the nightly schedule's time zone (IANA name) and the inbox folder sites drop shards in.
+SCREENLINE_PORT ?= 4200
+export SCREENLINE_TIMEZONE ?= UTC
+export SCREENLINE_INBOX ?= $(CURDIR)/inbox
 
-.PHONY: install demo test clean
+.PHONY: install demo test serve stop clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +28,12 @@ demo: install  ## samples → ingest on a generated sample set, then a summary o
 
 test: install  ## the whole test suite (tiny lakes; minutes, not hours)
 	$(PY) -m pytest
+
+serve: install  ## a local Prefect server on 127.0.0.1:$(SCREENLINE_PORT), the process pool, the deployments, a worker
+	$(PY) -m deployments.serve start --port $(SCREENLINE_PORT)
+
+stop:  ## stop what `make serve` started (by the PIDs it recorded)
+	@test -x $(PY) && $(PY) -m deployments.serve stop || echo "nothing to stop (no .venv)"
 
 clean:  ## remove generated data (the lake, samples, Prefect's local state); keeps .venv
 	rm -rf lake build .prefect .pytest_cache

@@ -1,0 +1,218 @@
+"""Serve screenline's deployments on this machine: a Prefect server, the `screenline` process work pool, the
+deployments of prefect.yaml, and a worker. `make serve` / `make stop` call this; so does the deployment test.
+
+    python -m deployments.serve start [--port 4200] [--state .prefect/serve] [--lake lake] [--no-ui]
+    python -m deployments.serve stop [--state .prefect/serve]
+
+The server binds to 127.0.0.1 only and keeps its SQLite database in PREFECT_HOME. The server and the worker run in
+their own process groups; their PIDs, logs and the API address are written to the state folder, and `stop` ends
+exactly those process groups (SIGTERM, then SIGKILL), nothing found by name.
+
+Another machine joins by running a worker on the same pool against this server's API (which then has to listen on
+an address that machine can reach), with the lake on shared storage; see the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+POOL = "screenline"
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Served:
+    """What `start` started: the API address and the state folder holding PIDs and logs."""
+
+    api_url: str
+    ui_url: str
+    state: Path
+    server_pid: int
+    worker_pid: int
+
+
+def _prefect() -> str:
+    return str(Path(sys.executable).with_name("prefect"))
+
+
+def _env(api_url: str | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, **(extra or {})}
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault("SCREENLINE_TIMEZONE", "UTC")  # prefect.yaml's nightly schedule reads it at deploy time
+    env.setdefault("SCREENLINE_INBOX", "inbox")
+    env.pop("PREFECT_API_URL", None)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def _spawn(name: str, args: list[str], state: Path, env: dict[str, str]) -> int:
+    """Start a process in its own group, logging to state/<name>.log; record its PID in state/<name>.pid."""
+    with open(state / f"{name}.log", "ab") as log:
+        process = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    (state / f"{name}.pid").write_text(str(process.pid))
+    return process.pid
+
+
+def _reap(pid: int) -> None:
+    """Collect `pid`'s exit status if it is our child (when start and stop run in one process, as in tests)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    _reap(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_healthy(api_url: str, pid: int, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            raise RuntimeError(f"the Prefect server exited while starting; see {log}")
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the Prefect server did not answer {api_url}/health within {timeout:.0f} s; see {log}")
+
+
+def _run(args: list[str], env: dict[str, str], what: str) -> None:
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{what} failed ({' '.join(args[1:])}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+
+def start(port: int = 4200, state: Path | None = None, lake: str | None = None, ui: bool = True,
+          timeout: float = 180.0, env: dict[str, str] | None = None) -> Served:
+    """Start the server on 127.0.0.1:port, create the process pool, deploy prefect.yaml, start a worker.
+
+    env: extra environment for all of them (PREFECT_HOME for a private database, SCREENLINE_TIMEZONE, ...).
+    """
+    extra = dict(env or {})
+    state = (state or Path(extra.get("PREFECT_HOME") or os.environ.get("PREFECT_HOME", REPO / ".prefect"))
+             / "serve").resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    running = [name for name in ("server", "worker") if _pid(state, name)]
+    if running:
+        raise RuntimeError(f"already serving from {state} ({', '.join(running)} running): `make stop` first")
+    api_url, ui_url = f"http://{HOST}:{port}/api", f"http://{HOST}:{port}"
+    server_args = [_prefect(), "server", "start", "--host", HOST, "--port", str(port), "--no-background"]
+    server_pid = _spawn("server", server_args + ([] if ui else ["--no-ui"]), state, _env(None, extra))
+    try:
+        _wait_healthy(api_url, server_pid, timeout, state / "server.log")
+        client_env = _env(api_url, extra)
+        _run([_prefect(), "work-pool", "create", POOL, "--type", "process", "--overwrite"], client_env,
+             "creating the pool")
+        _run([_prefect(), "--no-prompt", "deploy", "--all"], client_env, "deploying prefect.yaml")
+        worker_env = _env(api_url, {**extra, **({"SCREENLINE_LAKE": str(Path(lake).resolve())} if lake else {})})
+        worker_pid = _spawn("worker", [_prefect(), "worker", "start", "--pool", POOL, "--type", "process"], state,
+                            worker_env)
+    except BaseException:
+        stop(state)
+        raise
+    (state / "api.json").write_text(json.dumps({"api_url": api_url, "ui_url": ui_url}))
+    return Served(api_url, ui_url, state, server_pid, worker_pid)
+
+
+def _pid(state: Path, name: str) -> int | None:
+    """The recorded PID of `name` if that process is still running."""
+    try:
+        pid = int((state / f"{name}.pid").read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) else None
+
+
+def stop(state: Path | None = None, grace: float = 20.0) -> list[str]:
+    """Stop the worker, then the server, by the process groups recorded in `state`. Returns what it stopped."""
+    state = (state or Path(os.environ.get("PREFECT_HOME", REPO / ".prefect")) / "serve").resolve()
+    stopped = []
+    for name in ("worker", "server"):
+        pid = _pid(state, name)
+        if pid is not None:
+            _signal_group(pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while _group_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if _group_alive(pid):
+                _signal_group(pid, signal.SIGKILL)
+            stopped.append(f"{name} (pid {pid})")
+        (state / f"{name}.pid").unlink(missing_ok=True)
+    (state / "api.json").unlink(missing_ok=True)
+    return stopped
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # the group we created with start_new_session: the process and its children
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    _reap(pgid)
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deployments.serve", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("start", help="server + pool + deployments + worker")
+    p.add_argument("--port", type=int, default=int(os.environ.get("SCREENLINE_PORT", "4200")))
+    p.add_argument("--state", type=Path, help="where PIDs and logs go (default: $PREFECT_HOME/serve)")
+    p.add_argument("--lake", help="the lake the worker's runs use (default: $SCREENLINE_LAKE or ./lake)")
+    p.add_argument("--no-ui", dest="ui", action="store_false")
+    p = sub.add_parser("stop", help="stop what start started")
+    p.add_argument("--state", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "stop":
+        stopped = stop(args.state)
+        print("stopped " + ", ".join(stopped) if stopped else "nothing was running")
+        return 0
+    try:
+        served = start(args.port, args.state, args.lake, args.ui)
+    except RuntimeError as exc:
+        print(f"serve: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"Prefect server: {served.ui_url} (UI), API {served.api_url}; pid {served.server_pid}\n"
+          f"worker on pool '{POOL}': pid {served.worker_pid}\n"
+          f"deployments: optimize/default, nightly/default (cron 0 2 * * *, {_env()['SCREENLINE_TIMEZONE']}), "
+          f"ingest/default, screen/default, audit/default\n"
+          f"logs and PIDs: {served.state}\n"
+          f"run one:  PREFECT_API_URL={served.api_url} .venv/bin/prefect deployment run optimize/default\n"
+          f"stop:     make stop")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

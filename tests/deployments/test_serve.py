@@ -1,0 +1,87 @@
+"""The deployments on a real Prefect server: `prefect deployment run optimize/default` through the real CLI.
+
+Starts what `make serve` starts (a server on a free 127.0.0.1 port with its own database, the process pool, the
+deployments of prefect.yaml, a worker), runs optimize on a tiny lake through the deployment, waits for Completed,
+checks the registered model, and stops everything by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+import pytest
+from helpers import images
+
+from deployments.serve import REPO, start, stop
+from flows.ingest import ingest
+from models.registry import Registry
+from tasks.lake import Lake
+from tasks.samples import Site, write_tar
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+CLEAR = Site("clear", lesion_scale=3.0)  # obvious findings: one epoch passes the 98% gate, so the run Completes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    for i in range(2):
+        write_tar(root / "shards" / f"s{i}.tar", *images(400, f"serve-{i}", site=CLEAR, prevalence=0.5),
+                  prefix=f"s{i}")
+    ingest([str(root / "shards")], lake=str(root / "lake"))
+    env = {"PREFECT_HOME": str(root / "home"), "SCREENLINE_TIMEZONE": "Europe/Berlin",
+           "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_LOGGING_LEVEL": "INFO"}
+    served = start(free_port(), state=root / "state", lake=str(root / "lake"), ui=False, env=env)
+    try:
+        yield served, root, {**os.environ, **env, "PREFECT_API_URL": served.api_url}
+    finally:
+        stopped = stop(served.state)
+        assert len(stopped) == 2, stopped
+        assert not alive(served.server_pid) and not alive(served.worker_pid)
+
+
+def prefect(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / ".venv" / "bin" / "prefect"), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def test_optimize_default_runs_through_the_cli_and_registers_a_model(served):
+    info, root, env = served
+    assert info.api_url.startswith("http://127.0.0.1:")
+    run = prefect(env, "deployment", "run", "optimize/default", "--param", "epochs=1", "--param", "max_batch=8",
+                  "--watch", "--watch-interval", "2", "--watch-timeout", "480", timeout=540)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output + (root / "state" / "worker.log").read_text()[-4000:]
+    assert "Completed" in output
+    registry = Registry(Lake(root / "lake"))
+    (version,) = registry.versions()
+    manifest = registry.manifest(version)
+    assert registry.promoted() == version and manifest["test"]["sensitivity"] >= 0.98
+    assert manifest["training"]["settings"]["epochs"] == 1  # the CLI's parameter reached the flow
+    registry.load_engine(version)  # files verified against the manifest
+
+
+def test_the_nightly_deployment_runs_at_two_in_the_configured_time_zone(served):
+    _, _, env = served
+    shown = prefect(env, "deployment", "inspect", "nightly/default")
+    assert shown.returncode == 0, shown.stderr
+    assert "'cron': '0 2 * * *'" in shown.stdout and "'timezone': 'Europe/Berlin'" in shown.stdout
+    for name in ("ingest/default", "screen/default", "audit/default"):
+        assert prefect(env, "deployment", "inspect", name).returncode == 0, name
