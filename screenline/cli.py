@@ -6,7 +6,9 @@
     screenline models [--lake]                    list registered model versions
     screenline screen [--lake] [--dask ADDR|local] score every image with the promoted model at the knee
     screenline results [--version|--run-id|--since] [--out F]   predictions joined with shard and source
-    screenline demo                               samples → ingest → optimize on an embedded default
+    screenline audit [--lake] [--subset S]        sensitivity on labelled subsets with intervals, drift, a report
+    screenline nightly [--inbox DIR] [--lake]     inbox → ingest → screen → audit, one run, one report
+    screenline demo                               samples → ingest → optimize → nightly on an embedded default
 
 The lake is `--lake`, else $SCREENLINE_LAKE, else ./lake. Flows run in Prefect's ephemeral mode unless
 PREFECT_API_URL points at a server.
@@ -65,6 +67,8 @@ def cmd_samples(args: argparse.Namespace) -> None:
         f"  train:   {', '.join(p.name for p in made.train)}\n"
         f"  holdout: {', '.join(p.name for p in made.holdout)}  (ingest with --subset holdout)\n"
         f"  inbox:   {', '.join(p.name for p in made.inbox)}  (unlabelled)\n"
+        f"  extras:  {', '.join(p.name for p in made.extras)}  (a fainter site that fails an audit, a dimmer night "
+        f"that drifts)\n"
         f"  defects: {made.defects} bad entries in {made.train[0].name}/ to show the reject path"
     )
 
@@ -203,6 +207,68 @@ def cmd_results(args: argparse.Namespace) -> None:
         print(f"wrote {n} prediction(s) to {where}", file=sys.stderr)
 
 
+def _print_audit(report: "object") -> None:
+    from flows.audit import AuditReport
+
+    assert isinstance(report, AuditReport)
+    s = report.summary
+    print(f"\naudit {s.audit_id}: {s.version} at threshold {s.threshold:.4f}, target {s.target:.0%}")
+    if not s.subsets:
+        print("  no labelled subsets in the lake: sensitivity not audited (ingest one with --subset NAME)")
+    for r in s.subsets:
+        print(f"  {r['subset']}: {r['n']} images, {r['positives']} positive; sensitivity {r['sensitivity']:.4f} "
+              f"(exact 95% CI {r['sensitivity_cp_low']:.4f}–{r['sensitivity_cp_high']:.4f}, Wilson "
+              f"{r['sensitivity_wilson_low']:.4f}–{r['sensitivity_wilson_high']:.4f}), specificity "
+              f"{r['specificity']:.4f}, AUC {r['auc']:.4f}\n    {r['claim']}")
+    for sentence in s.weak_groups:
+        print(f"  warning: {sentence}")
+    print(f"  drift: {'FLAGGED: ' if s.drift.get('flagged') else ''}{s.drift.get('why', '?')}\n"
+          f"  report: {report.report}")
+
+
+def run_audit(lake: str | None, **params: object) -> "object":
+    """Run the audit flow and print its figures; a failed audit is a one-line error after the report is written."""
+    from flows.audit import audit
+    from models.registry import ModelNotFound
+    from tasks.audit import AuditFailed
+
+    try:
+        report = audit(lake=lake, **params)
+    except AuditFailed as exc:
+        raise CliError(str(exc)) from None
+    except (ModelNotFound, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    _print_audit(report)
+    return report
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    run_audit(args.lake, version=args.version, subsets=args.subset, batch=args.batch, threshold=args.threshold,
+              target_sensitivity=args.target_sensitivity)
+
+
+def run_nightly(inbox: str, lake: str | None) -> "object":
+    """Run the nightly flow and say what it did and where the report is."""
+    from flows.nightly import nightly
+    from models.registry import ModelNotFound
+    from tasks.audit import AuditFailed
+    from tasks.shards import ShardNotFound
+
+    try:
+        report = nightly(inbox=inbox, lake=lake)
+    except (AuditFailed, ModelNotFound, ShardNotFound, ValueError, RuntimeError) as exc:
+        raise CliError(str(exc)) from None
+    print(f"\nnightly: {report.message}")
+    if report.audit is not None:
+        _print_audit(report.audit)
+        print(f"  predictions: {report.lake}/predictions/{report.screen.version}/")
+    return report
+
+
+def cmd_nightly(args: argparse.Namespace) -> None:
+    run_nightly(args.inbox, args.lake)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from tasks.lake import lake_root
 
@@ -217,8 +283,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_ingest([str(samples / "train")], lake)
     print("\n== ingest: labelled hold-out subset for audits")
     run_ingest([str(samples / "holdout")], lake, subset="holdout")
-    print("\n== ingest: unlabelled inbox")
-    run_ingest([str(samples / "inbox")], lake)
     import pyarrow.parquet as pq
 
     images = pq.read_table(f"{lake}/images", columns=["label", "subset"])
@@ -231,9 +295,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print("\n== optimize: train, export, quantize, calibrate, gate, register, promote")
     run_optimize(lake)
     print(f"models: {lake}/models/  (list them with `screenline models --lake {lake}`)")
-    print("\n== screen: every image in the lake, with the promoted model at this host's knee")
-    run_screen(lake)
-    print(f"pull them: screenline results --lake {lake} --out predictions.parquet  (or .csv)")
+    print("\n== nightly: the inbox → ingest → screen (every image in the lake, at this host's knee) → audit")
+    report = run_nightly(str(samples / "inbox"), lake)
+    print(f"\npull predictions: screenline results --lake {lake} --out predictions.parquet  (or .csv)\n"
+          f"predictions: {lake}/predictions/{report.screen.version}/\n"
+          f"report:      {report.report}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,6 +377,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positives", action="store_true", help="only images flagged positive")
     p.add_argument("--out", help="FILE.parquet or FILE.csv (default: CSV on standard output)")
     p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser(
+        "audit",
+        help="sensitivity on labelled subsets with confidence intervals, subgroups, drift, and an HTML report",
+        description="Join a model's predictions with the labels of the lake's labelled subsets (ingested with "
+        "--subset): per subset and per shard the 2×2 table, sensitivity and specificity with exact and Wilson 95% "
+        "intervals, PPV, NPV, AUC; score drift of a batch against the model's validation scores. Writes "
+        "LAKE/audits/ and an HTML report; exits non-zero when a subset's sensitivity is below target.",
+    )
+    _lake_arg(p)
+    p.add_argument("--version", help="model version (default: the promoted one)")
+    p.add_argument("--subset", action="append", help="audit this subset (repeatable; default: every labelled one)")
+    p.add_argument("--batch", action="append", metavar="SHARD_ID",
+                   help="shard id to check for drift (repeatable; default: the shards of the newest screen run)")
+    p.add_argument("--threshold", type=float, help="decide at this threshold instead of the shipped one")
+    p.add_argument("--target-sensitivity", type=float, help="default: the model's gate (0.98)")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("nightly", help="ingest the inbox, screen, audit: what the nightly deployment runs")
+    _lake_arg(p)
+    p.add_argument("--inbox", default=os.environ.get("SCREENLINE_INBOX", "inbox"),
+                   help="the folder sites drop shards in (default: $SCREENLINE_INBOX or ./inbox)")
+    p.set_defaults(func=cmd_nightly)
 
     p = sub.add_parser("demo", help="generate samples and run the pipeline on them, then print a summary")
     p.add_argument("--samples", default="build/samples", help="sample set folder (default: build/samples)")

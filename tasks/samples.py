@@ -42,8 +42,10 @@ SITES: dict[str, Site] = {
     "a": Site("a", gain=1.0, bias=0.0, gamma=1.0, noise=5.0, blur=0.0),
     "b": Site("b", gain=0.85, bias=20.0, gamma=1.15, noise=7.0, blur=0.4),
     "c": Site("c", gain=1.1, bias=-12.0, gamma=0.9, noise=4.0, blur=0.0),
-    # A site whose findings are much fainter: for audits that must fail. Not in the default sample set.
+    # A site whose findings are much fainter: for audits that must fail. Only in the sample set's extras/.
     "faint": Site("faint", gain=1.0, bias=0.0, gamma=1.0, noise=6.0, blur=0.3, lesion_scale=0.3),
+    # A site whose exposure changed (dimmer, flatter, softer): for drift. Only in extras/.
+    "dim": Site("dim", gain=0.6, bias=40.0, gamma=1.0, noise=5.0, blur=0.8),
 }
 
 
@@ -202,6 +204,7 @@ class SampleSet:
     train: list[Path]
     holdout: list[Path]
     inbox: list[Path]
+    extras: list[Path]
     images: int
     positives: int
     defects: int
@@ -215,6 +218,8 @@ def make_samples(
 
         train/site-a/ (PNG + labels.csv)   train/site-b.npz (MedMNIST)   train/site-c.tar (WebDataset)
         holdout/site-{a,b,c}.tar           inbox/night-001/ (PNG, no labels)
+        extras/site-faint.tar (labelled, findings much fainter: an audit subset that fails)
+        extras/night-dim/ (PNG, no labels, a dimmer exposure: a batch whose scores drift)
     """
     out = Path(out)
     per_site, n_holdout, n_inbox = n // 3, max(n // 24, 30), max(n // 12, 30)
@@ -246,4 +251,8 @@ def make_samples(
         inbox_images.append(gen(n_inbox // 3, site, "inbox")[0])
     inbox = [out / "inbox" / "night-001"]
     write_png_folder(inbox[0], np.concatenate(inbox_images), None, prefix="scan")
-    return SampleSet(out, train, holdout, inbox, total, positives, n_defects)
+
+    extras = [out / "extras" / "site-faint.tar", out / "extras" / "night-dim"]
+    write_tar(extras[0], *gen(n_holdout, "faint", "holdout"), prefix="holdout-faint")
+    write_png_folder(extras[1], gen(n_inbox // 3, "dim", "inbox")[0], None, prefix="scan-dim")
+    return SampleSet(out, train, holdout, inbox, extras, total, positives, n_defects)
