@@ -8,7 +8,8 @@ import sys
 
 def test_screening_modules_do_not_import_torch():
     code = (
-        "import sys; import flows.ingest, tasks.ingest, tasks.metrics, models.engine, models.registry, "
+        "import sys; import flows.ingest, flows.screen, flows.audit, flows.nightly, tasks.ingest, tasks.metrics, "
+        "tasks.audit, tasks.report, models.engine, models.registry, deployments.serve, "
         "tasks.dataset, screenline.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('torch', 'torchvision')))"
     )

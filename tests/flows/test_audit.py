@@ -5,11 +5,14 @@ from __future__ import annotations
 import base64
 import io
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import ENV
 from helpers import images, labelled_lake_with_model, task_states
 from PIL import Image
 
@@ -125,3 +128,15 @@ def test_the_default_batch_is_the_newest_screen_run(audited_lake):
     summary = audit(lake=str(lake)).summary
     assert summary.drift["batch_n"] == 840  # one screen run scored all three shards
     assert np.isfinite(summary.drift["ks_statistic"])
+
+
+def test_the_cli_prints_the_figures_and_exits_non_zero_on_a_failed_audit(audited_lake):
+    lake, ids, _, _ = audited_lake
+    cli = [sys.executable, "-m", "screenline.cli", "audit", "--lake", str(lake), "--batch", ids["night-a.tar"]]
+    passed = subprocess.run(cli, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    assert passed.returncode == 0, passed.stderr
+    assert "holdout: 240 images" in passed.stdout and "exact 95% CI" in passed.stdout and "report: " in passed.stdout
+    failed = subprocess.run([*cli, "--threshold", "0.999"], env=ENV, capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert failed.returncode == 2
+    assert "screenline: error: audit of sn-spot failed: subset 'holdout'" in failed.stderr
