@@ -13,7 +13,7 @@ SCREENLINE_PORT ?= 4200
 export SCREENLINE_TIMEZONE ?= UTC
 export SCREENLINE_INBOX ?= $(CURDIR)/inbox
 
-.PHONY: install demo test serve stop clean
+.PHONY: install demo test bench bench-quick serve stop clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ demo: install  ## samples → ingest on a generated sample set, then a summary o
 
 test: install  ## the whole test suite (tiny lakes; minutes, not hours)
 	$(PY) -m pytest
+
+bench: install  ## every engine side by side with the seed baseline (uses ./lake's promoted model: `make demo` first)
+	$(PY) -m benchmarks.bench
+
+bench-quick: install  ## the benchmark harness as a smoke run (seconds; asserts nothing about speed); make test runs it
+	$(PY) -m benchmarks.bench --quick --out build/bench-quick
 
 serve: install  ## a local Prefect server on 127.0.0.1:$(SCREENLINE_PORT), the process pool, the deployments, a worker
 	$(PY) -m deployments.serve start --port $(SCREENLINE_PORT)

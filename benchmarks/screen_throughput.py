@@ -123,6 +123,29 @@ def measure_engine(lake: Path) -> dict:
             "peak_rss_mb": peak_rss_mb(), "read_s": reading, "infer_s": inferring}
 
 
+def run(n: int, shards: int, profile: bool = False, log=print) -> dict:
+    """Build an n-image lake, then measure the raw engine loop and the flow, each in a fresh process."""
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="screenline-screen-bench-") as tmp:
+        t0 = time.perf_counter()
+        lake = build_lake(Path(tmp), n, shards)
+        log(f"built a {n}-image lake in {time.perf_counter() - t0:.0f} s")
+        for what in ("engine", "flow"):
+            cmd = [sys.executable, "-m", "benchmarks.screen_throughput", "--measure", what, str(lake)]
+            out = subprocess.run(cmd + (["--profile"] if profile and what == "flow" else []),
+                                 capture_output=True, text=True, check=True).stdout
+            if profile and what == "flow":
+                log(out[: out.find("RESULT")])
+            result = results[what] = json.loads(out[out.find("RESULT") + 7:].splitlines()[0])
+            split = (f" (Parquet read + pixel view {result['read_s']:.2f} s, engine {result['infer_s']:.2f} s)"
+                     if "read_s" in result else "")
+            log(f"{what:>6}: {result['images']} images in {result['seconds']:.2f} s = "
+                f"{result['images_per_s']:,.0f} images/s at batch {result['batch']}, "
+                f"peak RSS {result['peak_rss_mb']:.0f} MB{split}")
+    results["flow_vs_engine"] = results["flow"]["images_per_s"] / results["engine"]["images_per_s"]
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000)
@@ -135,22 +158,7 @@ def main() -> None:
         result = measure_flow(Path(lake), args.profile) if what == "flow" else measure_engine(Path(lake))
         print("RESULT " + json.dumps(result))
         return
-    with tempfile.TemporaryDirectory(prefix="screenline-screen-bench-") as tmp:
-        t0 = time.perf_counter()
-        lake = build_lake(Path(tmp), args.n, args.shards)
-        print(f"built a {args.n}-image lake in {time.perf_counter() - t0:.0f} s", flush=True)
-        for what in ("engine", "flow"):
-            cmd = [sys.executable, "-m", "benchmarks.screen_throughput", "--measure", what, str(lake)]
-            out = subprocess.run(cmd + (["--profile"] if args.profile and what == "flow" else []),
-                                 capture_output=True, text=True, check=True).stdout
-            if args.profile and what == "flow":
-                print(out[: out.find("RESULT")])
-            result = json.loads(out[out.find("RESULT") + 7:].splitlines()[0])
-            split = (f" (Parquet read + pixel view {result['read_s']:.2f} s, engine {result['infer_s']:.2f} s)"
-                     if "read_s" in result else "")
-            print(f"{what:>6}: {result['images']} images in {result['seconds']:.2f} s = "
-                  f"{result['images_per_s']:,.0f} images/s at batch {result['batch']}, "
-                  f"peak RSS {result['peak_rss_mb']:.0f} MB{split}", flush=True)
+    run(args.n, args.shards, args.profile, log=lambda line: print(line, flush=True))
 
 
 if __name__ == "__main__":

@@ -67,6 +67,41 @@ class OrtEngine:
         return self.session.run(None, {INPUT_NAME: pixels})[0].reshape(-1)
 
 
+class OpenVinoEngine:
+    """OpenVINO on the CPU behind `Engine`, reading the same ONNX graphs (FP32, or INT8 from their Q/DQ nodes).
+
+    Optional (extra `openvino`). Inference precision is pinned to f32 so a CPU with bf16 units does not silently
+    score in bf16; one infer request per thread, since a request is not safe to share.
+    """
+
+    name = "openvino"
+
+    def __init__(self, model_path: Path, precision: str = "fp32", threads: int | None = None):
+        import threading
+
+        import openvino as ov
+
+        self.threads = threads or default_threads()
+        core = ov.Core()
+        model = core.read_model(str(model_path))
+        self.compiled = core.compile_model(model, "CPU", {
+            "INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32",
+        })
+        self.precision = precision
+        self.channels = int(model.inputs[0].get_partial_shape()[1].get_length())
+        self._local = threading.local()
+
+    def infer(self, pixels: np.ndarray) -> np.ndarray:
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[2:] != (IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"engine input must be uint8 N×C×{IMAGE_SIZE}×{IMAGE_SIZE}, got {pixels.dtype} "
+                             f"{pixels.shape}")
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        return np.array(request.infer({0: pixels})[0], dtype=np.float32).reshape(-1)
+
+
 def scores(engine: Engine, pixels: np.ndarray, batch: int = 256) -> np.ndarray:
     """Scores for any number of images, in batches."""
     out = [engine.infer(np.ascontiguousarray(pixels[i: i + batch])) for i in range(0, len(pixels), batch)]

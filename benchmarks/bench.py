@@ -1,0 +1,354 @@
+"""`make bench`: the seed's baseline and every engine side by side, on the same pixels and threads, in one run.
+
+    python -m benchmarks.bench [--lake lake] [--quick] [--threads 2] [--screen-n 100000] [--out benchmarks/results]
+
+Each configuration runs in its own process (benchmarks.bench_one), so its memory is its own: batch-1 latency
+p50/p95/p99, a throughput sweep over batch sizes and its knee, engine memory (RSS growth from creating the engine and
+running at the knee) and peak RSS, MFLOPs an image and the GFLOP/s it achieves against this machine's measured
+FP32 GEMM peak. The optimized engines are the lake's promoted model (as optimize built it; `make demo` makes one)
+and are scored on its held-out test split at a threshold each engine calibrates on validation, so no speed is quoted
+without the sensitivity it keeps. Ratios are against the seed baseline (ResNet18, 64→224, torch eager FP32)
+measured in the same run: absolute times drift on a shared machine, ratios much less.
+
+Then the end-to-end `screen` flow on an N-image lake (Parquet → Parquet, Prefect included) against the raw engine
+loop on the same pixels. Writes <out>/<date>-<host>.json, .md and -sweep.png. `--quick` is a smoke run (seconds,
+tiny sweeps, random weights, no quality) that `make test` runs so the harness never rots; it asserts nothing about
+speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def cpu_features() -> list[str]:
+    """The vector ISA extensions that decide FP32 vs INT8 speed (VNNI makes INT8 convolutions pay)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma", "avx_vnni"))
+    return []
+
+
+def log(message: str) -> None:
+    print(f"[{datetime.now():%H:%M:%S}] {message}", flush=True)
+
+
+# --- what is measured ----------------------------------------------------------------------------------------------
+
+
+def shipped_model(lake: Path) -> dict | None:
+    """The lake's promoted model: its folder, manifest, and split (None when the lake has none)."""
+    from models.registry import ModelNotFound, Registry
+    from tasks.lake import Lake
+
+    registry = Registry(Lake(lake))
+    try:
+        version = registry.promoted()
+    except ModelNotFound:
+        return None
+    manifest = registry.manifest(version)
+    for name in manifest["files"]:
+        registry.verified_file(version, name)  # every file matches its manifest hash before anything loads it
+    return {"version": version, "folder": registry.folder(version), "manifest": manifest}
+
+
+def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
+    """Export the baselines, find the optimized model, write the pixels; returns the configurations and context."""
+    import torch
+
+    from models.export import export_onnx
+    from models.nets import macs_per_image
+    from models.quantize import quantize_int8
+    from tasks.samples import generate
+    from tasks.train import build_model
+
+    context: dict = {"quality": False}
+    pixels = generate(256 if quick else 1024, 0.1, 123, "a", "bench")[0][:, None]
+    np.save(work / "pixels.npy", pixels)
+
+    torch.manual_seed(0)
+    baseline = build_model("resnet18", 1).eval()
+    native = build_model("resnet18-native", 1).eval()
+    export_onnx(baseline, work / "baseline.onnx")
+    export_onnx(native, work / "resnet18-native.onnx")
+    mflops = {"resnet18": 2 * macs_per_image(baseline) / 1e6, "resnet18-native": 2 * macs_per_image(native) / 1e6}
+
+    shipped = None if quick else shipped_model(lake)
+    if shipped:
+        folder, manifest = shipped["folder"], shipped["manifest"]
+        arch = manifest["architecture"]
+        checkpoint = str(folder / "model.pt")
+        files = {name: folder / file for name, file in
+                 {c["name"]: c["file"] for c in manifest["candidates"]}.items()}
+        context.update(quality=True, version=shipped["version"], ships=manifest["shipping"]["candidate"],
+                       width=arch["width"], target=manifest["gates"]["target_sensitivity"],
+                       margin=manifest["gates"]["calibration_margin"])
+        _write_split(lake, manifest, work)
+        model = build_model(arch["name"], 1, arch["width"])
+    else:
+        from models.nets import ScreenNet, ScreenNetConfig
+        from tasks.train import TrainSettings
+
+        width = TrainSettings().width
+        model = ScreenNet(ScreenNetConfig(width=width)).eval()
+        checkpoint = None
+        fp32 = export_onnx(model, work / "screennet-fp32.onnx")
+        calibration = generate(128, 0.1, 5, "b", "calibration")[0][:, None]
+        files = {"fp32": fp32}
+        variants = (("u8s8", False),) if quick else (("u8s8", False), ("u8s8", True), ("s8s8", False), ("s8s8", True))
+        for fmt, per_channel in variants:
+            name = f"int8-{fmt}-{'per-channel' if per_channel else 'per-tensor'}"
+            files[name] = quantize_int8(fp32, work / f"screennet-{name}.onnx", calibration, fmt, per_channel)
+        context.update(version="random weights (no promoted model in the lake)", width=width)
+    mflops["screennet"] = 2 * macs_per_image(model) / 1e6
+
+    big = 8 if quick else 512
+    configs = [
+        {"name": "baseline-torch", "label": "seed baseline: ResNet18 64→224, torch eager FP32", "runtime": "torch",
+         "arch": "resnet18", "max_batch": 2 if quick else 32, "mflops": mflops["resnet18"], "reference": True},
+        {"name": "baseline-ort", "label": "seed baseline, ONNX Runtime FP32", "runtime": "onnxruntime",
+         "onnx": str(work / "baseline.onnx"), "max_batch": 2 if quick else 64, "mflops": mflops["resnet18"]},
+        {"name": "resnet18-native-ort", "label": "ResNet18 at native 64, ONNX Runtime FP32", "runtime": "onnxruntime",
+         "onnx": str(work / "resnet18-native.onnx"), "max_batch": 4 if quick else 256,
+         "mflops": mflops["resnet18-native"]},
+        {"name": "screennet-torch", "label": "ScreenNet, torch eager FP32", "runtime": "torch", "arch": "screennet",
+         "width": context["width"], "checkpoint": checkpoint, "max_batch": big, "mflops": mflops["screennet"],
+         "scored": True},
+    ]
+    for name, file in files.items():
+        precision = "fp32" if name == "fp32" else "int8"
+        configs.append({"name": f"screennet-ort-{name}", "label": f"ScreenNet, ONNX Runtime {name.upper()}",
+                        "runtime": "onnxruntime", "onnx": str(file), "precision": precision, "max_batch": big,
+                        "mflops": mflops["screennet"], "scored": True})
+    if _has_openvino():
+        for name in ("fp32", "int8-u8s8-per-tensor", "int8-s8s8-per-tensor"):
+            if name in files:
+                configs.append({"name": f"screennet-openvino-{name}", "label": f"ScreenNet, OpenVINO {name.upper()}",
+                                "runtime": "openvino", "onnx": str(files[name]),
+                                "precision": "fp32" if name == "fp32" else "int8", "max_batch": big,
+                                "mflops": mflops["screennet"], "scored": True})
+    else:
+        context["openvino"] = "not installed (pip install -e '.[openvino]')"
+    return configs, context
+
+
+def _has_openvino() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _write_split(lake: Path, manifest: dict, work: Path) -> None:
+    from tasks.dataset import SplitRef, load_split
+    from tasks.lake import Lake
+
+    data = manifest["data"]
+    ref = SplitRef(str(lake), str(Lake(lake).models / "splits" / data["split_file"]), data["split_sha256"],
+                   manifest["architecture"]["channels"])
+    for split in ("val", "test"):
+        x, y = load_split(ref, split)
+        np.save(work / f"{split}.npy", x)
+        np.save(work / f"{split}-labels.npy", y)
+
+
+# --- measuring -----------------------------------------------------------------------------------------------------
+
+
+def run_config(config: dict, work: Path, threads: int, quick: bool) -> dict:
+    """Measure one configuration in a fresh process."""
+    spec = {**config, "threads": threads, "pixels": str(work / "pixels.npy"),
+            "seconds_per_point": 0.05 if quick else 1.0, "latency_seconds": 0.1 if quick else 3.0,
+            "latency_min_runs": 5 if quick else 200, "out": str(work / f"{config['name']}.json")}
+    if config.get("scored") and (work / "val.npy").exists():
+        spec.update(val=str(work / "val.npy"), test=str(work / "test.npy"))
+    if config["name"] == "baseline-torch" and not quick:
+        spec.update(latency_seconds=5.0, latency_min_runs=50)
+    (work / f"{config['name']}.config.json").write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
+           "MKL_NUM_THREADS": str(threads)}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_one", str(work / f"{config['name']}.config.json")],
+                          cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        return {**config, "error": (done.stderr or done.stdout)[-1500:]}
+    return {**config, **json.loads(Path(spec["out"]).read_text())}
+
+
+def machine_peak(threads: int, quick: bool) -> dict:
+    """This machine's FP32 GEMM throughput (GFLOP/s) with `threads` threads, measured in a fresh process."""
+    n = 512 if quick else 2048
+    code = (
+        "import time, torch; torch.set_num_threads(%d); n=%d; a=torch.randn(n,n); b=torch.randn(n,n); a@b;"
+        "best=min((lambda t:(a@b, time.perf_counter()-t)[1])(time.perf_counter()) for _ in range(%d));"
+        "print(2*n**3/best/1e9)" % (threads, n, 3 if quick else 10)
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return {"fp32_gemm_gflops": float(out.strip()), "gemm_n": n, "threads": threads}
+
+
+def add_quality(result: dict, work: Path, target: float, margin: float) -> None:
+    """Held-out AUC and sensitivity at the threshold this engine calibrates on validation (target + margin)."""
+    from tasks.metrics import auc, calibrate_threshold, table_at
+
+    val_scores = work / f"{result['name']}-val-scores.npy"
+    if not val_scores.exists():
+        return
+    y_val, y_test = np.load(work / "val-labels.npy"), np.load(work / "test-labels.npy")
+    s_val, s_test = np.load(val_scores), np.load(work / f"{result['name']}-test-scores.npy")
+    threshold = calibrate_threshold(s_val, y_val, min(1.0, target + margin))
+    table = table_at(s_test, y_test, threshold)
+    result["quality"] = {"test_auc": auc(s_test, y_test), "threshold": threshold,
+                         "test_sensitivity": table.sensitivity, "test_specificity": table.specificity,
+                         "test_positives": table.tp + table.fn}
+
+
+# --- reporting -----------------------------------------------------------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    ref = next(r for r in report["configs"] if r.get("reference") and "error" not in r)
+    rows = ["| configuration | images/s (knee) | × baseline | knee | batch-1 p50 / p95 / p99 ms | engine MB | "
+            "peak RSS MB | MFLOPs/img | GFLOP/s (% of GEMM peak) | test AUC | test sensitivity |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    peak = report["machine"]["fp32_gemm_gflops"]
+    for r in report["configs"]:
+        if "error" in r:
+            rows.append(f"| {r['label']} | failed: {r['error'].splitlines()[-1][:80]} |" + " |" * 9)
+            continue
+        lat, mem, q = r["latency_ms"], r["rss_mb"], r.get("quality")
+        gflops = r["knee"]["images_per_s"] * r["mflops"] / 1000
+        rows.append(
+            f"| {r['label']} | {r['knee']['images_per_s']:,.0f} | "
+            f"{r['knee']['images_per_s'] / ref['knee']['images_per_s']:,.0f}× | {r['knee']['batch']} | "
+            f"{lat['p50']:.3f} / {lat['p95']:.3f} / {lat['p99']:.3f} | {mem['engine_growth']:.0f} | "
+            f"{mem['peak']:.0f} | {r['mflops']:,.1f} | {gflops:,.1f} ({100 * gflops / peak:.0f}%) | "
+            + (f"{q['test_auc']:.4f} | {q['test_sensitivity']:.4f} ({q['test_positives']} pos) |" if q else "– | – |"))
+    screen = report.get("screen")
+    isa = ", ".join(f for f in report["host"]["features"] if f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni",
+                                                                  "amx_int8"))
+    lines = [f"Benchmarks of {report['date']} on {report['host']['cpu']} ({isa or 'no AVX2'}; "
+             f"{report['host']['threads']} threads), "
+             f"`{report['command']}`; model {report['context']['version']}"
+             + (f", ships {report['context']['ships']}" if report["context"].get("ships") else "") + ".", "",
+             *rows, "",
+             f"Machine FP32 GEMM peak (torch, {report['machine']['gemm_n']}³, {report['machine']['threads']} "
+             f"threads): {peak:,.0f} GFLOP/s."]
+    if screen:
+        lines.append(
+            f"End-to-end `screen` flow on {screen['flow']['images']:,} images (Parquet → Parquet, Prefect included): "
+            f"{screen['flow']['images_per_s']:,.0f} images/s, peak RSS {screen['flow']['peak_rss_mb']:.0f} MB; the "
+            f"raw engine loop on the same Parquet: {screen['engine']['images_per_s']:,.0f} images/s; flow / raw = "
+            f"{screen['flow_vs_engine']:.2f}.")
+    if report["context"].get("openvino"):
+        lines.append(f"OpenVINO: {report['context']['openvino']}.")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_plot(report: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 4.5))
+    tput, lat = fig.subplots(1, 2)
+    for r in report["configs"]:
+        if "error" in r:
+            continue
+        batches = [p["batch"] for p in r["sweep"]]
+        line = tput.plot(batches, [p["images_per_s"] for p in r["sweep"]], marker=".", label=r["name"])[0]
+        tput.plot(r["knee"]["batch"], r["knee"]["images_per_s"], "o", ms=9, mfc="none", color=line.get_color())
+        lat.plot(batches, [p["ms_per_batch"] for p in r["sweep"]], marker=".", color=line.get_color())
+    for ax in (tput, lat):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.grid(alpha=0.3)
+    tput.set(ylabel="images/s", title="throughput vs batch (circle: knee, 95% of peak)")
+    lat.set(ylabel="ms per batch", title="latency vs batch")
+    tput.legend(fontsize=7, loc="lower right")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lake", default=os.environ.get("SCREENLINE_LAKE", "lake"),
+                        help="the lake whose promoted model is measured (default: $SCREENLINE_LAKE or ./lake)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: seconds, tiny sweeps, no quality")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--screen-n", type=int, help="images in the end-to-end screen lake (default 100000; quick 2000)")
+    parser.add_argument("--only", help="comma-separated configuration names (default: all)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    started = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    host = {"cpu": cpu_model(), "features": cpu_features(), "threads": args.threads, "hostname": socket.gethostname(),
+            "python": platform.python_version()}
+    with tempfile.TemporaryDirectory(prefix="screenline-bench-") as tmp:
+        work = Path(tmp)
+        configs, context = prepare(work, Path(args.lake).resolve(), args.quick)
+        if not context["quality"] and not args.quick:
+            log(f"no promoted model in {args.lake}: measuring a random-weight ScreenNet without quality figures "
+                f"(run `make demo` first for the shipped model)")
+        if args.only:
+            keep = set(args.only.split(","))
+            configs = [c for c in configs if c["name"] in keep or c.get("reference")]
+        machine = machine_peak(args.threads, args.quick)
+        log(f"FP32 GEMM peak: {machine['fp32_gemm_gflops']:,.0f} GFLOP/s")
+        results = []
+        for config in configs:
+            result = run_config(config, work, args.threads, args.quick)
+            if context["quality"]:
+                add_quality(result, work, context["target"], context["margin"])
+            results.append(result)
+            if "error" in result:
+                log(f"{config['name']}: FAILED\n{result['error']}")
+            else:
+                q = result.get("quality")
+                log(f"{config['name']}: {result['knee']['images_per_s']:,.0f} images/s at batch "
+                    f"{result['knee']['batch']}, batch-1 p50 {result['latency_ms']['p50']:.3f} ms, engine "
+                    f"{result['rss_mb']['engine_growth']:.0f} MB"
+                    + (f", test AUC {q['test_auc']:.4f} sensitivity {q['test_sensitivity']:.4f}" if q else ""))
+        from benchmarks.screen_throughput import run as screen_run
+
+        n = args.screen_n or (2000 if args.quick else 100_000)
+        screen = screen_run(n, 1 if args.quick else 10, log=log)
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    command = "make bench-quick" if args.quick else "make bench"
+    report = {"date": date, "host": host, "command": command, "context": context, "machine": machine,
+              "configs": results, "screen": screen, "seconds": time.perf_counter() - started}
+    stem = out / f"{date}-{host['hostname']}{'-quick' if args.quick else ''}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    stem.with_suffix(".md").write_text(markdown(report))
+    sweep_plot(report, stem.with_name(stem.name + "-sweep.png"))
+    print("\n" + markdown(report))
+    log(f"wrote {stem}.json, {stem}.md, {stem}-sweep.png in {report['seconds'] / 60:.1f} min")
+    failed = [r["name"] for r in results if "error" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""One benchmark configuration, measured alone in this process (so its memory is its own): run by benchmarks.bench.
+
+    python -m benchmarks.bench_one CONFIG.json
+
+CONFIG.json names the runtime (torch, onnxruntime, openvino), the model (a torch checkpoint or an ONNX file), the
+pixels to time on (a .npy of uint8 N×C×64×64), optional val/test pixels to score for quality, the thread count and
+the time to spend per point. It writes the result JSON beside it: batch-1 latency percentiles, the throughput sweep
+and its knee, RSS before and after creating the engine and after running at the knee, peak RSS, and the scores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_runner(config: dict) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 N×C×64×64 → float32 scores, for the configured runtime and model."""
+    runtime, threads = config["runtime"], int(config["threads"])
+    if runtime == "torch":
+        import torch
+
+        from tasks.train import build_model, load_checkpoint
+
+        torch.set_num_threads(threads)
+        if config.get("checkpoint"):
+            model = load_checkpoint(Path(config["checkpoint"]))
+        else:
+            torch.manual_seed(0)
+            model = build_model(config["arch"], 1, config.get("width", 1.0)).eval()
+
+        def run(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return torch.sigmoid(model(torch.from_numpy(x))).reshape(-1).numpy()
+        return run
+    if runtime == "onnxruntime":
+        from models.engine import OrtEngine
+
+        engine = OrtEngine(Path(config["onnx"]), config.get("precision", "fp32"), threads)
+        return engine.infer
+    if runtime == "openvino":
+        from models.engine import OpenVinoEngine
+
+        engine = OpenVinoEngine(Path(config["onnx"]), config.get("precision", "fp32"), threads)
+        return engine.infer
+    raise ValueError(f"unknown runtime {runtime!r}")
+
+
+def timed(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, seconds: float, min_runs: int = 3) -> list[float]:
+    """Durations (s) of repeated calls on x, for at least `seconds` and `min_runs` calls, after one warm-up."""
+    run(x)
+    times, t0 = [], time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - t0 < seconds:
+        t = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def measure(config: dict) -> dict:
+    pixels = np.load(config["pixels"])
+    rss_before = rss_mb()
+    t = time.perf_counter()
+    run = make_runner(config)
+    create_s = time.perf_counter() - t
+    rss_created = rss_mb()
+
+    one = pixels[:1].copy()
+    lat = np.array(timed(run, one, config["latency_seconds"], config["latency_min_runs"])) * 1000
+    sweep = []
+    batch = 1
+    while batch <= config["max_batch"]:
+        x = np.ascontiguousarray(np.resize(pixels, (batch, *pixels.shape[1:])))
+        best = min(timed(run, x, config["seconds_per_point"]))
+        sweep.append({"batch": batch, "images_per_s": batch / best, "ms_per_batch": best * 1000})
+        batch *= 2
+    peak = max(p["images_per_s"] for p in sweep)
+    knee = next(p for p in sweep if p["images_per_s"] >= 0.95 * peak)
+    x = np.ascontiguousarray(np.resize(pixels, (knee["batch"], *pixels.shape[1:])))
+    for _ in range(20):
+        run(x)
+    rss_knee = rss_mb()
+
+    result = {
+        "name": config["name"], "create_s": create_s,
+        "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
+                       "p99": float(np.percentile(lat, 99)), "runs": int(len(lat))},
+        "sweep": sweep, "knee": knee, "peak_images_per_s": peak,
+        "rss_mb": {"before_engine": rss_before, "after_create": rss_created, "after_knee": rss_knee,
+                   "engine_growth": rss_knee - rss_before, "peak": rss_mb("VmHWM")},
+    }
+    for split in ("val", "test"):
+        if config.get(split):
+            data = np.load(config[split])
+            out = [run(np.ascontiguousarray(data[i: i + 256])) for i in range(0, len(data), 256)]
+            np.save(Path(config["out"]).with_name(f"{config['name']}-{split}-scores.npy"), np.concatenate(out))
+    return result
+
+
+def main() -> int:
+    config = json.loads(Path(sys.argv[1]).read_text())
+    result = measure(config)
+    Path(config["out"]).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
