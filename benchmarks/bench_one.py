@@ -11,7 +11,6 @@ and its knee, RSS before and after creating the engine and after running at the 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
