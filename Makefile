@@ -30,6 +30,7 @@ test: install  ## the whole test suite (tiny lakes; minutes, not hours)
 	$(PY) -m pytest
 
 bench: install  ## every engine side by side with the seed baseline (uses ./lake's promoted model: `make demo` first)
+	$(PY) -m pip install -q -e '.[openvino]'
 	$(PY) -m benchmarks.bench
 
 bench-quick: install  ## the benchmark harness as a smoke run (seconds; asserts nothing about speed); make test runs it

@@ -179,7 +179,7 @@ def _write_split(lake: Path, manifest: dict, work: Path) -> None:
 
 
 def run_config(config: dict, work: Path, threads: int, quick: bool) -> dict:
-    """Measure one configuration in a fresh process."""
+    """Measure one configuration in a fresh process, then its engine memory in another."""
     spec = {**config, "threads": threads, "pixels": str(work / "pixels.npy"),
             "seconds_per_point": 0.05 if quick else 1.0, "latency_seconds": 0.1 if quick else 3.0,
             "latency_min_runs": 5 if quick else 200, "out": str(work / f"{config['name']}.json")}
@@ -187,14 +187,28 @@ def run_config(config: dict, work: Path, threads: int, quick: bool) -> dict:
         spec.update(val=str(work / "val.npy"), test=str(work / "test.npy"))
     if config["name"] == "baseline-torch" and not quick:
         spec.update(latency_seconds=5.0, latency_min_runs=50)
-    (work / f"{config['name']}.config.json").write_text(json.dumps(spec))
+    try:
+        result = {**config, **_bench_one(spec, work / f"{config['name']}.config.json", threads)}
+        # The sweep's big batches and the quality scoring grow the allocator's arenas: engine memory is measured
+        # again in a process that only creates the engine and runs it at the knee.
+        memory = {key: value for key, value in spec.items() if key not in ("val", "test")}
+        memory.update(memory_at_batch=result["knee"]["batch"], out=str(work / f"{config['name']}-memory.json"))
+        result["rss_mb_with_sweep"] = result["rss_mb"]
+        result["rss_mb"] = _bench_one(memory, work / f"{config['name']}-memory.config.json", threads)
+    except RuntimeError as e:
+        return {**config, "error": str(e)}
+    return result
+
+
+def _bench_one(spec: dict, path: Path, threads: int) -> dict:
+    path.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
            "MKL_NUM_THREADS": str(threads)}
-    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_one", str(work / f"{config['name']}.config.json")],
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_one", str(path)],
                           cwd=REPO, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
-        return {**config, "error": (done.stderr or done.stdout)[-1500:]}
-    return {**config, **json.loads(Path(spec["out"]).read_text())}
+        raise RuntimeError((done.stderr or done.stdout)[-1500:])
+    return json.loads(Path(spec["out"]).read_text())
 
 
 def machine_peak(threads: int, quick: bool) -> dict:
@@ -268,15 +282,16 @@ def markdown(report: dict) -> str:
 
 
 def sweep_plot(report: dict, path: Path) -> None:
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 4.5))
     tput, lat = fig.subplots(1, 2)
-    for r in report["configs"]:
-        if "error" in r:
-            continue
+    colours = colormaps["tab20"].colors
+    for i, r in enumerate(r for r in report["configs"] if "error" not in r):
         batches = [p["batch"] for p in r["sweep"]]
-        line = tput.plot(batches, [p["images_per_s"] for p in r["sweep"]], marker=".", label=r["name"])[0]
+        line = tput.plot(batches, [p["images_per_s"] for p in r["sweep"]], marker=".", label=r["name"],
+                         color=colours[i % len(colours)])[0]
         tput.plot(r["knee"]["batch"], r["knee"]["images_per_s"], "o", ms=9, mfc="none", color=line.get_color())
         lat.plot(batches, [p["ms_per_batch"] for p in r["sweep"]], marker=".", color=line.get_color())
     for ax in (tput, lat):

@@ -69,7 +69,25 @@ def timed(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, seconds: float
     return times
 
 
+def measure_memory(config: dict) -> dict:
+    """Engine memory alone: RSS growth from creating the engine and running at the knee batch, in a fresh process
+    (the sweep's big batches and quality scoring would otherwise grow the allocator's arena and count here)."""
+    pixels = np.load(config["pixels"])
+    batch = int(config["memory_at_batch"])
+    x = np.ascontiguousarray(np.resize(pixels, (batch, *pixels.shape[1:])))
+    rss_before = rss_mb()
+    run = make_runner(config)
+    rss_created = rss_mb()
+    for _ in range(50):
+        run(x)
+    rss_knee = rss_mb()
+    return {"before_engine": rss_before, "after_create": rss_created, "after_knee": rss_knee,
+            "engine_growth": rss_knee - rss_before, "peak": rss_mb("VmHWM"), "batch": batch}
+
+
 def measure(config: dict) -> dict:
+    if config.get("memory_at_batch"):
+        return measure_memory(config)
     pixels = np.load(config["pixels"])
     rss_before = rss_mb()
     t = time.perf_counter()
