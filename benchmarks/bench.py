@@ -5,13 +5,14 @@
 Each configuration runs in its own process (benchmarks.bench_one), so its memory is its own: batch-1 latency
 p50/p95/p99, a throughput sweep over batch sizes and its knee, engine memory (RSS growth from creating the engine and
 running at the knee) and peak RSS, MFLOPs an image and the GFLOP/s it achieves against this machine's measured
-FP32 GEMM peak. The optimized engines are the lake's promoted model (as optimize built it; `make demo` makes one)
-and are scored on its held-out test split at a threshold each engine calibrates on validation, so no speed is quoted
-without the sensitivity it keeps. Ratios are against the seed baseline (ResNet18, 64→224, torch eager FP32)
-measured in the same run: absolute times drift on a shared machine, ratios much less.
+FP32 GEMM peak. The optimized engines are the lake's promoted model (as optimize built it; `make demo` makes one;
+without one, a smaller model is built the same way in build/bench-lake, minutes, and reused by later runs), scored
+on its held-out test split at a threshold each engine calibrates on validation, so no speed is quoted without the
+sensitivity it keeps. Ratios are against the seed baseline (ResNet18, 64→224, torch eager FP32) measured in the same
+run: absolute times drift on a shared machine, ratios much less.
 
-Then the end-to-end `screen` flow on an N-image lake (Parquet → Parquet, Prefect included) against the raw engine
-loop on the same pixels. Writes <out>/<date>-<host>.json, .md and -sweep.png. `--quick` is a smoke run (seconds,
+Then the end-to-end `screen` flow on an N-image lake (Parquet → Parquet, Prefect included, the graph the model
+ships) against the raw engine loop on the same pixels, and each speed lever one at a time (benchmarks.levers). Writes <out>/<date>-<host>.json, .md and -sweep.png. `--quick` is a smoke run (seconds,
 tiny sweeps, random weights, no quality) that `make test` runs so the harness never rots; it asserts nothing about
 speed.
 """
@@ -68,10 +69,55 @@ def shipped_model(lake: Path) -> dict | None:
         version = registry.promoted()
     except ModelNotFound:
         return None
+    return {"version": version, "folder": registry.folder(version), "manifest": _verified(registry, version)}
+
+
+FALLBACK_LAKE = REPO / "build" / "bench-lake"
+FALLBACK_IMAGES, FALLBACK_EPOCHS = 9000, 8
+
+
+def fallback_lake(lake: Path = FALLBACK_LAKE, images: int = FALLBACK_IMAGES, epochs: int = FALLBACK_EPOCHS) -> Path:
+    """A lake with a model built the way `make demo` builds one, smaller (`images` sample images, `epochs` epochs;
+    minutes): for a clean clone, where ./lake has none. Kept in build/ so the next `make bench` reuses it."""
+    from flows.ingest import ingest
+    from flows.optimize import NotPromoted, optimize
+    from tasks.samples import make_samples
+
+    if latest_model(lake):
+        return lake
+    samples = lake.parent / "bench-samples"
+    log(f"building {lake}: {images:,} sample images, optimize {epochs} epochs")
+    if not (samples / "train").exists():
+        make_samples(samples, n=images, defects=False)
+    ingest(shards=[str(samples / "train")], lake=str(lake))
+    try:
+        result = optimize(lake=str(lake), epochs=epochs, max_batch=128)
+        log(f"promoted {result['version']}")
+    except NotPromoted as exc:  # still registered: measured, and the table says it was not promoted
+        log(f"not promoted: {exc}")
+    return lake
+
+
+def latest_model(lake: Path) -> dict | None:
+    """The lake's promoted model, else its newest registered one; None when it has none."""
+    from models.registry import Registry
+    from tasks.lake import Lake
+
+    if not (lake / "models").exists():
+        return None
+    registry = Registry(Lake(lake))
+    if (shipped := shipped_model(lake)) or not registry.versions():
+        return shipped
+    version = max(registry.versions(), key=lambda v: (registry.folder(v) / "manifest.json").stat().st_mtime)
+    return {"version": f"{version} (not promoted)", "folder": registry.folder(version),
+            "manifest": _verified(registry, version)}
+
+
+def _verified(registry, version: str) -> dict:
     manifest = registry.manifest(version)
     for name in manifest["files"]:
         registry.verified_file(version, name)  # every file matches its manifest hash before anything loads it
-    return {"version": version, "folder": registry.folder(version), "manifest": manifest}
+    return manifest
 
 
 def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
@@ -95,7 +141,7 @@ def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
     export_onnx(native, work / "resnet18-native.onnx")
     mflops = {"resnet18": 2 * macs_per_image(baseline) / 1e6, "resnet18-native": 2 * macs_per_image(native) / 1e6}
 
-    shipped = None if quick else shipped_model(lake)
+    shipped = None if quick else latest_model(lake)
     if shipped:
         folder, manifest = shipped["folder"], shipped["manifest"]
         arch = manifest["architecture"]
@@ -105,6 +151,9 @@ def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
         context.update(quality=True, version=shipped["version"], ships=manifest["shipping"]["candidate"],
                        width=arch["width"], target=manifest["gates"]["target_sensitivity"],
                        margin=manifest["gates"]["calibration_margin"])
+        ships = manifest["shipping"]["candidate"]
+        context["ship_graph"] = {"file": str(files[ships]), "candidate": ships,
+                                 "precision": "fp32" if ships == "fp32" else "int8"}
         _write_split(lake, manifest, work)
         model = build_model(arch["name"], 1, arch["width"])
     else:
@@ -181,7 +230,7 @@ def _write_split(lake: Path, manifest: dict, work: Path) -> None:
 def run_config(config: dict, work: Path, threads: int, quick: bool) -> dict:
     """Measure one configuration in a fresh process, then its engine memory in another."""
     spec = {**config, "threads": threads, "pixels": str(work / "pixels.npy"),
-            "seconds_per_point": 0.05 if quick else 1.0, "latency_seconds": 0.1 if quick else 3.0,
+            "seconds_per_point": 0.05 if quick else 0.5, "latency_seconds": 0.1 if quick else 3.0,
             "latency_min_runs": 5 if quick else 200, "out": str(work / f"{config['name']}.json")}
     if config.get("scored") and (work / "val.npy").exists():
         spec.update(val=str(work / "val.npy"), test=str(work / "test.npy"))
@@ -209,6 +258,18 @@ def _bench_one(spec: dict, path: Path, threads: int) -> dict:
     if done.returncode:
         raise RuntimeError((done.stderr or done.stdout)[-1500:])
     return json.loads(Path(spec["out"]).read_text())
+
+
+def run_levers(lake: Path, work: Path, threads: int, quick: bool) -> dict:
+    """benchmarks.levers in a fresh process: each speed lever against the engine as it ships."""
+    out = work / "levers.json"
+    command = [sys.executable, "-m", "benchmarks.levers", "--lake", str(lake), "--threads", str(threads),
+               "--out", str(out)] + (["--quick"] if quick else [])
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    print(done.stdout, end="", flush=True)
+    if done.returncode:
+        return {"error": (done.stderr or done.stdout)[-1500:]}
+    return json.loads(out.read_text())
 
 
 def machine_peak(threads: int, quick: bool) -> dict:
@@ -272,10 +333,25 @@ def markdown(report: dict) -> str:
              f"threads): {peak:,.0f} GFLOP/s."]
     if screen:
         lines.append(
-            f"End-to-end `screen` flow on {screen['flow']['images']:,} images (Parquet → Parquet, Prefect included): "
+            f"End-to-end `screen` flow on {screen['flow']['images']:,} images with {screen['candidate']} "
+            f"(Parquet → Parquet, Prefect included): "
             f"{screen['flow']['images_per_s']:,.0f} images/s, peak RSS {screen['flow']['peak_rss_mb']:.0f} MB; the "
             f"raw engine loop on the same Parquet: {screen['engine']['images_per_s']:,.0f} images/s; flow / raw = "
             f"{screen['flow_vs_engine']:.2f}.")
+    levers = report.get("levers") or {}
+    if "error" in levers:
+        lines += ["", f"Levers: failed: {levers['error'].splitlines()[-1][:200]}"]
+    elif levers:
+        lines += ["", f"Levers, one at a time ({levers['source']}, width {levers['width']}, {levers['threads']} "
+                      f"threads; `python -m benchmarks.levers`):", "",
+                  "| lever | images/s (best batch) | batch-1 p50 ms |", "|---|---|---|"]
+        for lever in levers["levers"]:
+            if "images_per_s" in lever:
+                p50 = f"{lever['batch1_p50_ms']:.3f}" if "batch1_p50_ms" in lever else "–"
+                lines.append(f"| {lever['lever']} | {lever['images_per_s']:,.0f} ({lever['batch']}) | {p50} |")
+            else:
+                lines.append(f"| {lever['lever']} | session load {lever['load_s'] * 1000:.0f} ms (from the original "
+                             f"graph {lever['load_s_from_original'] * 1000:.0f} ms) | – |")
     if report["context"].get("openvino"):
         lines.append(f"OpenVINO: {report['context']['openvino']}.")
     return "\n".join(lines) + "\n"
@@ -311,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the lake whose promoted model is measured (default: $SCREENLINE_LAKE or ./lake)")
     parser.add_argument("--quick", action="store_true", help="smoke run: seconds, tiny sweeps, no quality")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--screen-n", type=int, help="images in the end-to-end screen lake (default 100000; quick 2000)")
+    parser.add_argument("--screen-n", type=int,
+                        help="images in the end-to-end screen lake (default 100000; quick 2000)")
     parser.add_argument("--only", help="comma-separated configuration names (default: all)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
@@ -324,10 +401,11 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version()}
     with tempfile.TemporaryDirectory(prefix="screenline-bench-") as tmp:
         work = Path(tmp)
-        configs, context = prepare(work, Path(args.lake).resolve(), args.quick)
-        if not context["quality"] and not args.quick:
-            log(f"no promoted model in {args.lake}: measuring a random-weight ScreenNet without quality figures "
-                f"(run `make demo` first for the shipped model)")
+        lake = Path(args.lake).resolve()
+        if not args.quick and not latest_model(lake):
+            log(f"no model in {lake} (`make demo` builds the full one): building a smaller one to measure")
+            lake = fallback_lake()
+        configs, context = prepare(work, lake, args.quick)
         if args.only:
             keep = set(args.only.split(","))
             configs = [c for c in configs if c["name"] in keep or c.get("reference")]
@@ -335,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"FP32 GEMM peak: {machine['fp32_gemm_gflops']:,.0f} GFLOP/s")
         results = []
         for config in configs:
+            t = time.perf_counter()
             result = run_config(config, work, args.threads, args.quick)
+            result["seconds"] = time.perf_counter() - t
             if context["quality"]:
                 add_quality(result, work, context["target"], context["margin"])
             results.append(result)
@@ -346,22 +426,24 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{config['name']}: {result['knee']['images_per_s']:,.0f} images/s at batch "
                     f"{result['knee']['batch']}, batch-1 p50 {result['latency_ms']['p50']:.3f} ms, engine "
                     f"{result['rss_mb']['engine_growth']:.0f} MB"
-                    + (f", test AUC {q['test_auc']:.4f} sensitivity {q['test_sensitivity']:.4f}" if q else ""))
+                    + (f", test AUC {q['test_auc']:.4f} sensitivity {q['test_sensitivity']:.4f}" if q else "")
+                    + f" ({result['seconds']:.0f} s)")
         from benchmarks.screen_throughput import run as screen_run
 
         n = args.screen_n or (2000 if args.quick else 100_000)
-        screen = screen_run(n, 1 if args.quick else 10, log=log)
+        screen = screen_run(n, 1 if args.quick else 10, log=log, graph=context.get("ship_graph"))
+        levers = run_levers(lake, work, args.threads, args.quick)
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     command = "make bench-quick" if args.quick else "make bench"
     report = {"date": date, "host": host, "command": command, "context": context, "machine": machine,
-              "configs": results, "screen": screen, "seconds": time.perf_counter() - started}
+              "configs": results, "screen": screen, "levers": levers, "seconds": time.perf_counter() - started}
     stem = out / f"{date}-{host['hostname']}{'-quick' if args.quick else ''}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
     stem.with_suffix(".md").write_text(markdown(report))
     sweep_plot(report, stem.with_name(stem.name + "-sweep.png"))
     print("\n" + markdown(report))
     log(f"wrote {stem}.json, {stem}.md, {stem}-sweep.png in {report['seconds'] / 60:.1f} min")
-    failed = [r["name"] for r in results if "error" in r]
+    failed = [r["name"] for r in results if "error" in r] + (["levers"] if "error" in levers else [])
     return 1 if failed else 0
 
 

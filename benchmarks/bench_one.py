@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -78,7 +78,7 @@ def measure_memory(config: dict) -> dict:
     rss_before = rss_mb()
     run = make_runner(config)
     rss_created = rss_mb()
-    for _ in range(50):
+    for _ in range(10):
         run(x)
     rss_knee = rss_mb()
     return {"before_engine": rss_before, "after_create": rss_created, "after_knee": rss_knee,
@@ -114,7 +114,7 @@ def measure(config: dict) -> dict:
     result = {
         "name": config["name"], "create_s": create_s,
         "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
-                       "p99": float(np.percentile(lat, 99)), "runs": int(len(lat))},
+                       "p99": float(np.percentile(lat, 99)), "runs": len(lat)},
         "sweep": sweep, "knee": knee, "peak_images_per_s": peak,
         "rss_mb": {"before_engine": rss_before, "after_create": rss_created, "after_knee": rss_knee,
                    "engine_growth": rss_knee - rss_before, "peak": rss_mb("VmHWM")},

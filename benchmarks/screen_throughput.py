@@ -3,8 +3,9 @@ Prefect included, server warm), against the raw engine loop on the same pixels.
 
     python -m benchmarks.screen_throughput [--n 100000] [--shards 10] [--profile]
 
-The model is a ScreenNet at optimize's default width, exported and quantized as optimize ships it (INT8 U8S8
-per-tensor); its weights are random, which changes no timing. Each measurement runs in a fresh process, so its peak RSS (VmHWM) is its own.
+The model is a ScreenNet at optimize's default width, exported and quantized INT8 U8S8 per-tensor; its weights are
+random, which changes no timing (`make bench` passes the graph its model ships instead). Each measurement runs in a
+fresh process, so its peak RSS (VmHWM) is its own.
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def build_lake(root: Path, n: int, shards: int) -> Path:
-    """n generated images in `shards` MedMNIST .npz shards, ingested; a shipping-like model registered."""
+def build_lake(root: Path, n: int, shards: int, graph: dict | None = None) -> Path:
+    """n generated images in `shards` MedMNIST .npz shards, ingested; a shipping-like model registered: `graph`
+    ({"file": ONNX path, "candidate": name, "precision": fp32|int8}, e.g. the graph a promoted model ships), else a
+    random-weight ScreenNet quantized INT8 U8S8 per-tensor."""
+    import shutil
+
     import numpy as np
     import torch
 
@@ -46,31 +51,37 @@ def build_lake(root: Path, n: int, shards: int) -> Path:
     from tasks.train import TrainSettings
 
     per = n // shards
-    for i in range(shards):
-        imgs, labels = generate(per, seed=21, site="abc"[i % 3], name=f"bench-{i}")
-        write_npz(root / "shards" / f"s{i:03d}.npz", {"train": (imgs, labels)})
+    base, labels = generate(per, seed=21, name="bench")
+    for i in range(shards):  # shifted copies: distinct pixels (ingest refuses duplicates), a tenth of the generating
+        write_npz(root / "shards" / f"s{i:03d}.npz", {"train": (np.roll(base, i, axis=2), labels)})
     lake = root / "lake"
     ingest([str(root / "shards")], lake=str(lake))
     registry = Registry(Lake(lake))
     folder = registry.folder("sn-bench")
-    torch.manual_seed(0)
-    fp32 = export_onnx(ScreenNet(ScreenNetConfig(width=TrainSettings().width)).eval(), folder / "model-fp32.onnx")
     calib = np.random.default_rng(0).integers(0, 256, (256, 1, 64, 64), dtype=np.uint8)
-    int8 = quantize_int8(fp32, folder / "model-int8.onnx", calib, "u8s8", per_channel=False)
-    knee = find_knee(OrtEngine(int8, "int8"), calib).as_dict()
+    if graph:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(graph["file"], folder / "model.onnx")
+        ship = {"candidate": graph["candidate"], "precision": graph["precision"]}
+    else:
+        torch.manual_seed(0)
+        fp32 = export_onnx(ScreenNet(ScreenNetConfig(width=TrainSettings().width)).eval(), folder / "fp32.onnx")
+        quantize_int8(fp32, folder / "model.onnx", calib, "u8s8", per_channel=False)
+        fp32.unlink()
+        ship = {"candidate": "int8-u8s8-per-tensor", "precision": "int8"}
+    knee = find_knee(OrtEngine(folder / "model.onnx", ship["precision"]), calib).as_dict()
     registry.register("sn-bench", {
-        "shipping": {"engine": "onnxruntime", "candidate": "int8-u8s8-per-tensor", "precision": "int8",
-                     "file": "model-int8.onnx", "threshold": 0.5},
-        "knees": {host_fingerprint("onnxruntime", "int8"): knee}})
+        "shipping": {"engine": "onnxruntime", **ship, "file": "model.onnx", "threshold": 0.5},
+        "knees": {host_fingerprint("onnxruntime", ship["precision"]): knee}})
     registry.promote("sn-bench")
     return lake
 
 
 def measure_flow(lake: Path, profile: bool) -> dict:
-    from flows.screen import screen
-
     # Warm the ephemeral server with a cheap flow run, so its start-up (10-20 s) is not counted.
     from prefect import flow
+
+    from flows.screen import screen
 
     flow(lambda: None, name="warm-up")()
     if profile:
@@ -123,12 +134,12 @@ def measure_engine(lake: Path) -> dict:
             "peak_rss_mb": peak_rss_mb(), "read_s": reading, "infer_s": inferring}
 
 
-def run(n: int, shards: int, profile: bool = False, log=print) -> dict:
+def run(n: int, shards: int, profile: bool = False, log=print, graph: dict | None = None) -> dict:
     """Build an n-image lake, then measure the raw engine loop and the flow, each in a fresh process."""
     results = {}
     with tempfile.TemporaryDirectory(prefix="screenline-screen-bench-") as tmp:
         t0 = time.perf_counter()
-        lake = build_lake(Path(tmp), n, shards)
+        lake = build_lake(Path(tmp), n, shards, graph)
         log(f"built a {n}-image lake in {time.perf_counter() - t0:.0f} s")
         for what in ("engine", "flow"):
             cmd = [sys.executable, "-m", "benchmarks.screen_throughput", "--measure", what, str(lake)]
@@ -142,6 +153,7 @@ def run(n: int, shards: int, profile: bool = False, log=print) -> dict:
             log(f"{what:>6}: {result['images']} images in {result['seconds']:.2f} s = "
                 f"{result['images_per_s']:,.0f} images/s at batch {result['batch']}, "
                 f"peak RSS {result['peak_rss_mb']:.0f} MB{split}")
+    results["candidate"] = (graph or {}).get("candidate", "int8-u8s8-per-tensor (random weights)")
     results["flow_vs_engine"] = results["flow"]["images_per_s"] / results["engine"]["images_per_s"]
     return results
 

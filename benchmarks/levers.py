@@ -1,0 +1,199 @@
+"""The speed levers, measured one at a time against the engine as it ships: `make bench` runs this after the table.
+
+    python -m benchmarks.levers [--lake lake] [--threads 2] [--quick] [--out FILE.json]
+
+Each lever changes one thing from the shipped configuration (the lake's promoted model, else a random-weight
+ScreenNet at the default width; one ONNX Runtime session with all the cores, spinning off, the memory arena on) and
+reports the best throughput over a batch sweep and the batch-1 latency:
+
+- ORT session options: intra-op spinning on; the memory arena off; the graph optimized once and saved (load time);
+- one engine per core (two single-thread sessions on two Python threads) vs one engine with two threads;
+- INT8 formats: U8S8 vs S8S8, per-tensor vs per-channel (the promoted model's own graphs);
+- the architecture: width multiplier 1.0 and 0.75 vs the default (random weights: speed only; the quality of a width
+  is what `optimize` measures, see README);
+- torch eager channels-last vs contiguous (the torch path, for reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.bench import latest_model, log
+
+BATCHES = (8, 16, 32, 64, 128)
+
+
+def best_throughput(run, pixels: np.ndarray, seconds: float, batches=BATCHES) -> dict:
+    """The best images/s over `batches` (each timed for `seconds` after a warm-up) and batch-1 p50 ms."""
+    points = []
+    for batch in batches:
+        x = np.ascontiguousarray(np.resize(pixels, (batch, *pixels.shape[1:])))
+        run(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            run(x)
+            n += batch
+        points.append((n / (time.perf_counter() - t0), batch))
+    one = pixels[:1].copy()
+    run(one)
+    lat = []
+    for _ in range(100 if seconds >= 0.5 else 10):
+        t = time.perf_counter()
+        run(one)
+        lat.append(time.perf_counter() - t)
+    rate, batch = max(points)
+    return {"images_per_s": rate, "batch": batch, "batch1_p50_ms": float(np.median(lat)) * 1000}
+
+
+def parallel_throughput(runs: list, pixels: np.ndarray, seconds: float, batches=BATCHES) -> dict:
+    """Aggregate images/s of len(runs) engines, each driven by its own thread on its own batches."""
+    points = []
+    for batch in batches:
+        x = np.ascontiguousarray(np.resize(pixels, (batch, *pixels.shape[1:])))
+        counts = [0] * len(runs)
+        start = threading.Barrier(len(runs) + 1)
+        stop = threading.Event()
+
+        def drive(i: int, x: np.ndarray, counts: list[int], start: threading.Barrier, stop: threading.Event) -> None:
+            runs[i](x)
+            start.wait()
+            while not stop.is_set():
+                runs[i](x)
+                counts[i] += len(x)
+
+        threads = [threading.Thread(target=drive, args=(i, x, counts, start, stop)) for i in range(len(runs))]
+        for t in threads:
+            t.start()
+        start.wait()
+        t0 = time.perf_counter()
+        time.sleep(seconds)
+        stop.set()
+        for t in threads:
+            t.join()
+        points.append((sum(counts) / (time.perf_counter() - t0), batch))
+    rate, batch = max(points)
+    return {"images_per_s": rate, "batch": batch}
+
+
+def ort_session(path: Path, threads: int, spinning: bool = False, arena: bool = True, save_to: Path | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = arena
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if save_to:
+        options.optimized_model_filepath = str(save_to)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.levers", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lake", default="lake")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny timings")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    seconds = 0.05 if args.quick else 0.5
+    from models.engine import OrtEngine
+    from models.export import export_onnx
+    from models.nets import ScreenNet, ScreenNetConfig
+    from models.quantize import quantize_int8
+    from tasks.samples import generate
+    from tasks.train import TrainSettings
+
+    pixels = generate(256, 0.1, 123, "a", "levers")[0][:, None]
+    calibration = generate(128, 0.1, 5, "b", "calibration")[0][:, None]
+    results: list[dict] = []
+
+    def record(lever: str, figures: dict, **extra) -> None:
+        results.append({"lever": lever, **figures, **extra})
+        log(f"{lever}: {figures['images_per_s']:,.0f} images/s at batch {figures['batch']}"
+            + (f", batch-1 p50 {figures['batch1_p50_ms']:.3f} ms" if "batch1_p50_ms" in figures else ""))
+
+    with tempfile.TemporaryDirectory(prefix="screenline-levers-") as tmp:
+        work = Path(tmp)
+        shipped = None if args.quick else latest_model(Path(args.lake))
+        width = TrainSettings().width
+        if shipped:
+            folder, manifest = shipped["folder"], shipped["manifest"]
+            graphs = {c["name"]: folder / c["file"] for c in manifest["candidates"]}
+            width = manifest["architecture"]["width"]
+            source = f"model {shipped['version']}"
+        else:
+            fp32 = export_onnx(ScreenNet(ScreenNetConfig(width=width)).eval(), work / "fp32.onnx")
+            graphs = {"fp32": fp32, "int8-u8s8-per-tensor":
+                      quantize_int8(fp32, work / "u8s8.onnx", calibration, "u8s8", False)}
+            source = "random-weight ScreenNet"
+        log(f"levers on the {source} (width {width}), {args.threads} threads")
+        fp32 = graphs["fp32"]
+
+        record("FP32, one session, 2 threads, spinning off (as shipped)",
+               best_throughput(OrtEngine(fp32, threads=args.threads).infer, pixels, seconds))
+        record("FP32, spinning on", best_throughput(ort_session(fp32, args.threads, spinning=True), pixels, seconds))
+        record("FP32, memory arena off", best_throughput(ort_session(fp32, args.threads, arena=False), pixels, seconds))
+        t = time.perf_counter()
+        ort_session(fp32, args.threads, save_to=work / "optimized.onnx")
+        cold = time.perf_counter() - t
+        t = time.perf_counter()
+        ort_session(work / "optimized.onnx", args.threads)
+        warm = time.perf_counter() - t
+        results.append({"lever": "FP32, graph optimized once and saved", "load_s": warm, "load_s_from_original": cold})
+        log(f"session load: {cold * 1000:.0f} ms from the original graph, {warm * 1000:.0f} ms from the saved one")
+        per_core = [OrtEngine(fp32, threads=1).infer for _ in range(args.threads)]
+        record(f"FP32, {args.threads} engines × 1 thread (one per core)",
+               parallel_throughput(per_core, pixels, seconds))
+        for name, path in graphs.items():
+            if name == "fp32":
+                continue
+            record(f"{name.upper()}, one session", best_throughput(OrtEngine(path, "int8", args.threads).infer,
+                                                                  pixels, seconds))
+            per_core = [OrtEngine(path, "int8", threads=1).infer for _ in range(args.threads)]
+            record(f"{name.upper()}, {args.threads} engines × 1 thread",
+                   parallel_throughput(per_core, pixels, seconds))
+
+        import torch
+
+        for w in (1.0, 0.75):
+            model = ScreenNet(ScreenNetConfig(width=w)).eval()
+            path = export_onnx(model, work / f"w{w}.onnx")
+            int8 = quantize_int8(path, work / f"w{w}-int8.onnx", calibration, "u8s8", False)
+            record(f"width {w} FP32 (random weights)", best_throughput(OrtEngine(path, threads=args.threads).infer,
+                                                                     pixels, seconds))
+            record(f"width {w} INT8-U8S8-PER-TENSOR (random weights)",
+                   best_throughput(OrtEngine(int8, "int8", args.threads).infer, pixels, seconds))
+
+        torch.set_num_threads(args.threads)
+        model = ScreenNet(ScreenNetConfig(width=width)).eval()
+        for layout in ("contiguous", "channels-last"):
+            if layout == "channels-last":
+                model = model.to(memory_format=torch.channels_last)
+
+            def run(x: np.ndarray, layout: str = layout, model: torch.nn.Module = model) -> np.ndarray:
+                t = torch.from_numpy(x)
+                if layout == "channels-last":
+                    t = t.contiguous(memory_format=torch.channels_last)
+                with torch.inference_mode():
+                    return model(t).numpy()
+            record(f"torch eager FP32, {layout}", best_throughput(run, pixels, seconds))
+
+    if args.out:
+        Path(args.out).write_text(json.dumps({"source": source, "width": width, "threads": args.threads,
+                                              "levers": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
