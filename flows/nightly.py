@@ -43,13 +43,15 @@ def nightly(
     lake: str | None = None,
     subsets: list[str] | None = None,
     target_sensitivity: float | None = None,
+    engine: str = "auto",
 ) -> NightlyReport:
     """Ingest every shard in `inbox`, screen the lake with the promoted model, audit the labelled subsets and the
     night's batch for drift.
 
     inbox: the folder sites drop shards in (relative paths are from where the flow runs: the repository root for a
     deployment). The batch checked for drift is the shards this run landed, or, when none are new, every shard in
-    the inbox. Ends Failed when the audit does (a subset below target), after the report is written.
+    the inbox. Ends Failed when the audit does (a subset below target), after the report is written. engine: as
+    for `screen` (auto: TensorRT where this host can run it and the model has a TensorRT threshold).
     """
     logger = get_run_logger()
     root = str(lake_root(lake))
@@ -64,7 +66,7 @@ def nightly(
     landed = ingest(shards=shards, lake=root)
     new = [s.shard_id for s in landed.shards if s.status == "ingested"]
     batch = new or [s.shard_id for s in landed.shards if s.status != "refused"]
-    scored = screen(lake=root)
+    scored = screen(lake=root, engine=engine)
     audited = audit(lake=root, batch=batch, subsets=subsets, target_sensitivity=target_sensitivity)
 
     drift = audited.summary.drift

@@ -7,6 +7,7 @@ from dataclasses import replace
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from models.engine import resolve_engine
 from tasks.dataset import SplitRef, make_split
 from tasks.lake import Lake, lake_root
 from tasks.optimize import GateSettings, evaluate_task, export_task, register_task, train_task
@@ -31,6 +32,7 @@ def optimize(
     max_batch: int = 512,
     promote: bool = True,
     force_int8_fail: bool = False,
+    engine: str = "auto",
 ) -> dict:
     """Train → export (BatchNorm folded) → quantize INT8 → per-engine threshold and knee → gates → register → promote.
 
@@ -38,9 +40,12 @@ def optimize(
     teacher: a baseline checkpoint to distil from. max_batch: top of the knee sweep (extended if the peak is there).
     promote: False registers without promoting (comparison runs, e.g. the seed's architecture).
     force_int8_fail: make INT8 fail its gate (tests the FP32 path).
+    engine: auto (TensorRT where a GPU and the `gpu` extra are present, else ONNX Runtime), onnxruntime or
+    tensorrt (fails at once, saying what is missing, on a host that cannot run it).
     Ends Failed, with the version registered, when held-out test sensitivity is below target.
     """
     logger = get_run_logger()
+    engine = resolve_engine(engine)
     root = str(lake_root(lake))
     split: SplitRef = make_split(Lake.at(root))
     logger.info("split %s: %s", split.sha256[:16], split.counts)
@@ -48,8 +53,8 @@ def optimize(
     gates = replace(GateSettings(), target_sensitivity=target_sensitivity, calibration_margin=calibration_margin,
                     int8_auc_tolerance=int8_auc_tolerance, max_batch=max_batch)
     checkpoint = train_task(split, settings)
-    export_dir = export_task(checkpoint, split, gates)
-    evaluation = evaluate_task(export_dir, split, gates, force_int8_fail)
+    export_dir = export_task(checkpoint, split, gates, engine)
+    evaluation = evaluate_task(export_dir, split, gates, force_int8_fail, engine)
     manifest = register_task(export_dir, checkpoint, split, settings, gates, evaluation, promote)
 
     ship, test = manifest["shipping"], manifest["test"]
@@ -59,9 +64,10 @@ def optimize(
         markdown=(
             f"# {manifest['version']}\n\n"
             f"ships **{ship['engine']} {ship['candidate']}** at threshold {ship['threshold']:.4f} ({ship['why']})\n\n"
-            f"| candidate | val AUC | val sensitivity | images/s at knee | knee | gate |\n|---|---|---|---|---|---|\n"
+            f"| engine | candidate | val AUC | val sensitivity | images/s at knee | knee | gate |\n"
+            f"|---|---|---|---|---|---|---|\n"
             + "".join(
-                f"| {c['name']} | {c['val_auc']:.4f} | {c['val_table']['sensitivity']:.4f} | "
+                f"| {c.get('engine', 'onnxruntime')} | {c['name']} | {c['val_auc']:.4f} | {c['val_table']['sensitivity']:.4f} | "
                 f"{c['knee']['images_per_s']:,.0f} | {c['knee']['batch']} | {c['why']} |\n"
                 for c in manifest["candidates"]
             )
@@ -72,6 +78,10 @@ def optimize(
     )
     logger.info("%s: %s; knee b=%d at %.0f images/s", manifest["version"], manifest["promotion"], knee["batch"],
                 knee["images_per_s"])
+    if manifest.get("fallback"):
+        fb = manifest["fallback"]
+        logger.info("CPU fallback %s %s, threshold %.4f: %s", fb["engine"], fb["candidate"], fb["threshold"],
+                    fb["verdict"])
     if not manifest["passed_gate"]:
         raise NotPromoted(f"{manifest['version']} registered but {manifest['promotion']}")
     return {"version": manifest["version"], "promoted": manifest["promoted"], "shipping": ship, "test": test, "knee": knee}

@@ -37,9 +37,12 @@ class ScreenReport:
 
 
 @flow(name="screen", task_runner=ThreadPoolTaskRunner(max_workers=default_threads()))
-def screen(lake: str | None = None, version: str | None = None, workers: int | None = None) -> ScreenReport:
+def screen(lake: str | None = None, version: str | None = None, workers: int | None = None,
+           engine: str = "auto") -> ScreenReport:
     """Score every image in the lake with the promoted model (or `version`), a task per shard.
 
+    engine: auto (TensorRT where this host has a GPU and the version a TensorRT threshold, else ONNX Runtime),
+    onnxruntime, or tensorrt (fails at once, saying what is missing, where it cannot run).
     workers: shard tasks running at once (default: one per core); each engine call then uses cores // workers
     threads, so the cores are busy and not oversubscribed. Shards this model version already scored are skipped.
     """
@@ -48,7 +51,7 @@ def screen(lake: str | None = None, version: str | None = None, workers: int | N
     shards = list_shards_task(root)
     # Fewer shards than workers: give each engine call the spare cores instead of leaving them idle.
     workers = max(1, min(workers or default_threads(), len(shards)))
-    model = resolve_model_task(root, version, workers)
+    model = resolve_model_task(root, version, workers, engine)
     logger.info("screening %d shard(s) with %s (%s %s, threshold %.4f, batch %d, %d thread(s) per engine call)",
                 len(shards), model.version, model.engine, model.precision, model.threshold, model.batch,
                 model.threads)

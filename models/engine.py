@@ -1,7 +1,8 @@
 """Engines: uint8 N×C×64×64 in, float32 probabilities out. ONNX Runtime on the CPU is the default everywhere.
 
-`Engine` is the small interface every backend implements (TensorRT later). Sessions are expensive to create and
-safe to call from several threads, so a process creates one per model file and shares it.
+`Engine` is the small interface every backend implements: ONNX Runtime here, OpenVINO (benchmarks only), TensorRT
+on GPUs (`models.tensorrt`). Sessions are expensive to create and safe to call from several threads, so a process
+creates one per model file and shares it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,24 @@ class Engine(Protocol):
     def infer(self, pixels: np.ndarray) -> np.ndarray:
         """float32 probabilities (N,) for uint8 pixels (N, C, 64, 64)."""
         ...
+
+
+ENGINES = ("auto", "onnxruntime", "tensorrt")
+"""What a user may ask for: auto picks TensorRT where a GPU and the `gpu` extra are present, else ONNX Runtime."""
+
+
+def resolve_engine(requested: str = "auto") -> str:
+    """The engine to use for `requested` on this host; engine=tensorrt without a GPU fails with one clear line."""
+    if requested not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {requested!r}")
+    if requested == "onnxruntime":
+        return requested
+    from models import tensorrt
+
+    if requested == "tensorrt":
+        tensorrt.require()
+        return requested
+    return "tensorrt" if tensorrt.missing() is None else "onnxruntime"
 
 
 def default_threads() -> int:

@@ -39,7 +39,7 @@ def sha256_file(path: Path) -> str:
 
 
 def host_fingerprint(engine: str, precision: str) -> str:
-    """Where a knee was measured: CPU model, cores available, engine and precision."""
+    """Where a knee was measured: CPU model, cores available, engine and precision (and the GPU for TensorRT)."""
     cpu = platform.processor() or "unknown cpu"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -52,6 +52,11 @@ def host_fingerprint(engine: str, precision: str) -> str:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
         cores = os.cpu_count() or 1
+    if engine == "tensorrt":
+        from models.tensorrt import Device
+
+        gpu = Device.current()
+        return f"{cpu} | {cores} cores | {gpu.name} sm{gpu.compute_capability} | {engine} | {precision}"
     return f"{cpu} | {cores} cores | {engine} | {precision}"
 
 
@@ -127,12 +132,73 @@ class Registry:
             )
         return path
 
-    def load_engine(self, version: str | None = None, threads: int | None = None):
-        """The shipping engine of a version (default: the promoted one), its file verified first."""
-        from models.engine import OrtEngine
+    def pick(self, version: str | None = None, engine: str = "auto") -> dict[str, Any]:
+        """The shipped candidate to run here: `shipping`, or the version's ONNX Runtime `fallback` (registered by
+        an optimize that shipped TensorRT) where this host cannot run TensorRT or onnxruntime is asked for.
+
+        Each has its own threshold, calibrated on that engine's scores, and its own held-out gate."""
+        from models.engine import resolve_engine
 
         version = version or self.promoted()
-        ship = self.manifest(version)["shipping"]
-        if ship["engine"] != "onnxruntime":
-            raise ModelNotFound(f"{version} ships engine {ship['engine']!r}, which this build cannot load")
-        return OrtEngine(self.verified_file(version, ship["file"]), ship["precision"], threads)
+        manifest = self.manifest(version)
+        picks = [manifest["shipping"], *([manifest["fallback"]] if manifest.get("fallback") else [])]
+        runnable = ["tensorrt", "onnxruntime"] if resolve_engine(engine) == "tensorrt" else ["onnxruntime"]
+        wanted = runnable if engine == "auto" else [engine]
+        for name in wanted:
+            for pick in picks:
+                if pick["engine"] != name:
+                    continue
+                if not pick.get("passed_gate", True):
+                    raise ModelNotFound(f"{version}'s {name} engine did not pass its held-out sensitivity gate "
+                                        f"({pick.get('verdict', '')}); screen with the other engine")
+                return {**pick, "version": version}
+        if wanted == ["tensorrt"]:
+            raise ModelNotFound(f"{version} has no TensorRT threshold (it was optimized without a GPU): run "
+                                f"`screenline optimize --engine tensorrt` on a GPU host, or screen with onnxruntime")
+        raise ModelNotFound(f"{version} ships {manifest['shipping']['engine']} only, which this host cannot run: "
+                            f"run `screenline optimize --engine onnxruntime` to register a CPU engine")
+
+    def load_engine(self, version: str | None = None, threads: int | None = None, engine: str = "auto"):
+        """The engine to screen `version` with (default: the promoted one) on this host, its file verified first."""
+        from models.engine import OrtEngine
+
+        pick = self.pick(version, engine)
+        version = pick["version"]
+        if pick["engine"] == "tensorrt":
+            manifest = self.manifest(version)
+            knee = manifest.get("knees", {}).get(host_fingerprint("tensorrt", pick["precision"]), {}).get("batch")
+            return self.tensorrt_engine(version, pick["file"], pick["precision"], knee)
+        if pick["engine"] != "onnxruntime":
+            raise ModelNotFound(f"{version} ships engine {pick['engine']!r}, which this build cannot load")
+        return OrtEngine(self.verified_file(version, pick["file"]), pick["precision"], threads)
+
+    def tensorrt_engine(self, version: str, file: str, precision: str, knee: int | None = None):
+        """A TensorRT engine for one of the version's graphs: its plan for this GPU, TensorRT, graph, profile
+        (opt = `knee`) and precision, built once into `plans/` and recorded with its sha256 in the manifest; a
+        recorded plan is checked against that hash before TensorRT deserializes it."""
+        from models import tensorrt
+
+        tensorrt.require()
+        onnx_path = self.verified_file(version, file)
+        manifest = self.manifest(version)
+        channels = int(manifest["architecture"]["channels"])
+        max_batch = int(manifest.get("gates", {}).get("max_batch", 512))
+        key = tensorrt.plan_key(manifest["files"][file], tensorrt.profile_for(knee, max_batch), precision)
+        path = self.folder(version) / "plans" / key.filename()
+        recorded = manifest.get("plans", {}).get(key.filename())
+        if recorded and path.is_file():
+            plan = path.read_bytes()
+            actual = hashlib.sha256(plan).hexdigest()
+            if actual != recorded["sha256"]:
+                raise ModelIntegrityError(f"{path} does not match the sha256 recorded in the manifest of {version}; "
+                                          f"refusing to load it. Delete it and it is rebuilt from the verified ONNX.")
+        else:
+            plan = tensorrt.build_plan(onnx_path, key.profile, channels,
+                                       tensorrt.timing_cache_path(self.root / "tensorrt", key))
+            atomic_write_bytes(path, plan)
+            with self.lake.lock():
+                manifest = self.manifest(version)
+                manifest.setdefault("plans", {})[key.filename()] = {"sha256": hashlib.sha256(plan).hexdigest(),
+                                                                    "key": key.as_dict()}
+                self.write_manifest(version, manifest)
+        return tensorrt.TensorRTEngine(plan, precision, channels, max_batch)

@@ -36,6 +36,12 @@ def _lake_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lake", help="lake root (default: $SCREENLINE_LAKE or ./lake)")
 
 
+def _engine_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", default="auto", choices=("auto", "onnxruntime", "tensorrt"),
+                        help="auto (default): TensorRT on a host with an NVIDIA GPU and the `gpu` extra, else "
+                             "ONNX Runtime")
+
+
 def _print_ingest(report: "object", seconds: float) -> None:
     from flows.ingest import IngestReport
 
@@ -99,6 +105,7 @@ def run_optimize(lake: str | None, **params: object) -> dict:
     """Run the optimize flow and print what ships; one-line errors for an empty lake or a failed gate."""
     from flows.optimize import NotPromoted, optimize
 
+    _check_engine(str(params.get("engine", "auto")))
     try:
         result = optimize(lake=lake, **params)
     except NotPromoted as exc:
@@ -117,8 +124,19 @@ def run_optimize(lake: str | None, **params: object) -> dict:
     return result
 
 
+def _check_engine(engine: str) -> str:
+    """The engine this host will use for `engine`; one line, before any flow starts, when it cannot run here."""
+    from models.engine import resolve_engine
+    from models.tensorrt import TensorRTUnavailable
+
+    try:
+        return resolve_engine(engine)
+    except (TensorRTUnavailable, ValueError) as exc:
+        raise CliError(str(exc)) from None
+
+
 def cmd_optimize(args: argparse.Namespace) -> None:
-    params = {k: v for k, v in vars(args).items() if k in ("epochs", "width", "arch", "teacher",
+    params = {k: v for k, v in vars(args).items() if k in ("epochs", "width", "arch", "teacher", "engine",
                                                           "target_sensitivity", "seed", "force_int8_fail", "promote")}
     run_optimize(args.lake, **params)
 
@@ -167,17 +185,18 @@ def screen_flow(dask: str | None, workers: int | None):
 
 
 def run_screen(lake: str | None, version: str | None = None, workers: int | None = None,
-               dask: str | None = None) -> "object":
+               dask: str | None = None, engine: str = "auto") -> "object":
     """Run the screen flow and print where the predictions are."""
     from models.registry import ModelNotFound
 
+    _check_engine(engine)
     flow_fn = screen_flow(dask, workers)
     if dask == "local" and workers is None:
         from models.engine import default_threads
 
         workers = default_threads()
     try:
-        report = flow_fn(lake=lake, version=version, workers=workers)
+        report = flow_fn(lake=lake, version=version, workers=workers, engine=engine)
     except (ModelNotFound, ValueError, RuntimeError) as exc:
         raise CliError(str(exc)) from None
     rate = report.scored / report.seconds if report.seconds else 0.0
@@ -191,7 +210,7 @@ def run_screen(lake: str | None, version: str | None = None, workers: int | None
 
 
 def cmd_screen(args: argparse.Namespace) -> None:
-    run_screen(args.lake, args.version, args.workers, args.dask)
+    run_screen(args.lake, args.version, args.workers, args.dask, args.engine)
 
 
 def cmd_results(args: argparse.Namespace) -> None:
@@ -353,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-promote", dest="promote", action="store_false",
                    help="register without promoting (comparison runs)")
+    _engine_arg(p)
     p.add_argument("--force-int8-fail", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_optimize)
 
@@ -366,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="shard tasks at once (default: one per core)")
     p.add_argument("--dask", metavar="ADDRESS|local",
                    help="run the shard tasks on a Dask cluster (scheduler address, or `local` for a LocalCluster)")
+    _engine_arg(p)
     p.set_defaults(func=cmd_screen)
 
     p = sub.add_parser("results", help="pull predictions as Parquet or CSV, joined with shard and source")

@@ -4,10 +4,13 @@ Each step is a plain function (tests call them) wrapped by a Prefect task. Work 
 `lake/models/work/<step>-<key>/`, named by a hash of their inputs, so a cached task's output is found again, and the
 cache policy refuses to hit while that output is missing.
 
-Candidates: FP32 ONNX and INT8 QDQ graphs (U8S8 and S8S8 activations, per-tensor and per-channel weights). Each is scored on the validation
-split by its own ONNX Runtime session (INT8 moves scores), its threshold is calibrated there, and its knee is
-measured on this host. INT8 ships only if its validation AUC is within `int8_auc_tolerance` of FP32 and its
-threshold still reaches the target; the fastest passing candidate ships. The shipped model is then checked once on
+Candidates: FP32 ONNX and INT8 QDQ graphs (U8S8 and S8S8 activations, per-tensor and per-channel weights) on ONNX
+Runtime, and with engine=tensorrt also TensorRT plans (FP16 graph, symmetric INT8 Q/DQ graph, FP32). Each is scored
+on the validation split by its own engine (INT8 and FP16 move scores), its threshold is calibrated there, and its
+knee is measured on this host. A reduced-precision candidate ships only if its validation AUC is within
+`int8_auc_tolerance` of FP32 and its threshold still reaches the target; the fastest passing candidate of the chosen
+engine ships. When that is TensorRT, the fastest passing ONNX Runtime candidate is registered beside it as the
+`fallback` that CPU-only hosts screen with, gated on the test split in the same way. The shipped model is then checked once on
 the held-out test split with its threshold frozen: below target, the version is registered but not promoted.
 """
 
@@ -23,8 +26,8 @@ from typing import Any
 import numpy as np
 from prefect import get_run_logger, task
 
-from models.engine import OrtEngine, find_knee, scores
-from models.registry import Registry, host_fingerprint
+from models.engine import Engine, OrtEngine, find_knee, scores
+from models.registry import Registry, host_fingerprint, sha256_file
 from tasks.caching import OutputCache, content_key
 from tasks.dataset import SplitRef, load_split
 from tasks.ingest import IO_RETRIES
@@ -50,9 +53,10 @@ class GateSettings:
 class Candidate:
     """One engine/precision built from the trained model, and what it measured."""
 
-    name: str  # "fp32" | "int8-<u8s8|s8s8>-<per-tensor|per-channel>"
+    name: str  # "fp32" | "int8-<u8s8|s8s8>-<per-tensor|per-channel>" | "trt-<fp16|int8|fp32>"
     file: str
     precision: str
+    engine: str = "onnxruntime"
     val_auc: float = float("nan")
     threshold: float = float("nan")
     val_table: dict = field(default_factory=dict)
@@ -88,8 +92,10 @@ def train_task(split: SplitRef, settings: TrainSettings) -> str:
 # --- export and quantize -------------------------------------------------------------------------------------------
 
 
-def export_and_quantize(checkpoint: Path, split: SplitRef, gates: GateSettings, out_dir: Path) -> dict[str, Any]:
-    """FP32 ONNX (BatchNorm folded) with its parity against torch, and the INT8 QDQ graphs; returns a summary."""
+def export_and_quantize(checkpoint: Path, split: SplitRef, gates: GateSettings, out_dir: Path,
+                        engine: str = "onnxruntime") -> dict[str, Any]:
+    """FP32 ONNX (BatchNorm folded) with its parity against torch, and the INT8 QDQ graphs (plus, for TensorRT, the
+    FP16 graph and the symmetric INT8 graph); returns a summary."""
     from models.export import OPSET, export_onnx
     from models.quantize import quantize_int8
     from tasks.train import load_checkpoint, predict
@@ -106,56 +112,100 @@ def export_and_quantize(checkpoint: Path, split: SplitRef, gates: GateSettings, 
     for fmt, per_channel in gates.int8_variants:
         name = f"int8-{fmt}-{'per-channel' if per_channel else 'per-tensor'}"
         files[name] = quantize_int8(fp32, out_dir / f"model-{name}.onnx", calibration, fmt, per_channel).name
-    summary = {"files": files, "fp32_max_abs_diff_vs_torch": parity, "opset": OPSET}
+    engines = dict.fromkeys(files, "onnxruntime")
+    if engine == "tensorrt":
+        from models.tensorrt import fp16_graph, int8_graph
+
+        files["trt-fp16"] = fp16_graph(fp32, out_dir / "model-fp16.onnx").name
+        files["trt-int8"] = int8_graph(fp32, out_dir / "model-int8-trt.onnx", calibration).name
+        files["trt-fp32"] = fp32.name
+        engines.update({"trt-fp16": "tensorrt", "trt-int8": "tensorrt", "trt-fp32": "tensorrt"})
+    summary = {"files": files, "engines": engines, "fp32_max_abs_diff_vs_torch": parity, "opset": OPSET}
     (out_dir / "export.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 def _export_output(inputs: dict[str, Any]) -> Path:
-    return work_dir(inputs["split"].lake_root, "export", inputs["checkpoint"], inputs["gates"]) / "export.json"
+    engine = inputs.get("engine", "onnxruntime")
+    parts = (inputs["checkpoint"], inputs["gates"]) + (() if engine == "onnxruntime" else (engine,))
+    return work_dir(inputs["split"].lake_root, "export", *parts) / "export.json"
 
 
 @task(name="export-quantize", cache_policy=OutputCache(namespace="export/v1", output=_export_output), persist_result=True,
       **IO_RETRIES)
-def export_task(checkpoint: str, split: SplitRef, gates: GateSettings) -> str:
-    """Export to ONNX and quantize to INT8; returns the folder holding the graphs."""
-    out = _export_output({"checkpoint": checkpoint, "split": split, "gates": gates})
+def export_task(checkpoint: str, split: SplitRef, gates: GateSettings, engine: str = "onnxruntime") -> str:
+    """Export to ONNX and quantize to INT8 (and the TensorRT graphs); returns the folder holding the graphs."""
+    out = _export_output({"checkpoint": checkpoint, "split": split, "gates": gates, "engine": engine})
     if not out.exists():
-        export_and_quantize(Path(checkpoint), split, gates, out.parent)
+        export_and_quantize(Path(checkpoint), split, gates, out.parent, engine)
     return str(out.parent)
 
 
 # --- evaluate: scores by each engine, threshold, knee, gates --------------------------------------------------------
 
 
-def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings) -> dict[str, Any]:
-    """Score val with every candidate engine, calibrate its threshold, measure its knee, apply the INT8 gate."""
+def candidate_precision(name: str) -> str:
+    """fp32 | int8 | fp16 from a candidate's name."""
+    return name.removeprefix("trt-").split("-")[0]
+
+
+def candidate_engine(path: Path, engine: str, precision: str, gates: GateSettings, channels: int,
+                     lake_root: str) -> Engine:
+    """An engine for one candidate graph: an ONNX Runtime session, or a TensorRT plan (profile 1…max_batch, timing
+    cache shared with the registry's plans)."""
+    if engine != "tensorrt":
+        return OrtEngine(path, precision)
+    from models import tensorrt
+
+    profile = tensorrt.profile_for(None, gates.max_batch)
+    key = tensorrt.plan_key(sha256_file(path), profile, precision)
+    plan = tensorrt.build_plan(path, profile, channels,
+                               tensorrt.timing_cache_path(Lake.at(lake_root).models / "tensorrt", key))
+    return tensorrt.TensorRTEngine(plan, precision, channels, gates.max_batch)
+
+
+def _fastest_passing(candidates: list[Candidate], engine: str) -> Candidate | None:
+    passing = [c for c in candidates if c.passes and c.engine == engine]
+    return max(passing, key=lambda c: c.knee["images_per_s"]) if passing else None
+
+
+def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings,
+                        engine: str = "onnxruntime") -> dict[str, Any]:
+    """Score val with every candidate engine, calibrate its threshold, measure its knee, apply the gates; pick the
+    fastest passing candidate of `engine` (and, for TensorRT, the ONNX Runtime fallback)."""
     summary = json.loads((export_dir / "export.json").read_text())
     x_val, y_val = load_split(split, "val")
     aim = min(1.0, gates.target_sensitivity + gates.calibration_margin)
     candidates = []
     for name, file in summary["files"].items():
-        engine = OrtEngine(export_dir / file, "fp32" if name == "fp32" else "int8")
-        s = scores(engine, x_val)
-        c = Candidate(name, file, engine.precision, val_auc=auc(s, y_val))
+        kind = summary.get("engines", {}).get(name, "onnxruntime")
+        runner = candidate_engine(export_dir / file, kind, candidate_precision(name), gates, split.channels,
+                                  split.lake_root)
+        s = scores(runner, x_val)
+        c = Candidate(name, file, runner.precision, kind, val_auc=auc(s, y_val))
         c.threshold = calibrate_threshold(s, y_val, aim)
         table = table_at(s, y_val, c.threshold)
         c.val_table = table.as_dict()
-        c.knee = find_knee(engine, x_val[:1024], max_batch=gates.max_batch).as_dict()
+        # a TensorRT plan takes at most max_batch: the sweep stops there
+        limit = gates.max_batch if kind == "tensorrt" else 4096
+        c.knee = find_knee(runner, x_val[:1024], max_batch=gates.max_batch, limit=limit).as_dict()
         candidates.append(c)
     fp32 = next(c for c in candidates if c.name == "fp32")
     for c in candidates:
         sens = c.val_table["sensitivity"]
         if sens < gates.target_sensitivity:
             c.why = f"val sensitivity {sens:.4f} below target {gates.target_sensitivity}"
-        elif c.precision == "int8" and fp32.val_auc - c.val_auc > gates.int8_auc_tolerance:
+        elif c.precision != "fp32" and fp32.val_auc - c.val_auc > gates.int8_auc_tolerance:
             c.why = f"val AUC {c.val_auc:.4f} is more than {gates.int8_auc_tolerance} below FP32's {fp32.val_auc:.4f}"
         else:
             c.passes, c.why = True, "passes"
-    passing = [c for c in candidates if c.passes]
-    ship = max(passing, key=lambda c: c.knee["images_per_s"]) if passing else fp32
-    return {"candidates": [asdict(c) for c in candidates], "ship": ship.name,
-            "host": host_fingerprint("onnxruntime", ship.precision)}
+    ship = _fastest_passing(candidates, engine) or next(c for c in candidates if c.engine == engine
+                                                        and c.precision == "fp32")
+    fallback = None
+    if engine != "onnxruntime":
+        fallback = (_fastest_passing(candidates, "onnxruntime") or fp32).name
+    return {"candidates": [asdict(c) for c in candidates], "ship": ship.name, "fallback": fallback,
+            "host": host_fingerprint(engine, ship.precision)}
 
 
 def force_int8_failure(evaluation: dict[str, Any]) -> dict[str, Any]:
@@ -163,14 +213,21 @@ def force_int8_failure(evaluation: dict[str, Any]) -> dict[str, Any]:
     for c in evaluation["candidates"]:
         if c["precision"] == "int8":
             c["passes"], c["why"] = False, "forced to fail"
-    evaluation["ship"] = "fp32"
+    if evaluation.get("fallback"):
+        evaluation["fallback"] = "fp32"
+    engine = next(c["engine"] for c in evaluation["candidates"] if c["name"] == evaluation["ship"])
+    if engine == "onnxruntime":
+        evaluation["ship"] = "fp32"
+    else:
+        passing = [c for c in evaluation["candidates"] if c["engine"] == engine and c["passes"]]
+        evaluation["ship"] = max(passing, key=lambda c: c["knee"]["images_per_s"])["name"] if passing else "trt-fp32"
     return evaluation
 
 
 # --- register, test gate, promote ----------------------------------------------------------------------------------
 
 
-def write_reference_scores(folder: Path, engine: OrtEngine, split: SplitRef, threshold: float) -> dict[str, Any]:
+def write_reference_scores(folder: Path, engine: Engine, split: SplitRef, threshold: float) -> dict[str, Any]:
     """The shipped engine's validation scores and labels, written beside the model: audit's drift reference."""
     import pyarrow as pa
 
@@ -185,13 +242,42 @@ def write_reference_scores(folder: Path, engine: OrtEngine, split: SplitRef, thr
             "positive_rate": float(np.mean(s >= threshold)), "mean_score": float(np.mean(s))}
 
 
+def _gate_on_test(candidate: dict[str, Any], runner: Engine, split: SplitRef, gates: GateSettings) -> dict[str, Any]:
+    """A shipped candidate with its held-out test figures at its frozen threshold, and whether it reaches the target."""
+    x_test, y_test = load_split(split, "test")
+    test_scores = scores(runner, x_test)
+    table = table_at(test_scores, y_test, candidate["threshold"]).as_dict()  # threshold frozen before this
+    passed = table["sensitivity"] >= gates.target_sensitivity
+    return {
+        "engine": candidate.get("engine", "onnxruntime"), "candidate": candidate["name"],
+        "precision": candidate["precision"], "file": candidate["file"], "threshold": candidate["threshold"],
+        "why": candidate["why"], "test": {"auc": auc(test_scores, y_test), **table}, "passed_gate": passed,
+        "verdict": (
+            f"test sensitivity {table['sensitivity']:.4f} (95% CI {table['sensitivity_ci95'][0]:.4f}–"
+            f"{table['sensitivity_ci95'][1]:.4f}) at the frozen threshold reaches the target "
+            f"{gates.target_sensitivity}" if passed else
+            f"test sensitivity {table['sensitivity']:.4f} ({table['tp']}/{table['tp'] + table['fn']}) at the frozen "
+            f"threshold {candidate['threshold']:.4f} is below the target {gates.target_sensitivity}; train longer or "
+            f"on more positives, or raise calibration_margin"
+        ),
+    }
+
+
 def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settings: TrainSettings,
                      gates: GateSettings, evaluation: dict[str, Any], promote: bool = True) -> dict[str, Any]:
     """Copy the graphs into lake/models/<version>/, freeze the shipping threshold, test it, write the manifest,
-    and promote when held-out test sensitivity reaches the target (and `promote`). Returns the manifest."""
+    and promote when held-out test sensitivity reaches the target (and `promote`). Returns the manifest.
+
+    When TensorRT ships, the ONNX Runtime fallback is tested the same way and recorded as `fallback`; CPU hosts
+    screen with it only if it passed too."""
     lake = Lake.at(split.lake_root)
     registry = Registry(lake)
-    version = "sn-" + content_key("version", split.sha256, settings, gates, checkpoint)[:12]
+    by_name = {c["name"]: c for c in evaluation["candidates"]}
+    ship = by_name[evaluation["ship"]]
+    engine = ship.get("engine", "onnxruntime")
+    # a TensorRT optimize registers a version of its own, so a CPU-registered version is never rewritten
+    extra = () if engine == "onnxruntime" else (engine,)
+    version = "sn-" + content_key("version", split.sha256, settings, gates, checkpoint, *extra)[:12]
     folder = registry.folder(version)
     folder.mkdir(parents=True, exist_ok=True)
     export = json.loads((export_dir / "export.json").read_text())
@@ -200,16 +286,23 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
     shutil.copyfile(checkpoint, folder / "model.pt")
     shutil.copyfile(checkpoint.parent / "model.json", folder / "model.json")
 
-    ship = next(c for c in evaluation["candidates"] if c["name"] == evaluation["ship"])
-    reference = write_reference_scores(folder, OrtEngine(folder / ship["file"], ship["precision"]), split,
-                                       ship["threshold"])
-    x_test, y_test = load_split(split, "test")
-    engine = OrtEngine(folder / ship["file"], ship["precision"])
-    test_scores = scores(engine, x_test)
-    test_table = table_at(test_scores, y_test, ship["threshold"]).as_dict()  # threshold frozen before this
-    test_auc = auc(test_scores, y_test)
-    passed = test_table["sensitivity"] >= gates.target_sensitivity
+    def runner(c: dict[str, Any]) -> Engine:
+        return candidate_engine(folder / c["file"], c.get("engine", "onnxruntime"), c["precision"], gates,
+                                split.channels, split.lake_root)
+
+    shipped_runner = runner(ship)
+    reference = write_reference_scores(folder, shipped_runner, split, ship["threshold"])
+    shipping = _gate_on_test(ship, shipped_runner, split, gates)
+    fallback = None
+    if evaluation.get("fallback"):
+        fallback = _gate_on_test(by_name[evaluation["fallback"]], runner(by_name[evaluation["fallback"]]), split, gates)
+    passed = shipping.pop("passed_gate")
+    test = shipping.pop("test")
+    verdict = shipping.pop("verdict")
     promoted = passed and promote
+    knees = {evaluation["host"]: ship["knee"]}
+    if fallback:
+        knees[host_fingerprint("onnxruntime", fallback["precision"])] = by_name[fallback["candidate"]]["knee"]
     meta = json.loads((checkpoint.parent / "model.json").read_text())
     manifest = {
         "architecture": {"name": settings.arch, "width": settings.width, "channels": split.channels},
@@ -220,22 +313,18 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
         "gates": asdict(gates),
         "candidates": evaluation["candidates"],
         "metrics": {c["name"]: {"val_auc": c["val_auc"], "val": c["val_table"]} for c in evaluation["candidates"]},
-        "thresholds": {f"onnxruntime/{c['name']}": c["threshold"] for c in evaluation["candidates"]},
-        "knees": {evaluation["host"]: ship["knee"]},
-        "shipping": {"engine": "onnxruntime", "candidate": ship["name"], "precision": ship["precision"],
-                     "file": ship["file"], "threshold": ship["threshold"], "why": ship["why"]},
-        "test": {"auc": test_auc, **test_table},
+        "thresholds": {f"{c.get('engine', 'onnxruntime')}/{c['name']}": c["threshold"]
+                       for c in evaluation["candidates"]},
+        "knees": knees,
+        "shipping": shipping,
+        "fallback": fallback,
+        "test": test,
         "reference": reference,
         "promoted": promoted,
         "passed_gate": passed,
         "promotion": (
-            f"test sensitivity {test_table['sensitivity']:.4f} (95% CI {test_table['sensitivity_ci95'][0]:.4f}–"
-            f"{test_table['sensitivity_ci95'][1]:.4f}) at the frozen threshold reaches the target "
-            f"{gates.target_sensitivity}" + ("" if promote else "; not promoted: registered for comparison only")
-            if passed else
-            f"NOT promoted: test sensitivity {test_table['sensitivity']:.4f} ({test_table['tp']}/"
-            f"{test_table['tp'] + test_table['fn']}) at the frozen threshold {ship['threshold']:.4f} is below the "
-            f"target {gates.target_sensitivity}; train longer or on more positives, or raise calibration_margin"
+            verdict + ("" if promote else "; not promoted: registered for comparison only") if passed else
+            f"NOT promoted: {verdict}"
         ),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -246,9 +335,10 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
 
 
 @task(name="evaluate", **IO_RETRIES)
-def evaluate_task(export_dir: str, split: SplitRef, gates: GateSettings, force_int8_fail: bool = False) -> dict:
+def evaluate_task(export_dir: str, split: SplitRef, gates: GateSettings, force_int8_fail: bool = False,
+                  engine: str = "onnxruntime") -> dict:
     """Scores, thresholds and knees of every candidate engine on this host."""
-    evaluation = evaluate_candidates(Path(export_dir), split, gates)
+    evaluation = evaluate_candidates(Path(export_dir), split, gates, engine)
     return force_int8_failure(evaluation) if force_int8_fail else evaluation
 
 

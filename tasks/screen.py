@@ -54,33 +54,36 @@ class ShardScreenSummary:
     status: str  # "scored" | "already_scored"
 
 
-_ENGINES: dict[tuple[str, str, int], Engine] = {}
+_ENGINES: dict[tuple[str, str, str, int], Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
 def shared_engine(model: ScreenModel) -> Engine:
     """This process's engine for `model` (created once, file verified against the manifest first)."""
-    key = (model.lake_root, model.version, model.threads)
+    key = (model.lake_root, model.version, model.engine, model.threads)
     with _ENGINES_LOCK:
         if key not in _ENGINES:
-            _ENGINES[key] = Registry(Lake.at(model.lake_root)).load_engine(model.version, threads=model.threads)
+            _ENGINES[key] = Registry(Lake.at(model.lake_root)).load_engine(model.version, threads=model.threads,
+                                                                           engine=model.engine)
         return _ENGINES[key]
 
 
-def resolve_model(lake: Lake, version: str | None, workers: int) -> ScreenModel:
-    """The model to screen with (default: the promoted one), its threshold, and this host's knee (measured and
-    stored in the manifest when this host has none yet)."""
+def resolve_model(lake: Lake, version: str | None, workers: int, engine: str = "auto") -> ScreenModel:
+    """The model to screen with (default: the promoted one), the engine this host runs it on (TensorRT where it
+    can and the version has a TensorRT threshold, else ONNX Runtime), that engine's threshold, and this host's knee
+    (measured and stored in the manifest when this host has none yet)."""
     registry = Registry(lake)
-    version = version or registry.promoted()
+    ship = registry.pick(version, engine)
+    version = ship["version"]
     manifest = registry.manifest(version)
-    ship = manifest["shipping"]
     host = host_fingerprint(ship["engine"], ship["precision"])
     knee = manifest.get("knees", {}).get(host)
     threads = max(1, default_threads() // max(1, workers))
     if knee is None:
-        engine = registry.load_engine(version, threads=default_threads())
+        runner = registry.load_engine(version, threads=default_threads(), engine=ship["engine"])
         sample = _sample_pixels(lake)
-        knee = find_knee(engine, sample).as_dict()
+        limit = getattr(runner, "max_batch", 4096)  # a TensorRT plan takes at most its profile's max
+        knee = find_knee(runner, sample, max_batch=min(512, limit), limit=limit).as_dict()
         with lake.lock():
             manifest = registry.manifest(version)
             manifest.setdefault("knees", {})[host] = knee
@@ -172,9 +175,9 @@ def screen_shard_task(shard_id: str, shard_sha256: str, model: ScreenModel, run_
 
 
 @task(name="resolve-model", **IO_RETRIES)
-def resolve_model_task(lake_root: str, version: str | None, workers: int) -> ScreenModel:
-    """The model, threshold and knee batch to screen with."""
-    return resolve_model(Lake.at(lake_root), version, workers)
+def resolve_model_task(lake_root: str, version: str | None, workers: int, engine: str = "auto") -> ScreenModel:
+    """The model, engine, threshold and knee batch to screen with."""
+    return resolve_model(Lake.at(lake_root), version, workers, engine)
 
 
 @task(name="list-shards", **IO_RETRIES)

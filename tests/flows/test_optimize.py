@@ -10,6 +10,7 @@ import pytest
 from flows.ingest import ingest
 from flows.optimize import NotPromoted, optimize
 from helpers import images, task_states
+from models import tensorrt
 from models.registry import Registry
 from tasks.dataset import make_split
 from tasks.lake import Lake
@@ -110,3 +111,27 @@ def test_flow_fails_loudly_when_not_promoted(tiny_lake):
     # FP32 ships (INT8 forced off) so the scores are continuous: a one-epoch model's INT8 scores tie in a few levels.
     with pytest.raises(NotPromoted, match="below the target"):
         optimize(lake=str(tiny_lake), calibration_margin=-0.5, force_int8_fail=True, **FAST)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(tensorrt.missing() is not None, reason=f"TensorRT cannot run here: {tensorrt.missing()}")
+def test_on_a_gpu_tensorrt_ships_with_its_own_threshold_and_knee_and_onnxruntime_is_the_cpu_fallback(tiny_lake):
+    import pyarrow.parquet as pq
+
+    from flows.screen import screen
+    from models.registry import host_fingerprint
+
+    run(tiny_lake, engine="tensorrt")
+    registry = Registry(Lake(tiny_lake))
+    manifest = latest_manifest(registry)
+    ship, fallback = manifest["shipping"], manifest["fallback"]
+    assert ship["engine"] == "tensorrt" and ship["candidate"] in ("trt-fp16", "trt-int8", "trt-fp32")
+    assert manifest["thresholds"][f"tensorrt/{ship['candidate']}"] == ship["threshold"]
+    assert fallback["engine"] == "onnxruntime" and "passed_gate" in fallback
+    assert {"model-fp16.onnx", "model-int8-trt.onnx"} <= set(manifest["files"])
+    assert host_fingerprint("tensorrt", ship["precision"]) in manifest["knees"]
+    report = screen(lake=str(tiny_lake), version=manifest["version"], engine="tensorrt")
+    assert report.scored > 0
+    engines = pq.read_table(tiny_lake / "predictions" / manifest["version"], columns=["engine"]).column(0)
+    assert set(engines.to_pylist()) == {"tensorrt"}
+    assert registry.manifest(manifest["version"])["plans"]  # built once on this GPU, recorded with its hash
