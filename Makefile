@@ -13,7 +13,7 @@ SCREENLINE_PORT ?= 4200
 export SCREENLINE_TIMEZONE ?= UTC
 export SCREENLINE_INBOX ?= $(CURDIR)/inbox
 
-.PHONY: install demo test bench bench-quick serve stop clean
+.PHONY: install demo test test-gpu bench bench-quick serve stop clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ demo: install  ## samples → ingest on a generated sample set, then a summary o
 
 test: install  ## the whole test suite (tiny lakes; minutes, not hours)
 	$(PY) -m pytest
+
+test-gpu: install  ## the GPU tests, on a host with an NVIDIA GPU and the `gpu` extra (see README); elsewhere they skip
+	$(PY) -m pytest -m gpu -rs tests/models/test_tensorrt.py tests/flows/test_optimize.py
 
 bench: install  ## every engine side by side with the seed baseline (uses ./lake's promoted model: `make demo` first)
 	$(PY) -m pip install -q -e '.[openvino]'

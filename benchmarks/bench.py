@@ -200,6 +200,18 @@ def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
                                 "mflops": mflops["screennet"], "scored": True})
     else:
         context["openvino"] = "not installed (pip install -e '.[openvino]')"
+    from models import tensorrt
+
+    why_not = tensorrt.missing()
+    if why_not is None:
+        graphs = {"fp32": files["fp32"], "fp16": tensorrt.fp16_graph(files["fp32"], work / "screennet-trt-fp16.onnx"),
+                  "int8": tensorrt.int8_graph(files["fp32"], work / "screennet-trt-int8.onnx", pixels[:256])}
+        for precision, file in graphs.items():
+            configs.append({"name": f"screennet-tensorrt-{precision}", "label": f"ScreenNet, TensorRT {precision.upper()}",
+                            "runtime": "tensorrt", "onnx": str(file), "precision": precision, "max_batch": big,
+                            "mflops": mflops["screennet"], "scored": True})
+    else:
+        context["tensorrt"] = f"not measured: {why_not}"
     return configs, context
 
 
@@ -354,6 +366,8 @@ def markdown(report: dict) -> str:
                              f"graph {lever['load_s_from_original'] * 1000:.0f} ms) | – |")
     if report["context"].get("openvino"):
         lines.append(f"OpenVINO: {report['context']['openvino']}.")
+    if report["context"].get("tensorrt"):
+        lines.append(f"TensorRT: {report['context']['tensorrt']}.")
     return "\n".join(lines) + "\n"
 
 

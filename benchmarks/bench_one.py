@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_one CONFIG.json
 
-CONFIG.json names the runtime (torch, onnxruntime, openvino), the model (a torch checkpoint or an ONNX file), the
+CONFIG.json names the runtime (torch, onnxruntime, openvino, tensorrt), the model (a torch checkpoint or an ONNX file), the
 pixels to time on (a .npy of uint8 N×C×64×64), optional val/test pixels to score for quality, the thread count and
 the time to spend per point. It writes the result JSON beside it: batch-1 latency percentiles, the throughput sweep
 and its knee, RSS before and after creating the engine and after running at the knee, peak RSS, and the scores.
@@ -54,6 +54,14 @@ def make_runner(config: dict) -> Callable[[np.ndarray], np.ndarray]:
         from models.engine import OpenVinoEngine
 
         engine = OpenVinoEngine(Path(config["onnx"]), config.get("precision", "fp32"), threads)
+        return engine.infer
+    if runtime == "tensorrt":
+        from models import tensorrt
+
+        batch = int(config["max_batch"])
+        plan = tensorrt.build_plan(Path(config["onnx"]), tensorrt.Profile(1, batch, batch), 1,
+                                   Path(config["onnx"]).with_name("tensorrt-timing.cache"))
+        engine = tensorrt.TensorRTEngine(plan, config.get("precision", "fp32"), 1, batch)
         return engine.infer
     raise ValueError(f"unknown runtime {runtime!r}")
 
