@@ -58,11 +58,9 @@ def make_runner(config: dict) -> Callable[[np.ndarray], np.ndarray]:
     if runtime == "tensorrt":
         from models import tensorrt
 
-        batch = int(config["max_batch"])
-        plan = tensorrt.build_plan(Path(config["onnx"]), tensorrt.Profile(1, batch, batch), 1,
-                                   Path(config["onnx"]).with_name("tensorrt-timing.cache"))
-        engine = tensorrt.TensorRTEngine(plan, config.get("precision", "fp32"), 1, batch)
-        return engine.infer
+        batch, onnx = int(config["max_batch"]), Path(config["onnx"])
+        return tensorrt.engine_from_onnx(onnx, config.get("precision", "fp32"), 1, tensorrt.Profile(1, batch, batch),
+                                         onnx.parent).infer
     raise ValueError(f"unknown runtime {runtime!r}")
 
 

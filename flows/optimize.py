@@ -67,7 +67,8 @@ def optimize(
             f"| engine | candidate | val AUC | val sensitivity | images/s at knee | knee | gate |\n"
             f"|---|---|---|---|---|---|---|\n"
             + "".join(
-                f"| {c.get('engine', 'onnxruntime')} | {c['name']} | {c['val_auc']:.4f} | {c['val_table']['sensitivity']:.4f} | "
+                f"| {c.get('engine', 'onnxruntime')} | {c['name']} | {c['val_auc']:.4f} | "
+                f"{c['val_table']['sensitivity']:.4f} | "
                 f"{c['knee']['images_per_s']:,.0f} | {c['knee']['batch']} | {c['why']} |\n"
                 for c in manifest["candidates"]
             )

@@ -169,8 +169,11 @@ def find_knee(engine: Engine, pixels: np.ndarray, max_batch: int = 512, fraction
               seconds_per_point: float = 0.3, limit: int = 4096) -> Knee:
     """Sweep batch sizes 1…max_batch (powers of two) and take the smallest reaching `fraction` of the peak.
 
-    If the peak is at the top of the sweep, the sweep extends (up to `limit`) until throughput stops growing.
+    If the peak is at the top of the sweep, the sweep extends (up to `limit`) until throughput stops growing. An
+    engine with a largest batch of its own (a TensorRT plan's `max_batch`) is never swept past it.
     """
+    if (largest := getattr(engine, "max_batch", None)) is not None:
+        max_batch, limit = min(max_batch, largest), min(limit, largest)
     sweep: list[KneePoint] = []
     batch = 1
     while batch <= max_batch or (sweep and sweep[-1].images_per_s == max(p.images_per_s for p in sweep)

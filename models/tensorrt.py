@@ -87,11 +87,13 @@ class Profile:
 
     def shapes(self, channels: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """(min, opt, max) input shapes N×C×64×64."""
-        return tuple((n, channels, IMAGE_SIZE, IMAGE_SIZE) for n in (self.min, self.opt, self.max))  # type: ignore[return-value]
+        lo, opt, hi = ((n, channels, IMAGE_SIZE, IMAGE_SIZE) for n in (self.min, self.opt, self.max))
+        return lo, opt, hi
 
 
 def profile_for(knee: int | None, max_batch: int) -> Profile:
-    """min 1, opt the host's knee (clamped into 1…max_batch; max_batch itself before a knee is known), max max_batch."""
+    """min 1, opt the host's knee (clamped into 1…max_batch; max_batch itself before a knee is known), max
+    max_batch."""
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
     opt = max_batch if knee is None else min(max(1, int(knee)), max_batch)
@@ -211,6 +213,14 @@ def build_plan(onnx_path: Path, profile: Profile, channels: int, cache_file: Pat
     tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
     tmp.replace(cache_file)
     return bytes(plan)
+
+
+def engine_from_onnx(onnx_path: Path, precision: str, channels: int, profile: Profile,
+                     timing_dir: Path) -> TensorRTEngine:
+    """A TensorRT engine for a graph, its plan built now (not cached: the registry caches the plans it ships)."""
+    key = plan_key(hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest(), profile, precision)
+    plan = build_plan(onnx_path, profile, channels, timing_cache_path(timing_dir, key))
+    return TensorRTEngine(plan, precision, channels, profile.max)
 
 
 # --- inference ------------------------------------------------------------------------------------------------------

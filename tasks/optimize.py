@@ -10,7 +10,8 @@ on the validation split by its own engine (INT8 and FP16 move scores), its thres
 knee is measured on this host. A reduced-precision candidate ships only if its validation AUC is within
 `int8_auc_tolerance` of FP32 and its threshold still reaches the target; the fastest passing candidate of the chosen
 engine ships. When that is TensorRT, the fastest passing ONNX Runtime candidate is registered beside it as the
-`fallback` that CPU-only hosts screen with, gated on the test split in the same way. The shipped model is then checked once on
+`fallback` that CPU-only hosts screen with, gated on the test split in the same way. The shipped model is then
+checked once on
 the held-out test split with its threshold frozen: below target, the version is registered but not promoted.
 """
 
@@ -27,7 +28,7 @@ import numpy as np
 from prefect import get_run_logger, task
 
 from models.engine import Engine, OrtEngine, find_knee, scores
-from models.registry import Registry, host_fingerprint, sha256_file
+from models.registry import Registry, host_fingerprint
 from tasks.caching import OutputCache, content_key
 from tasks.dataset import SplitRef, load_split
 from tasks.ingest import IO_RETRIES
@@ -157,11 +158,8 @@ def candidate_engine(path: Path, engine: str, precision: str, gates: GateSetting
         return OrtEngine(path, precision)
     from models import tensorrt
 
-    profile = tensorrt.profile_for(None, gates.max_batch)
-    key = tensorrt.plan_key(sha256_file(path), profile, precision)
-    plan = tensorrt.build_plan(path, profile, channels,
-                               tensorrt.timing_cache_path(Lake.at(lake_root).models / "tensorrt", key))
-    return tensorrt.TensorRTEngine(plan, precision, channels, gates.max_batch)
+    return tensorrt.engine_from_onnx(path, precision, channels, tensorrt.profile_for(None, gates.max_batch),
+                                     Lake.at(lake_root).models / "tensorrt")
 
 
 def _fastest_passing(candidates: list[Candidate], engine: str) -> Candidate | None:
@@ -186,9 +184,7 @@ def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings,
         c.threshold = calibrate_threshold(s, y_val, aim)
         table = table_at(s, y_val, c.threshold)
         c.val_table = table.as_dict()
-        # a TensorRT plan takes at most max_batch: the sweep stops there
-        limit = gates.max_batch if kind == "tensorrt" else 4096
-        c.knee = find_knee(runner, x_val[:1024], max_batch=gates.max_batch, limit=limit).as_dict()
+        c.knee = find_knee(runner, x_val[:1024], max_batch=gates.max_batch).as_dict()
         candidates.append(c)
     fp32 = next(c for c in candidates if c.name == "fp32")
     for c in candidates:

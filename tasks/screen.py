@@ -82,8 +82,7 @@ def resolve_model(lake: Lake, version: str | None, workers: int, engine: str = "
     if knee is None:
         runner = registry.load_engine(version, threads=default_threads(), engine=ship["engine"])
         sample = _sample_pixels(lake)
-        limit = getattr(runner, "max_batch", 4096)  # a TensorRT plan takes at most its profile's max
-        knee = find_knee(runner, sample, max_batch=min(512, limit), limit=limit).as_dict()
+        knee = find_knee(runner, sample).as_dict()
         with lake.lock():
             manifest = registry.manifest(version)
             manifest.setdefault("knees", {})[host] = knee

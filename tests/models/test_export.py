@@ -56,3 +56,12 @@ def test_engine_refuses_float_input(tmp_path):
 
     with pytest.raises(ValueError, match="uint8"):
         engine.infer(np.zeros((1, 1, 64, 64), np.float32))
+
+
+def test_the_knee_sweep_stops_at_an_engines_own_largest_batch(tmp_path):
+    """A TensorRT plan accepts at most its profile's max: the sweep (and its extension) never asks for more."""
+    engine = OrtEngine(export_onnx(trained_like(), tmp_path / "m.onnx"))
+    engine.max_batch = 4
+    x = np.random.default_rng(3).integers(0, 256, (16, 1, 64, 64), dtype=np.uint8)
+    knee = find_knee(engine, x, max_batch=64, seconds_per_point=0.01)
+    assert [p.batch for p in knee.sweep] == [1, 2, 4]
