@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -30,11 +31,16 @@ from prefect.utilities.hashing import hash_objects
 
 from models.contract import IMAGE_SIZE, SUPPORTED_CHANNELS
 from tasks.lake import (
+    IMAGE_IDS_KEY,
     IMAGES_SCHEMA,
     REJECTS_SCHEMA,
     ROW_GROUP_ROWS,
+    SHARD_PATH_KEY,
+    SHARD_SHA_KEY,
     Lake,
     atomic_parquet_writer,
+    image_id,
+    image_ids_digest,
     write_table_atomic,
 )
 from tasks.shards import Entry, Refusal, ShardRef, ShardUnreadable, fingerprint, inbox_shards, read_entries
@@ -180,7 +186,7 @@ class _RowBuffer:
         self.count = 0
 
     def add(self, source: str, label: int | None, pixels: np.ndarray, resized: bool, sha: str) -> None:
-        for key, value in (("image_id", sha[:24]), ("source", source), ("label", label), ("resized", resized),
+        for key, value in (("image_id", image_id(sha)), ("source", source), ("label", label), ("resized", resized),
                            ("pixels", pixels.tobytes()), ("sha256", sha)):
             self.rows[key].append(value)
         if len(self.rows["source"]) >= ROW_GROUP_ROWS:
@@ -238,10 +244,12 @@ def _rejects_table(ref: ShardRef, refusals: list[Refusal]) -> pa.Table:
     )
 
 
-def _drop_rows(tmp: Path, out: Path, drop: set[str], metadata: dict[str, str]) -> None:
-    """Copy the staged images file without the rows whose sha256 is in `drop` (rare: cross-shard duplicates)."""
+def _drop_rows(tmp: Path, out: Path, drop: set[str], metadata: dict[str, str], kept: list[str]) -> None:
+    """Copy the staged images file without the rows whose sha256 is in `drop` (rare: cross-shard duplicates);
+    `kept` are the sha256 of the rows that stay."""
     staged = pq.ParquetFile(tmp)
     keep_out = pa.array(sorted(drop), pa.string())
+    metadata = {**metadata, IMAGE_IDS_KEY: image_ids_digest(image_id(sha) for sha in kept)}
     with atomic_parquet_writer(out, IMAGES_SCHEMA, metadata) as writer:
         for batch in staged.iter_batches(batch_size=ROW_GROUP_ROWS):
             mask = pc.invert(pc.is_in(batch.column("sha256"), value_set=keep_out))
@@ -254,7 +262,7 @@ def ingest_shard(ref: ShardRef, lake: Lake, options: IngestOptions) -> ShardSumm
         return _summary_of_landed(lake, ref)
     refusals: list[Refusal] = []
     seen: dict[str, str] = {}  # sha256 -> source, within this shard
-    metadata = {"screenline.shard_sha256": ref.sha256, "screenline.shard_path": ref.path}
+    metadata = {SHARD_SHA_KEY: ref.sha256, SHARD_PATH_KEY: ref.path}
     staging = lake.images / f".{ref.shard_id}.staging"
     with atomic_parquet_writer(staging, IMAGES_SCHEMA, metadata) as writer:
         rows = _RowBuffer(writer, ref.shard_id, options.subset, options.channels)
@@ -280,6 +288,7 @@ def ingest_shard(ref: ShardRef, lake: Lake, options: IngestOptions) -> ShardSumm
             seen.clear()
             rows.rows = {k: [] for k in rows.rows}
         rows.flush()
+        writer.add_key_value_metadata({IMAGE_IDS_KEY: image_ids_digest(image_id(sha) for sha in seen)})
     if not seen and not refusals:
         refusals.append(Refusal(None, "empty_shard", "the shard holds no entries"))
     return _commit_shard(ref, lake, staging, seen, refusals, metadata)
@@ -300,7 +309,7 @@ def _commit_shard(
             if refusals:
                 write_table_atomic(lake.reject_file(ref.shard_id), _rejects_table(ref, refusals))
             if dups:
-                _drop_rows(staging, final, dups, metadata)
+                _drop_rows(staging, final, dups, metadata, [sha for sha in seen if sha not in dups])
             else:
                 staging.replace(final)
     finally:
@@ -398,5 +407,10 @@ def list_inbox_task(inbox: str) -> list[str]:
     """The shards waiting in an inbox folder (entries that are not shards are logged and left alone)."""
     shards, ignored = inbox_shards(inbox)
     for path in ignored:
-        get_run_logger().warning("inbox entry %s is not a shard (a folder of images, .npz or .tar): ignored", path)
+        if path.is_symlink():
+            get_run_logger().warning("inbox entry %s is a symbolic link (to %s): not followed, ignored; a site "
+                                     "copies its shard into the inbox", path, os.readlink(path))
+        else:
+            get_run_logger().warning("inbox entry %s is not a shard (a folder of images, .npz or .tar): ignored",
+                                     path)
     return [str(p) for p in shards]

@@ -10,18 +10,27 @@ One root (`--lake`, default `./lake`, `SCREENLINE_LAKE` overrides) holds:
 
 Every write goes to a hidden temp file in the same folder and is renamed into place, so readers (pyarrow, pandas,
 DuckDB) only ever see whole files: pyarrow skips names starting with "." and a `*.parquet` glob skips `*.tmp`.
+
+Every path built from a name found in data (a shard id, a model version, a file named by a manifest) goes through
+`Lake.inside`: the name must be a plain name, and the path must stay inside the lake after symbolic links are
+resolved, or `UnsafePath` is raised. Nothing the lake's contents say can make screenline read or write elsewhere.
+
+An images file's footer records the digest of the image ids it holds (`IMAGE_IDS_KEY`); a predictions file records
+the digest of the images file it scored, so a predictions file that no longer matches its shard is recognised.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -77,6 +86,75 @@ PREDICTIONS_SCHEMA = pa.schema(
     ]
 )
 
+SHARD_SHA_KEY = "screenline.shard_sha256"
+"""Images-file footer: the sha256 of the shard's source bytes (its identity for ingest)."""
+SHARD_PATH_KEY = "screenline.shard_path"
+"""Images-file footer: the shard's path as given to ingest."""
+IMAGE_IDS_KEY = "screenline.image_ids_sha256"
+"""Images-file footer: `image_ids_digest` of the image ids the file holds (what a predictions file must match)."""
+
+SHARD_ID = re.compile(r"[0-9a-f]{16}")
+"""A shard id: the first 16 hex digits of the shard's content hash (`ShardRef.shard_id`)."""
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""A model version, an audit id, a model file: one path component, no separators, not hidden, not `..`."""
+
+
+class UnsafePath(ValueError):
+    """A name from data that is not a plain name, or a path that would leave its folder."""
+
+
+def safe_name(name: object, what: str) -> str:
+    """`name` if it is a plain name (see SAFE_NAME); UnsafePath naming `what` otherwise."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name:
+        raise UnsafePath(f"{what} {name!r} is not a plain name (letters, digits, '.', '_', '-'; no '/' or '..'): "
+                         f"refusing to build a path from it")
+    return name
+
+
+def shard_id_of(name: object) -> str:
+    """`name` if it is a shard id; UnsafePath otherwise."""
+    if not isinstance(name, str) or not SHARD_ID.fullmatch(name):
+        raise UnsafePath(f"{name!r} is not a shard id (16 lowercase hex digits)")
+    return name
+
+
+def confined(base: Path, *parts: str) -> Path:
+    """base/parts, refused (UnsafePath) if it leaves `base` once symbolic links are resolved."""
+    path = base.joinpath(*parts)
+    resolved, root = path.resolve(), base.resolve()
+    if resolved != root and not resolved.is_relative_to(root):
+        raise UnsafePath(f"{path} resolves to {resolved}, outside {root}: refusing to follow it")
+    return path
+
+
+def image_id(sha256: str) -> str:
+    """An image's stable id: the first 24 hex digits of its pixels' sha256."""
+    return sha256[:24]
+
+
+def image_ids_digest(ids: Iterable[str]) -> str:
+    """sha256 of a set of image ids (order does not matter): what an images file holds, what was scored."""
+    digest = hashlib.sha256()
+    for image_id in sorted(ids):
+        digest.update(image_id.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def footer(path: Path) -> dict[str, str]:
+    """A Parquet file's key-value metadata (screenline's lineage keys), without Arrow's own schema entry."""
+    raw = pq.read_metadata(path).metadata or {}
+    return {k.decode(): v.decode() for k, v in raw.items() if k != b"ARROW:schema"}
+
+
+def images_digest(path: Path) -> str:
+    """The image-id digest of an images file: from its footer, or computed from its ids (files from before the
+    footer recorded it)."""
+    recorded = footer(path).get(IMAGE_IDS_KEY)
+    if recorded:
+        return recorded
+    return image_ids_digest(pq.read_table(path, columns=["image_id"]).column("image_id").to_pylist())
+
+
 ROW_GROUP_ROWS = 8192
 """Rows per Parquet row group in images/: 32 MiB of grayscale pixels, so readers stream in modest batches."""
 
@@ -121,11 +199,31 @@ class Lake:
     def meta_path(self) -> Path:
         return self.root / "lake.json"
 
+    def inside(self, *parts: str) -> Path:
+        """root/parts, refused (UnsafePath) if it leaves the lake once symbolic links are resolved."""
+        return confined(self.root, *parts)
+
     def image_file(self, shard_id: str) -> Path:
-        return self.images / f"{shard_id}.parquet"
+        return self.inside("images", f"{shard_id_of(shard_id)}.parquet")
 
     def reject_file(self, shard_id: str) -> Path:
-        return self.rejects / f"{shard_id}.parquet"
+        return self.inside("rejects", f"{shard_id_of(shard_id)}.parquet")
+
+    def predictions_dir(self, version: str) -> Path:
+        """Where one model version's predictions live."""
+        return self.inside("predictions", safe_name(version, "model version"))
+
+    def predictions_file(self, version: str, shard_id: str) -> Path:
+        """One shard's predictions by one model version."""
+        return self.inside("predictions", safe_name(version, "model version"), f"{shard_id_of(shard_id)}.parquet")
+
+    def shard_files(self) -> list[Path]:
+        """The images files of landed shards, by shard id: regular files named `<shard id>.parquet`. Anything else
+        in images/ (a symbolic link, a stray file) is not a shard and is never read."""
+        if not self.images.is_dir():
+            return []
+        return sorted(p for p in self.images.glob("*.parquet")
+                      if SHARD_ID.fullmatch(p.stem) and not p.is_symlink() and p.is_file())
 
     def read_meta(self) -> dict | None:
         """The lake's fixed facts, or None for a lake nothing was ingested into yet."""
@@ -158,7 +256,7 @@ class Lake:
 
     def image_hashes(self) -> dict[str, str]:
         """sha256 → "shard_id/source" of every image already in the lake (reads two small columns)."""
-        files = sorted(self.images.glob("*.parquet")) if self.images.exists() else []
+        files = self.shard_files()
         if not files:
             return {}
         table = ds.dataset([str(f) for f in files], format="parquet").to_table(

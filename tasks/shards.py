@@ -8,6 +8,11 @@ A shard is one of
 Readers yield an `Entry` per image and a `Refusal` per entry they cannot use; they raise `ShardUnreadable` when the
 shard as a whole cannot be read (not a zip, not a tar, a broken labels file), and let `OSError` through so that the
 Prefect task can retry real I/O failures. Nothing is extracted to disk, and nothing is unpickled.
+
+Symbolic links are never followed: a shard path that is one (given, matched by a glob, or found in an inbox or a
+folder of shards) is refused, and inside a folder shard a link is a reject row whose target is never read, not even
+to fingerprint the shard. A link could point anywhere (/etc, another site's folder, /dev/zero); what a site means to
+deliver it copies into the shard.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import csv
 import glob
 import hashlib
 import io
+import os
 import tarfile
 import zipfile
 import zlib
@@ -102,11 +108,18 @@ def _is_container(folder: Path) -> bool:
     return all(shard_kind(p) in ("npz", "tar") for p in files)
 
 
+def _not_a_link(path: Path) -> Path:
+    if path.is_symlink():
+        raise ShardNotFound(f"{path} is a symbolic link (to {os.readlink(path)}); screenline does not follow links "
+                            f"out of the folder it is given: copy the shard there, or pass its real path")
+    return path
+
+
 def find_shards(patterns: Sequence[str]) -> list[Path]:
     """Expand paths and globs into shard paths, sorted and de-duplicated.
 
     A folder holding only shards (an inbox) expands to its shards. Raises ShardNotFound with a one-line message
-    when a pattern matches nothing or names something that is not a shard.
+    when a pattern matches nothing, names something that is not a shard, or names or finds a symbolic link.
     """
     if not patterns:
         raise ShardNotFound("no shard given: pass shard paths or globs (folders, .npz, .tar)")
@@ -118,14 +131,14 @@ def find_shards(patterns: Sequence[str]) -> list[Path]:
                 raise ShardNotFound(f"no shard matches {pattern!r}")
         else:
             matches = [Path(pattern)]
-            if not matches[0].exists():
+            if not matches[0].exists() and not matches[0].is_symlink():
                 raise ShardNotFound(f"no such shard: {pattern}")
         for path in matches:
-            path = path.resolve()
+            path = _not_a_link(path.absolute()).resolve()
             if path.is_dir() and _is_container(path):
                 for child in sorted(path.iterdir()):
                     if not child.name.startswith(".") and shard_kind(child):
-                        found[child.resolve()] = None
+                        found[_not_a_link(child).resolve()] = None
             elif shard_kind(path):
                 found[path] = None
             else:
@@ -136,7 +149,8 @@ def find_shards(patterns: Sequence[str]) -> list[Path]:
 
 
 def inbox_shards(inbox: str | Path) -> tuple[list[Path], list[Path]]:
-    """The shards in an inbox folder (sub-folders of images, .npz, .tar) and the other entries, which are ignored.
+    """The shards in an inbox folder (sub-folders of images, .npz, .tar) and the other entries, which are ignored:
+    symbolic links among them (never followed, whatever they point at).
 
     Raises ShardNotFound when the inbox does not exist: a mistyped inbox must not look like a quiet night.
     """
@@ -145,7 +159,8 @@ def inbox_shards(inbox: str | Path) -> tuple[list[Path], list[Path]]:
         raise ShardNotFound(f"inbox {folder.resolve()} is not a folder: create it, or pass the folder the sites drop "
                             f"their shards in (parameter `inbox`)")
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    return [p.resolve() for p in entries if shard_kind(p)], [p for p in entries if not shard_kind(p)]
+    shards = [p for p in entries if not p.is_symlink() and shard_kind(p)]
+    return [p.resolve() for p in shards], [p for p in entries if p not in shards]
 
 
 def _file_sha256(path: Path, h: "hashlib._Hash | None" = None) -> str:
@@ -157,19 +172,21 @@ def _file_sha256(path: Path, h: "hashlib._Hash | None" = None) -> str:
 
 
 def fingerprint(path: Path) -> ShardRef:
-    """Hash a shard's content (for a folder: every file's relative path and bytes, in sorted order)."""
-    path = Path(path).resolve()
+    """Hash a shard's content (for a folder: every file's relative path and bytes, in sorted order; a symbolic link
+    counts by its name and where it points, never by what it points at)."""
+    path = _not_a_link(Path(path).absolute()).resolve()
     kind = shard_kind(path)
     if kind is None:
         raise ShardNotFound(f"not a shard: {path}")
     if kind != "folder":
         return ShardRef(str(path), kind, _file_sha256(path))
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    for file in sorted(p for p in path.rglob("*") if p.is_symlink() or p.is_file()):
         rel = file.relative_to(path).as_posix()
         if any(part.startswith(".") for part in PurePosixPath(rel).parts):
             continue
-        digest.update(rel.encode() + b"\0" + _file_sha256(file).encode() + b"\n")
+        content = f"symlink:{os.readlink(file)}" if file.is_symlink() else _file_sha256(file)
+        digest.update(rel.encode() + b"\0" + content.encode() + b"\n")
     return ShardRef(str(path), kind, digest.hexdigest())
 
 
