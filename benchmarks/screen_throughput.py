@@ -70,10 +70,11 @@ def build_lake(root: Path, n: int, shards: int, graph: dict | None = None) -> Pa
         fp32.unlink()
         ship = {"candidate": "int8-u8s8-per-tensor", "precision": "int8"}
     knee = find_knee(OrtEngine(folder / "model.onnx", ship["precision"]), calib).as_dict()
+    # A stand-in for speed, not a clinical model: no gate ran, so none is recorded, and it is screened with the
+    # explicit override (allow_failed_gate) rather than promoted.
     registry.register("sn-bench", {
         "shipping": {"engine": "onnxruntime", **ship, "file": "model.onnx", "threshold": 0.5},
         "knees": {host_fingerprint("onnxruntime", ship["precision"]): knee}})
-    registry.promote("sn-bench")
     return lake
 
 
@@ -91,7 +92,7 @@ def measure_flow(lake: Path, profile: bool) -> dict:
         profiler = cProfile.Profile()
         profiler.enable()
     t0 = time.perf_counter()
-    report = screen(lake=str(lake))
+    report = screen(lake=str(lake), version="sn-bench", allow_failed_gate=True)
     seconds = time.perf_counter() - t0
     result = {"images": report.scored, "seconds": seconds, "images_per_s": report.scored / seconds,
               "batch": report.batch, "peak_rss_mb": peak_rss_mb()}
@@ -112,7 +113,7 @@ def measure_engine(lake: Path) -> dict:
     registry = Registry(Lake(lake))
     manifest = registry.manifest("sn-bench")
     batch = next(iter(manifest["knees"].values()))["batch"]
-    engine = registry.load_engine("sn-bench")
+    engine = registry.load_engine("sn-bench", allow_failed_gate=True)
     files = sorted((lake / "images").glob("*.parquet"))
     t0 = time.perf_counter()
     n, reading, inferring = 0, 0.0, 0.0

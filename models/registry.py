@@ -1,14 +1,21 @@
 """The model registry: `lake/models/<version>/` with its files and `manifest.json`, and the promoted pointer.
 
 The manifest is the one place for a version's facts: architecture, data split hashes, training settings, metrics
-per precision, the calibrated threshold per engine/precision, the knee per host, the sha256 of every file, and
-whether it is promoted and why. Loading a model verifies its file against the manifest's hash first.
+per precision, the calibrated threshold per engine/precision, the gate verdicts, the knee per host, the sha256 of
+every file, and whether it is promoted and why.
+
+What is trusted (see models/signing.py): a manifest is used only if its seal matches its content and carries a
+signature by a trusted key, and `models/PROMOTED` only if it is signed too. A model file is loaded only after its
+sha256 matches the (verified) manifest. Version names, and the file names a manifest lists, are plain names whose
+paths stay inside the lake. A version whose held-out gate failed, or that records no verdict, is never screened
+with unless the caller says so knowingly (`allow_failed_gate`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 from dataclasses import dataclass
@@ -16,7 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tasks.lake import Lake, atomic_write_bytes
+from models import signing
+from tasks.lake import SAFE_NAME, Lake, atomic_write_bytes, safe_name
 
 MANIFEST = "manifest.json"
 PROMOTED = "PROMOTED"
@@ -27,7 +35,12 @@ class ModelNotFound(LookupError):
 
 
 class ModelIntegrityError(RuntimeError):
-    """A model file does not match its manifest hash: it was changed after registration."""
+    """A model file does not match its manifest hash, or a manifest or the promoted pointer is not vouched for by a
+    trusted signature: it was changed after registration."""
+
+
+class GateFailed(RuntimeError):
+    """A version (or one of its engines) did not pass its held-out gate, or records no verdict."""
 
 
 def sha256_file(path: Path) -> str:
@@ -36,6 +49,12 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def valid_threshold(value: Any) -> bool:
+    """A decision threshold is a finite probability."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and 0.0 <= value <= 1.0
 
 
 def host_fingerprint(engine: str, precision: str) -> str:
@@ -71,58 +90,133 @@ class Registry:
         return self.lake.models
 
     def folder(self, version: str) -> Path:
-        return self.root / version
+        return self.lake.inside("models", safe_name(version, "model version"))
 
     def versions(self) -> list[str]:
+        """Registered versions: folders with a plain name and a manifest."""
         if not self.root.exists():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST).is_file())
+        return sorted(p.name for p in self.root.iterdir()
+                      if SAFE_NAME.fullmatch(p.name) and not p.is_symlink() and (p / MANIFEST).is_file())
 
-    def manifest(self, version: str) -> dict[str, Any]:
+    def read_manifest(self, version: str) -> dict[str, Any]:
+        """The manifest as written, NOT verified: for listing and diagnosis only; decisions use `manifest`."""
         path = self.folder(version) / MANIFEST
         if not path.is_file():
             raise ModelNotFound(
                 f"no model version {version!r} in {self.root}; `screenline models` lists them, "
                 f"`screenline optimize` makes one"
             )
-        return json.loads(path.read_text())
+        try:
+            manifest = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ModelIntegrityError(f"{path} is not valid JSON ({exc}); refusing it") from None
+        if not isinstance(manifest, dict):
+            raise ModelIntegrityError(f"{path} is not a manifest (a JSON object); refusing it")
+        return manifest
 
-    def write_manifest(self, version: str, manifest: dict[str, Any]) -> None:
+    def manifest(self, version: str) -> dict[str, Any]:
+        """The manifest of `version`, after checking that it names this version, that its seal matches its content
+        and that a trusted key signed that seal; ModelIntegrityError saying which check failed otherwise."""
+        manifest = self.read_manifest(version)
+        if manifest.get("version") != version:
+            raise ModelIntegrityError(
+                f"{self.folder(version)}/{MANIFEST} is the manifest of {manifest.get('version')!r}, not {version!r}: "
+                f"a copied or renamed model folder is not a registered version; refusing it")
+        actual = signing.seal(manifest)
+        if manifest.get("seal") != actual:
+            raise ModelIntegrityError(
+                f"the manifest of {version} changed after it was signed (its content hashes to {actual[:12]}…, the "
+                f"signed seal is {str(manifest.get('seal'))[:12]}…): a file hash, threshold or verdict was edited. "
+                f"Refusing it. If you made the change and stand by it, `screenline sign {version}` on the host that "
+                f"holds the signing key; otherwise restore the manifest or re-run `screenline optimize`.")
+        try:
+            signing.verify(signing.MANIFEST_PURPOSE, f"{version}:{actual}", manifest.get("signature"))
+        except signing.Untrusted as exc:
+            raise ModelIntegrityError(
+                f"the manifest of {version} is not vouched for: {exc}. Refusing it; `screenline sign {version}` on "
+                f"the host that holds the signing key after reviewing it, or re-run `screenline optimize`.") from None
+        return manifest
+
+    def _write(self, version: str, manifest: dict[str, Any]) -> None:
         atomic_write_bytes(self.folder(version) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
 
+    def _seal_and_sign(self, version: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        manifest["seal"] = signing.seal(manifest)
+        manifest["signature"] = signing.sign(signing.MANIFEST_PURPOSE, f"{version}:{manifest['seal']}")
+        self._write(version, manifest)
+        return manifest
+
     def register(self, version: str, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Record the sha256 of every file in the version's folder and write the manifest."""
+        """Record the sha256 of every file in the version's folder, seal and sign the manifest, and write it."""
         folder = self.folder(version)
-        manifest = dict(manifest)
+        manifest = {k: v for k, v in manifest.items() if k not in ("seal", "signature")}
         manifest["version"] = version
         manifest.setdefault("registered_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
         manifest["files"] = {
             p.name: sha256_file(p) for p in sorted(folder.iterdir())
-            if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+            if p.is_file() and not p.is_symlink() and p.name != MANIFEST and not p.name.startswith(".")
         }
-        self.write_manifest(version, manifest)
-        return manifest
+        return self._seal_and_sign(version, manifest)
+
+    def sign(self, version: str) -> tuple[str | None, dict[str, Any]]:
+        """Re-seal and sign `version`'s manifest as it is now, with this host's key: for a change made by hand that
+        its author stands by. Returns the previous seal and the manifest."""
+        manifest = self.read_manifest(version)
+        if manifest.get("version") != version:
+            raise ModelIntegrityError(f"{self.folder(version)}/{MANIFEST} names version {manifest.get('version')!r}; "
+                                      f"refusing to sign it as {version!r}")
+        for name in manifest.get("files", {}):
+            safe_name(name, f"file listed by the manifest of {version}")
+        previous = manifest.get("seal")
+        with self.lake.lock():
+            return previous, self._seal_and_sign(version, manifest)
+
+    def record(self, version: str, field: str, key: str, value: Any) -> None:
+        """Set manifest[field][key] for a host-specific, unsealed field (a knee, a TensorRT plan), under the lake's
+        lock, keeping the signature valid."""
+        if field not in signing.UNSEALED:
+            raise ValueError(f"{field!r} is sealed: only {', '.join(signing.UNSEALED)} may change after signing")
+        with self.lake.lock():
+            manifest = self.manifest(version)
+            manifest.setdefault(field, {})[key] = value
+            self._write(version, manifest)
 
     def promote(self, version: str) -> None:
-        """Make `version` the one screening uses."""
-        self.manifest(version)
-        atomic_write_bytes(self.root / PROMOTED, json.dumps({"version": version}).encode())
+        """Make `version` the one screening uses: a verified version that passed its held-out gate."""
+        manifest = self.manifest(version)
+        if manifest.get("passed_gate") is not True:
+            raise GateFailed(f"{version} did not pass its held-out gate ({manifest.get('promotion', 'no verdict')}); "
+                             f"it cannot be promoted")
+        promoted_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        pointer = {"version": version, "promoted_at": promoted_at,
+                   "signature": signing.sign(signing.PROMOTED_PURPOSE, f"{version}:{promoted_at}")}
+        atomic_write_bytes(self.root / PROMOTED, json.dumps(pointer).encode())
 
     def promoted(self) -> str:
-        """The promoted version; ModelNotFound when none is."""
+        """The promoted version, after checking the pointer's signature; ModelNotFound when none is."""
         path = self.root / PROMOTED
         if not path.is_file():
             raise ModelNotFound(f"no promoted model in {self.root}: run `screenline optimize` to make one")
-        return json.loads(path.read_text())["version"]
+        try:
+            pointer = json.loads(path.read_text())
+            version = safe_name(pointer["version"], f"promoted model version in {path}")
+            signing.verify(signing.PROMOTED_PURPOSE, f"{version}:{pointer.get('promoted_at')}",
+                           pointer.get("signature"))
+        except (ValueError, KeyError, TypeError, signing.Untrusted) as exc:
+            raise ModelIntegrityError(
+                f"{path} is not a promotion this host trusts ({exc}); refusing it. `screenline promote VERSION` "
+                f"on the host that holds the signing key sets it again.") from None
+        return version
 
     def verified_file(self, version: str, name: str) -> Path:
-        """The path of a model file after checking it against the manifest's sha256."""
+        """The path of a model file after checking it against the (verified) manifest's sha256."""
         manifest = self.manifest(version)
-        path = self.folder(version) / name
         expected = manifest.get("files", {}).get(name)
         if expected is None:
             raise ModelIntegrityError(f"{name} is not listed in the manifest of {version}; refusing to load it")
-        if not path.is_file():
+        path = self.lake.inside("models", version, safe_name(name, f"file named by the manifest of {version}"))
+        if path.is_symlink() or not path.is_file():
             raise ModelNotFound(f"{path} is missing; re-run `screenline optimize` to rebuild {version}")
         actual = sha256_file(path)
         if actual != expected:
@@ -132,37 +226,62 @@ class Registry:
             )
         return path
 
-    def pick(self, version: str | None = None, engine: str = "auto") -> dict[str, Any]:
+    def pick(self, version: str | None = None, engine: str = "auto",
+             allow_failed_gate: bool = False) -> dict[str, Any]:
         """The shipped candidate to run here: `shipping`, or the version's ONNX Runtime `fallback` (registered by
         an optimize that shipped TensorRT) where this host cannot run TensorRT or onnxruntime is asked for.
 
-        Each has its own threshold, calibrated on that engine's scores, and its own held-out gate."""
+        Each has its own threshold, calibrated on that engine's scores, and its own held-out gate: shipping's
+        verdict is the manifest's `passed_gate`, the fallback's its own. A candidate whose gate failed or is not
+        recorded raises GateFailed, unless `allow_failed_gate`. The returned pick carries `gate`, what screening
+        records about it."""
         from models.engine import resolve_engine
 
-        version = version or self.promoted()
+        version = safe_name(version, "model version") if version else self.promoted()
         manifest = self.manifest(version)
-        picks = [manifest["shipping"], *([manifest["fallback"]] if manifest.get("fallback") else [])]
+        shipping = {**manifest["shipping"], "passed_gate": manifest.get("passed_gate"),
+                    "verdict": manifest.get("promotion", "")}
+        picks = [shipping, *([manifest["fallback"]] if manifest.get("fallback") else [])]
         runnable = ["tensorrt", "onnxruntime"] if resolve_engine(engine) == "tensorrt" else ["onnxruntime"]
         wanted = runnable if engine == "auto" else [engine]
         for name in wanted:
             for pick in picks:
                 if pick["engine"] != name:
                     continue
-                if not pick.get("passed_gate", True):
-                    raise ModelNotFound(f"{version}'s {name} engine did not pass its held-out sensitivity gate "
-                                        f"({pick.get('verdict', '')}); screen with the other engine")
-                return {**pick, "version": version}
+                return {**pick, "version": version, "gate": self._gate(version, pick, allow_failed_gate)}
         if wanted == ["tensorrt"]:
             raise ModelNotFound(f"{version} has no TensorRT threshold (it was optimized without a GPU): run "
                                 f"`screenline optimize --engine tensorrt` on a GPU host, or screen with onnxruntime")
         raise ModelNotFound(f"{version} ships {manifest['shipping']['engine']} only, which this host cannot run: "
                             f"run `screenline optimize --engine onnxruntime` to register a CPU engine")
 
-    def load_engine(self, version: str | None = None, threads: int | None = None, engine: str = "auto"):
+    @staticmethod
+    def _gate(version: str, pick: dict[str, Any], allow_failed_gate: bool) -> str:
+        """"passed", or what screening records when a failed (or unrecorded) gate is knowingly overridden."""
+        if not valid_threshold(pick.get("threshold")):
+            raise ModelIntegrityError(f"{version}'s {pick['engine']} threshold {pick.get('threshold')!r} is not a "
+                                      f"probability in [0, 1]; refusing to decide with it")
+        passed = pick.get("passed_gate")
+        if passed is True:
+            return "passed"
+        why = (f"did not pass its held-out sensitivity gate ({pick.get('verdict') or 'no reason recorded'})"
+               if passed is False else "records no held-out gate verdict")
+        if not allow_failed_gate:
+            raise GateFailed(
+                f"{version}'s {pick['engine']} engine {why}: its decisions are not known to keep the sensitivity "
+                f"target, so screen refuses it. Screen with the promoted model, or re-run `screenline optimize`; to "
+                f"score with it anyway, knowing this, pass --allow-failed-gate (its predictions record the override).")
+        return f"overridden: {why}"
+
+    def load_engine(self, version: str | None = None, threads: int | None = None, engine: str = "auto",
+                    allow_failed_gate: bool = False):
         """The engine to screen `version` with (default: the promoted one) on this host, its file verified first."""
+        return self.load_pick(self.pick(version, engine, allow_failed_gate), threads)
+
+    def load_pick(self, pick: dict[str, Any], threads: int | None = None):
+        """The engine for a pick (see `pick`), its file verified against the manifest first."""
         from models.engine import OrtEngine
 
-        pick = self.pick(version, engine)
         version = pick["version"]
         if pick["engine"] == "tensorrt":
             manifest = self.manifest(version)
@@ -184,7 +303,7 @@ class Registry:
         channels = int(manifest["architecture"]["channels"])
         max_batch = int(manifest.get("gates", {}).get("max_batch", 512))
         key = tensorrt.plan_key(manifest["files"][file], tensorrt.profile_for(knee, max_batch), precision)
-        path = self.folder(version) / "plans" / key.filename()
+        path = self.lake.inside("models", version, "plans", key.filename())
         recorded = manifest.get("plans", {}).get(key.filename())
         if recorded and path.is_file():
             plan = path.read_bytes()
@@ -196,9 +315,6 @@ class Registry:
             plan = tensorrt.build_plan(onnx_path, key.profile, channels,
                                        tensorrt.timing_cache_path(self.root / "tensorrt", key))
             atomic_write_bytes(path, plan)
-            with self.lake.lock():
-                manifest = self.manifest(version)
-                manifest.setdefault("plans", {})[key.filename()] = {"sha256": hashlib.sha256(plan).hexdigest(),
-                                                                    "key": key.as_dict()}
-                self.write_manifest(version, manifest)
+            self.record(version, "plans", key.filename(), {"sha256": hashlib.sha256(plan).hexdigest(),
+                                                          "key": key.as_dict()})
         return tensorrt.TensorRTEngine(plan, precision, channels, max_batch)

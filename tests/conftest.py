@@ -15,6 +15,8 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 os.environ.pop("SCREENLINE_LAKE", None)
+# The session's own signing and trusted keys (models/signing.py): never the user's ~/.config/screenline.
+os.environ["SCREENLINE_KEYS"] = tempfile.mkdtemp(prefix="screenline-keys-")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

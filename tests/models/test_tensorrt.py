@@ -21,7 +21,7 @@ from models import tensorrt
 from models.engine import OrtEngine, resolve_engine, scores
 from models.export import export_onnx
 from models.nets import ScreenNet
-from models.registry import ModelNotFound, Registry
+from models.registry import GateFailed, ModelNotFound, Registry
 from models.tensorrt import Device, PlanKey, Profile, TensorRTUnavailable, plan_key, profile_for
 from tasks.lake import Lake
 from tasks.optimize import force_int8_failure
@@ -155,8 +155,8 @@ def test_a_cpu_host_screens_a_gpu_version_with_its_own_onnxruntime_threshold(gpu
         registry.pick(engine="tensorrt")
     manifest = registry.manifest("sn-gpu")
     manifest["fallback"]["passed_gate"] = False
-    registry.write_manifest("sn-gpu", manifest)
-    with pytest.raises(ModelNotFound, match="did not pass its held-out sensitivity gate"):
+    registry.register("sn-gpu", manifest)
+    with pytest.raises(GateFailed, match="did not pass its held-out sensitivity gate"):
         registry.pick(engine="auto")
 
 
@@ -164,7 +164,7 @@ def test_a_cpu_version_ships_onnxruntime_everywhere(tmp_path):
     registry = Registry(Lake(tmp_path / "lake"))
     registry.folder("sn-cpu").mkdir(parents=True)
     registry.register("sn-cpu", {"shipping": {"engine": "onnxruntime", "candidate": "fp32", "precision": "fp32",
-                                              "file": "model-fp32.onnx", "threshold": 0.2}})
+                                              "file": "model-fp32.onnx", "threshold": 0.2}, "passed_gate": True})
     assert registry.pick("sn-cpu", "auto")["engine"] == "onnxruntime"
     assert registry.pick("sn-cpu", "onnxruntime")["threshold"] == 0.2
     if WHY_NOT is None:  # a GPU host: TensorRT was asked for, but this version has no TensorRT threshold
