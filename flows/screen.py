@@ -13,7 +13,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.progress import gather_with_progress
 from models.engine import default_threads
 from tasks.lake import lake_root
-from tasks.screen import ShardScreenSummary, list_shards_task, resolve_model_task, screen_shard_task
+from tasks.screen import (
+    ShardScreenSummary,
+    list_shards_task,
+    resolve_model_task,
+    screen_shard_task,
+    sweep_orphans_task,
+)
 
 
 @dataclass
@@ -26,36 +32,49 @@ class ScreenReport:
     shards: list[ShardScreenSummary] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    gate: str = "passed"
+    superseded: int = 0  # predictions files of shards no longer in the lake, moved aside
 
     @property
     def scored(self) -> int:
         return sum(s.images for s in self.shards if s.status == "scored")
 
     @property
+    def redecided(self) -> int:
+        """Images whose scores were decided again at a threshold that changed."""
+        return sum(s.images for s in self.shards if s.status == "redecided")
+
+    @property
     def flagged(self) -> int:
-        return sum(s.flagged for s in self.shards if s.status == "scored")
+        return sum(s.flagged for s in self.shards if s.status in ("scored", "redecided"))
 
 
 @flow(name="screen", task_runner=ThreadPoolTaskRunner(max_workers=default_threads()))
 def screen(lake: str | None = None, version: str | None = None, workers: int | None = None,
-           engine: str = "auto") -> ScreenReport:
+           engine: str = "auto", allow_failed_gate: bool = False) -> ScreenReport:
     """Score every image in the lake with the promoted model (or `version`), a task per shard.
 
     engine: auto (TensorRT where this host has a GPU and the version a TensorRT threshold, else ONNX Runtime),
     onnxruntime, or tensorrt (fails at once, saying what is missing, where it cannot run).
     workers: shard tasks running at once (default: one per core); each engine call then uses cores // workers
-    threads, so the cores are busy and not oversubscribed. Shards this model version already scored are skipped.
+    threads, so the cores are busy and not oversubscribed. Shards whose predictions by this version are current are
+    skipped; stale ones are scored or decided again (tasks/predictions.py).
+    allow_failed_gate: screen with a version whose held-out gate failed (refused otherwise); recorded with every
+    prediction it makes.
     """
     logger = get_run_logger()
     root = str(lake_root(lake))
     shards = list_shards_task(root)
     # Fewer shards than workers: give each engine call the spare cores instead of leaving them idle.
     workers = max(1, min(workers or default_threads(), len(shards)))
-    model = resolve_model_task(root, version, workers, engine)
+    model = resolve_model_task(root, version, workers, engine, allow_failed_gate)
+    if model.gate != "passed":
+        logger.warning("screening with %s although it %s (--allow-failed-gate)", model.version, model.gate)
+    superseded = sweep_orphans_task(root)
     logger.info("screening %d shard(s) with %s (%s %s, threshold %.4f, batch %d, %d thread(s) per engine call)",
                 len(shards), model.version, model.engine, model.precision, model.threshold, model.batch,
                 model.threads)
-    report = ScreenReport(root, model.version, model.batch)
+    report = ScreenReport(root, model.version, model.batch, gate=model.gate, superseded=superseded)
     if not shards:
         return report
     t0 = time.perf_counter()
@@ -66,7 +85,8 @@ def screen(lake: str | None = None, version: str | None = None, workers: int | N
     report.seconds = time.perf_counter() - t0
     create_table_artifact(
         key="screen-summary",
-        table=[{"model": model.version, "shards": len(report.shards), "images scored": report.scored,
+        table=[{"model": model.version, "gate": model.gate, "shards": len(report.shards),
+                "images scored": report.scored, "images re-decided": report.redecided,
                 "flagged positive": report.flagged, "seconds": round(report.seconds, 2),
                 "images/s": round(report.scored / report.seconds) if report.seconds else 0,
                 "failed shards": len(report.failed)}],

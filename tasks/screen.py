@@ -2,9 +2,12 @@
 
 A shard's images stream from Parquet in record batches of the host's knee size; each batch's pixels go to the engine
 as a numpy view over Arrow's buffer (no per-image Python work). Predictions land atomically in
-`lake/predictions/<model_version>/<shard_id>.parquet`: one file per shard per model version, so re-running scores
-nothing that is already there, promoting another model re-scores everything, and kill -9 then re-run leaves exactly
-one prediction per image per model version.
+`lake/predictions/<model_version>/<shard_id>.parquet`: one file per shard per model version, its footer recording
+what it was made from (the images file's image-id digest, the engine, graph and sha256, the threshold, the gate).
+A shard whose predictions are current (tasks/predictions.py) is skipped; one whose images or graph changed is
+re-scored; one whose threshold alone changed is re-decided from its scores; predictions of shards no longer in the
+lake are moved aside. So re-running scores nothing new, promoting another model re-scores everything, and kill -9
+then re-run, or any change to images/, leaves exactly one current prediction per image per model version.
 
 One engine per process (ONNX Runtime sessions are expensive to create and safe to share between threads): the shard
 tasks of a flow run, or of a Dask worker, share it through `shared_engine`.
@@ -25,10 +28,35 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
 from models.engine import Engine, default_threads, find_knee
-from models.registry import Registry, host_fingerprint
+from models.registry import ModelIntegrityError, Registry, host_fingerprint
 from tasks.caching import OutputCache
 from tasks.ingest import IO_RETRIES
-from tasks.lake import PREDICTIONS_SCHEMA, Lake, atomic_parquet_writer, pixel_array
+from tasks.lake import (
+    IMAGE_IDS_KEY,
+    PREDICTIONS_SCHEMA,
+    Lake,
+    atomic_parquet_writer,
+    footer,
+    image_ids_digest,
+    images_digest,
+    pixel_array,
+)
+from tasks.predictions import (
+    GATE_KEY,
+    IMAGES_KEY,
+    RUN_KEY,
+    THRESHOLD_KEY,
+    VERSION_KEY,
+    OperatingPoint,
+    State,
+    operating_points,
+    state_of,
+    supersede,
+    sweep_orphans,
+)
+
+MAX_KNEE = 1 << 16
+"""A knee read from a manifest above this (or below 1) is not believed: it is measured again."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +71,14 @@ class ScreenModel:
     threshold: float
     batch: int
     threads: int
+    file_sha256: str
+    gate: str  # "passed", or the override screen was told to make (--allow-failed-gate)
+    points: tuple[OperatingPoint, ...]  # every operating point the version holds now (shipping, fallback)
+
+    @property
+    def point(self) -> OperatingPoint:
+        """The operating point this host decides at."""
+        return next(p for p in self.points if p.engine == self.engine and p.file == self.file)
 
 
 @dataclass
@@ -51,7 +87,8 @@ class ShardScreenSummary:
     images: int
     flagged: int
     seconds: float
-    status: str  # "scored" | "already_scored"
+    status: str  # "scored" | "redecided" | "already_scored"
+    why: str = ""  # why a shard was scored again or re-decided
 
 
 _ENGINES: dict[tuple[str, str, str, int], Engine] = {}
@@ -60,41 +97,50 @@ _ENGINES_LOCK = threading.Lock()
 
 def shared_engine(model: ScreenModel) -> Engine:
     """This process's engine for `model` (created once, file verified against the manifest first)."""
-    key = (model.lake_root, model.version, model.engine, model.threads)
+    key = (model.lake_root, model.version, model.engine, model.file, model.threads)
     with _ENGINES_LOCK:
         if key not in _ENGINES:
-            _ENGINES[key] = Registry(Lake.at(model.lake_root)).load_engine(model.version, threads=model.threads,
-                                                                           engine=model.engine)
+            registry = Registry(Lake.at(model.lake_root))
+            pick = {"version": model.version, "engine": model.engine, "precision": model.precision,
+                    "file": model.file}
+            engine = registry.load_pick(pick, model.threads)
+            if registry.manifest(model.version)["files"][model.file] != model.file_sha256:
+                raise ModelIntegrityError(f"{model.version}'s {model.file} changed during this screen run; re-run it")
+            _ENGINES[key] = engine
         return _ENGINES[key]
 
 
-def resolve_model(lake: Lake, version: str | None, workers: int, engine: str = "auto") -> ScreenModel:
+def resolve_model(lake: Lake, version: str | None, workers: int, engine: str = "auto",
+                  allow_failed_gate: bool = False) -> ScreenModel:
     """The model to screen with (default: the promoted one), the engine this host runs it on (TensorRT where it
     can and the version has a TensorRT threshold, else ONNX Runtime), that engine's threshold, and this host's knee
-    (measured and stored in the manifest when this host has none yet)."""
+    (measured and stored in the manifest when this host has none yet). A version whose held-out gate failed is
+    refused unless `allow_failed_gate` (registry.Registry.pick)."""
     registry = Registry(lake)
-    ship = registry.pick(version, engine)
+    ship = registry.pick(version, engine, allow_failed_gate)
     version = ship["version"]
     manifest = registry.manifest(version)
     host = host_fingerprint(ship["engine"], ship["precision"])
     knee = manifest.get("knees", {}).get(host)
     threads = max(1, default_threads() // max(1, workers))
-    if knee is None:
-        runner = registry.load_engine(version, threads=default_threads(), engine=ship["engine"])
-        sample = _sample_pixels(lake)
-        knee = find_knee(runner, sample).as_dict()
-        with lake.lock():
-            manifest = registry.manifest(version)
-            manifest.setdefault("knees", {})[host] = knee
-            registry.write_manifest(version, manifest)
+    if not _believable(knee):
+        runner = registry.load_pick(ship, threads=default_threads())
+        knee = find_knee(runner, _sample_pixels(lake)).as_dict()
+        registry.record(version, "knees", host, knee)
     return ScreenModel(str(lake.root), version, ship["engine"], ship["precision"], ship["file"],
-                       float(ship["threshold"]), int(knee["batch"]), threads)
+                       float(ship["threshold"]), int(knee["batch"]), threads, manifest["files"][ship["file"]],
+                       ship["gate"], tuple(operating_points(manifest)))
+
+
+def _believable(knee: Any) -> bool:
+    batch = knee.get("batch") if isinstance(knee, dict) else None
+    return isinstance(batch, int) and not isinstance(batch, bool) and 1 <= batch <= MAX_KNEE
 
 
 def _sample_pixels(lake: Lake, n: int = 1024) -> np.ndarray:
     """Up to n images from the lake's first non-empty shard: what the knee is measured on."""
     meta = lake.read_meta() or {"channels": 1}
-    for file in sorted(lake.images.glob("*.parquet")):
+    for file in lake.shard_files():
         parquet = pq.ParquetFile(file)
         if parquet.metadata.num_rows:
             pixels = parquet.read_row_group(0, columns=["pixels"]).column("pixels").slice(0, n)
@@ -102,30 +148,44 @@ def _sample_pixels(lake: Lake, n: int = 1024) -> np.ndarray:
     raise ValueError(f"the lake at {lake.root} holds no images to screen")
 
 
-def predictions_file(lake: Lake, version: str, shard_id: str) -> Path:
-    return lake.predictions / version / f"{shard_id}.parquet"
-
-
 def screen_shard(shard_id: str, model: ScreenModel, run_id: str, engine: Engine | None = None) -> ShardScreenSummary:
-    """Score one shard's images; a no-op when this model version already scored it."""
+    """Score one shard's images, re-decide them, or nothing, as the state of its predictions requires."""
     lake = Lake.at(model.lake_root)
-    out = predictions_file(lake, model.version, shard_id)
-    if out.exists():
-        return ShardScreenSummary(shard_id, pq.ParquetFile(out).metadata.num_rows, -1, 0.0, "already_scored")
+    out = lake.predictions_file(model.version, shard_id)
     source = lake.image_file(shard_id)
     if not source.exists():
         raise ShardUnavailable(f"shard {shard_id}: {source} is missing from the lake; re-ingest the shard")
     try:
-        reader = pq.ParquetFile(source)
+        reader = pq.ParquetFile(source)  # one handle: the digest and the rows come from the same file
+        recorded = (reader.metadata.metadata or {}).get(IMAGE_IDS_KEY.encode(), b"").decode()
+        digest = recorded or images_digest(source)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ShardUnavailable(f"shard {shard_id}: {source} is not readable Parquet ({exc}); re-ingest the shard "
-                           f"(delete the file, then run ingest on its source again)") from None
-    channels = int((lake.read_meta() or {"channels": 1})["channels"])
-    engine = engine or shared_engine(model)
+                               f"(delete the file, then run ingest on its source again)") from None
+    state = state_of(lake, model.version, shard_id, model.points, digest)
+    if state.current:
+        return ShardScreenSummary(shard_id, pq.ParquetFile(out).metadata.num_rows, -1, 0.0, "already_scored")
+    if state.kind == "redecide":
+        return _redecide(out, shard_id, state, run_id)
+    if out.exists():
+        supersede(out)
+    summary = _score(reader, source, out, shard_id, digest, model, run_id, engine or shared_engine(model))
+    summary.why = state.why
+    return summary
+
+
+def _footer(model: ScreenModel, run_id: str, digest: str) -> dict[str, str]:
+    return {VERSION_KEY: model.version, RUN_KEY: run_id, IMAGES_KEY: digest, GATE_KEY: model.gate,
+            **model.point.footer()}
+
+
+def _score(reader: pq.ParquetFile, source: Path, out: Path, shard_id: str, digest: str, model: ScreenModel,
+           run_id: str, engine: Engine) -> ShardScreenSummary:
+    channels = int((Lake.at(model.lake_root).read_meta() or {"channels": 1})["channels"])
     t0 = time.perf_counter()
     images = flagged = 0
+    scored_ids: list[str] = []
     now = datetime.now(timezone.utc)
-    meta = {"screenline.model_version": model.version, "screenline.run_id": run_id}
     # The lineage columns are the same for every row: built once at batch size, sliced per batch.
     lineage = {
         "shard_id": pa.array([shard_id] * model.batch, pa.string()),
@@ -136,58 +196,106 @@ def screen_shard(shard_id: str, model: ScreenModel, run_id: str, engine: Engine 
         "run_id": pa.array([run_id] * model.batch, pa.string()),
         "scored_at": pa.array([now] * model.batch, pa.timestamp("us", tz="UTC")),
     }
-    with atomic_parquet_writer(out, PREDICTIONS_SCHEMA, meta) as writer:
+    with atomic_parquet_writer(out, PREDICTIONS_SCHEMA, _footer(model, run_id, digest)) as writer:
         try:
-            batches = reader.iter_batches(batch_size=model.batch, columns=["image_id", "pixels"])
-            for batch in batches:
+            for batch in reader.iter_batches(batch_size=model.batch, columns=["image_id", "pixels"]):
                 scores = engine.infer(pixel_array(batch.column(1), channels))
-                positive = scores >= model.threshold
+                positive = scores >= np.float32(model.threshold)
                 n = len(scores)
                 columns = {name: values.slice(0, n) for name, values in lineage.items()}
                 columns.update(image_id=batch.column(0), score=pa.array(scores, pa.float32()),
                                positive=pa.array(positive))
                 writer.write_table(pa.table(columns, schema=PREDICTIONS_SCHEMA))
+                scored_ids.extend(batch.column(0).to_pylist())
                 images += n
                 flagged += int(positive.sum())
         except (pa.ArrowInvalid, OSError) as exc:
             raise ShardUnavailable(f"shard {shard_id}: {source} is corrupt ({exc}); re-ingest the shard") from None
+        if image_ids_digest(scored_ids) != digest:  # checked before the file is committed: nothing lands
+            raise ShardUnavailable(f"shard {shard_id}: {source} holds other images than its footer records; it was "
+                                   f"altered after ingest: delete it and re-ingest the shard")
     return ShardScreenSummary(shard_id, images, flagged, time.perf_counter() - t0, "scored")
+
+
+def _redecide(out: Path, shard_id: str, state: State, run_id: str) -> ShardScreenSummary:
+    """Decide a shard's scores again at the threshold its operating point holds now: the scores, the engine that
+    made them and the rest of their lineage stay; `positive`, `threshold` and `run_id` are this decision's."""
+    t0 = time.perf_counter()
+    old = pq.read_table(out)
+    threshold = np.float32(state.point.threshold)
+    positive = old.column("score").to_numpy() >= threshold
+    n = old.num_rows
+    table = old.set_column(old.schema.get_field_index("positive"), "positive", pa.array(positive)) \
+        .set_column(old.schema.get_field_index("threshold"), "threshold", pa.array(np.full(n, threshold))) \
+        .set_column(old.schema.get_field_index("run_id"), "run_id", pa.array([run_id] * n, pa.string()))
+    meta = {**footer(out), THRESHOLD_KEY: repr(state.point.threshold), RUN_KEY: run_id}
+    supersede(out)
+    with atomic_parquet_writer(out, PREDICTIONS_SCHEMA, meta) as writer:
+        writer.write_table(table.cast(PREDICTIONS_SCHEMA))
+    return ShardScreenSummary(shard_id, n, int(positive.sum()), time.perf_counter() - t0, "redecided", state.why)
 
 
 class ShardUnavailable(ValueError):
     """A lake shard that is missing or cannot be read: not retried (a re-run after re-ingest fixes it)."""
 
 
-def _screen_output(inputs: dict[str, Any]) -> Path:
+def _screen_current(inputs: dict[str, Any]) -> bool:
     model: ScreenModel = inputs["model"]
-    return predictions_file(Lake.at(model.lake_root), model.version, inputs["shard_id"])
+    try:
+        return state_of(Lake.at(model.lake_root), model.version, inputs["shard_id"], model.points,
+                        inputs["images_digest"] or None).current
+    except (pa.ArrowInvalid, OSError, ValueError):
+        return False
 
 
-@task(name="screen-shard", cache_policy=OutputCache(namespace="screen/v1", output=_screen_output, exclude=("run_id",)),
+@task(name="screen-shard", cache_policy=OutputCache(namespace="screen/v2", current=_screen_current,
+                                                    exclude=("run_id",)),
       persist_result=True, **IO_RETRIES)
-def screen_shard_task(shard_id: str, shard_sha256: str, model: ScreenModel, run_id: str) -> ShardScreenSummary:
-    """Score one shard (cached on the shard's content hash and the model: version, engine, precision, threshold)."""
+def screen_shard_task(shard_id: str, images_digest: str, model: ScreenModel, run_id: str) -> ShardScreenSummary:
+    """Score one shard (cached on its images file's image-id digest and the model: version, engine, graph,
+    threshold; never while its predictions are not current)."""
     summary = screen_shard(shard_id, model, run_id)
-    get_run_logger().info("shard %s: %d images, %d flagged (%s)", shard_id, summary.images, summary.flagged,
-                          summary.status)
+    if summary.status == "already_scored":
+        get_run_logger().info("shard %s: %d images, already scored", shard_id, summary.images)
+    else:
+        get_run_logger().info("shard %s: %d images, %d flagged (%s%s)", shard_id, summary.images, summary.flagged,
+                              summary.status, f": {summary.why}" if summary.why else "")
     return summary
 
 
 @task(name="resolve-model", **IO_RETRIES)
-def resolve_model_task(lake_root: str, version: str | None, workers: int, engine: str = "auto") -> ScreenModel:
+def resolve_model_task(lake_root: str, version: str | None, workers: int, engine: str = "auto",
+                       allow_failed_gate: bool = False) -> ScreenModel:
     """The model, engine, threshold and knee batch to screen with."""
-    return resolve_model(Lake.at(lake_root), version, workers, engine)
+    return resolve_model(Lake.at(lake_root), version, workers, engine, allow_failed_gate)
 
 
 @task(name="list-shards", **IO_RETRIES)
 def list_shards_task(lake_root: str) -> list[tuple[str, str]]:
-    """(shard_id, shard sha256) of every shard in the lake's images/."""
+    """(shard_id, image-id digest) of every shard in the lake's images/ ("" for a file whose footer cannot be read:
+    its task then fails naming it)."""
     lake = Lake.at(lake_root)
     shards = []
-    for file in sorted(lake.images.glob("*.parquet")):
+    for file in lake.shard_files():
         try:
-            sha = (pq.read_schema(file).metadata or {}).get(b"screenline.shard_sha256", b"").decode()
+            digest = images_digest(file)
         except (pa.ArrowInvalid, OSError):
-            sha = ""
-        shards.append((file.stem, sha or file.stem))
+            digest = ""
+        shards.append((file.stem, digest))
+    landed = {f"{shard_id}.parquet" for shard_id, _ in shards}
+    strays = sorted(p.name for p in lake.images.iterdir() if not p.name.startswith(".") and p.name not in landed) \
+        if lake.images.is_dir() else []
+    if strays:
+        get_run_logger().warning("not shards, not read: %s in %s (only <shard id>.parquet files are)",
+                                 ", ".join(strays[:5]) + (" …" if len(strays) > 5 else ""), lake.images)
     return shards
+
+
+@task(name="sweep-predictions", **IO_RETRIES)
+def sweep_orphans_task(lake_root: str) -> int:
+    """Move aside the predictions of shards that are no longer in the lake (every version); how many moved."""
+    moved = sweep_orphans(Lake.at(lake_root))
+    if moved:
+        get_run_logger().warning("%d predictions file(s) of shards no longer in the lake moved aside to %s",
+                                 len(moved), ", ".join(sorted({str(p.parent) for p in moved})))
+    return len(moved)

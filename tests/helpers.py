@@ -80,10 +80,12 @@ def spot_detector(centre: float = 37.0, scale: float = 6.0):
 
 
 def register_model(lake: Path, version: str, seed: int, threshold: float = 0.5, knee: int | None = 16,
-                   reference: np.ndarray | None = None, model=None) -> str:
-    """A random-weight ScreenNet (or `model`) exported and registered as `version`, promoted (no training: seconds).
+                   reference: np.ndarray | None = None, model=None, passed_gate: bool | None = True) -> str:
+    """A random-weight ScreenNet (or `model`) exported and registered as `version`, signed with the session's key,
+    and promoted when it passed its gate (no training: seconds).
 
     reference: pixels whose scores become the model's drift reference (as optimize writes its validation scores).
+    passed_gate: the held-out gate's verdict to record (None: none recorded).
     """
     import pyarrow as pa
     import torch
@@ -106,14 +108,34 @@ def register_model(lake: Path, version: str, seed: int, threshold: float = 0.5, 
                              "file": "model-fp32.onnx", "threshold": threshold},
                 "gates": {"target_sensitivity": 0.98},
                 "knees": {host: {"batch": knee, "images_per_s": 1.0, "batch1_latency_ms": 1.0}} if knee else {}}
+    if passed_gate is not None:
+        manifest.update(passed_gate=passed_gate, promotion="test model" if passed_gate else
+                        "NOT promoted: test sensitivity 0.9000 (90/100) at the frozen threshold is below the target")
     registry.register(version, manifest)
-    registry.promote(version)
+    if passed_gate:
+        registry.promote(version)
     return version
 
 
-def labelled_lake_with_model(lake: Path, holdout: Path, hold_x: np.ndarray, hold_y: np.ndarray):
+def screen_plain(lake, version: str | None = None) -> dict[str, str]:
+    """What the screen flow does, without Prefect: move orphans aside, then each shard; shard_id → status. Each
+    call is a run of its own, with its own run id, as each flow run is."""
+    import uuid
+
+    from tasks.predictions import sweep_orphans
+    from tasks.screen import resolve_model, screen_shard
+
+    sweep_orphans(lake)
+    model = resolve_model(lake, version, workers=1)
+    run_id = str(uuid.uuid4())
+    return {f.stem: screen_shard(f.stem, model, run_id).status for f in lake.shard_files()}
+
+
+def labelled_lake_with_model(lake: Path, holdout: Path, hold_x: np.ndarray, hold_y: np.ndarray,
+                             sensitivity: float = 1.0):
     """Ingest `holdout` (the shards of hold_x/hold_y) as the labelled subset "holdout" and promote a spot detector
-    whose threshold is calibrated there for 99% sensitivity, its drift reference 600 site-a images.
+    whose threshold is calibrated there for `sensitivity` (default: every hold-out positive found, so ≥ 183 of them
+    show 98% at the exact lower bound), its drift reference 600 site-a images.
     Returns (the ingest report, the threshold)."""
     from flows.ingest import ingest
     from models.engine import OrtEngine, scores
@@ -123,7 +145,7 @@ def labelled_lake_with_model(lake: Path, holdout: Path, hold_x: np.ndarray, hold
     held = ingest([str(holdout)], lake=str(lake), subset="holdout")
     register_model(lake, "sn-probe", seed=0, model=spot_detector())
     engine = OrtEngine(lake / "models" / "sn-probe" / "model-fp32.onnx")
-    threshold = calibrate_threshold(scores(engine, hold_x[:, None]), hold_y, 0.99)
+    threshold = calibrate_threshold(scores(engine, hold_x[:, None]), hold_y, sensitivity)
     reference = generate(600, 0.1, 7, SITES["a"], "reference")[0][:, None]
     register_model(lake, "sn-spot", seed=0, threshold=threshold, reference=reference, model=spot_detector())
     return held, threshold

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,8 +20,8 @@ from flows.ingest import ingest
 from flows.screen import screen
 from helpers import images, register_model, task_states
 from models.engine import OrtEngine
-from models.registry import Registry, host_fingerprint
-from tasks.lake import Lake, pixel_array
+from models.registry import ModelIntegrityError, Registry, host_fingerprint
+from tasks.lake import Lake, footer, pixel_array
 from tasks.results import ResultsQuery, query_results
 from tasks.samples import write_tar
 
@@ -151,3 +152,111 @@ def test_kill_9_midway_then_rerun_gives_one_prediction_per_image(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     ids = pq.read_table(out, columns=["image_id"]).column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == 12 * 400
+
+
+# --- trust: predictions follow images/ and the operating point; refused models and paths --------------------------
+
+
+def test_the_issues_sequence_through_the_flows_keeps_one_prediction_per_image_and_an_exact_audit(tmp_path):
+    """A corrupt images file, deleted and re-ingested as the error advises, while an overlapping shard lands first:
+    the stale predictions are scored again, the old ones moved aside, and the audit counts the lake's images."""
+    from flows.audit import audit
+
+    x, y = images(300, "overlap", prevalence=0.5)
+    write_tar(tmp_path / "a" / "a.tar", x[:200], y[:200], prefix="a")
+    write_tar(tmp_path / "b" / "b.tar", x[100:], y[100:], prefix="b")  # shares 100 images with a
+    first = ingest([str(tmp_path / "a")], lake=str(tmp_path / "lake"), subset="holdout")
+    lake = tmp_path / "lake"
+    register_model(lake, "sn-ov", seed=6, threshold=0.0)  # flags everything: every positive found
+    screen(lake=str(lake))
+    a = first.shards[0].shard_id
+    (lake / "images" / f"{a}.parquet").write_bytes(b"PAR1 corrupt")
+    with pytest.raises(RuntimeError, match="delete the file, then run ingest on its source again"):
+        screen(lake=str(lake))
+    (lake / "images" / f"{a}.parquet").unlink()
+    ingest([str(tmp_path / "b")], lake=str(lake), subset="holdout")  # lands all 200, the 100 shared ones too
+    again = ingest([str(tmp_path / "a")], lake=str(lake), subset="holdout")
+    assert again.shards[0].accepted == 100 and again.shards[0].reasons == {"duplicate": 100}
+    with pytest.raises(ValueError, match="images changed since they were scored.*screenline screen"):
+        audit(lake=str(lake))
+    report = screen(lake=str(lake))
+    assert report.scored == 300 and {s.status for s in report.shards} == {"scored"}
+    in_lake = sorted(pq.read_table(lake / "images", columns=["image_id"]).column(0).to_pylist())
+    assert sorted(predictions(lake, "sn-ov")["image_id"]) == in_lake and len(in_lake) == 300
+    audited = audit(lake=str(lake), subsets=["holdout"])
+    assert audited.summary.subsets[0]["n"] == 300 and audited.summary.subsets[0]["positives"] == int(y.sum())
+
+
+def test_screening_a_version_whose_gate_failed_is_refused_unless_overridden(tmp_path):
+    lake = make_lake(tmp_path, shards=2, per_shard=20)
+    register_model(lake, "sn-good", seed=1)
+    register_model(lake, "sn-failed", seed=2, passed_gate=False)
+    cli = [sys.executable, "-m", "screenline.cli", "screen", "--lake", str(lake), "--version", "sn-failed"]
+    refused = subprocess.run(cli, env=ENV, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2
+    assert "sn-failed's onnxruntime engine did not pass its held-out sensitivity gate" in refused.stderr
+    assert "--allow-failed-gate" in refused.stderr and not (lake / "predictions" / "sn-failed").exists()
+    allowed = subprocess.run([*cli, "--allow-failed-gate"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "warning: sn-failed overridden: did not pass" in allowed.stdout
+    files = list((lake / "predictions" / "sn-failed").glob("*.parquet"))
+    assert len(files) == 2
+    assert all(footer(f)["screenline.gate"].startswith("overridden: did not pass") for f in files)
+
+
+def test_a_promoted_pointer_outside_the_lake_writes_nothing_anywhere(tmp_path):
+    lake = make_lake(tmp_path, shards=1, per_shard=10)
+    register_model(lake, "sn-p", seed=1)
+    (lake / "models" / "PROMOTED").write_text('{"version": "../../outside/ver"}')
+    with pytest.raises(ModelIntegrityError, match="not a promotion this host trusts"):
+        screen(lake=str(lake))
+    assert not (tmp_path / "outside").exists() and not (lake / "predictions").exists()
+
+
+def test_a_new_threshold_re_decides_old_predictions_through_the_flow(screened, tmp_path):
+    lake, _ = screened
+    copy = tmp_path / "lake"
+    shutil.copytree(lake, copy)
+    Registry(Lake(copy)).promote("sn-a")
+    before = predictions(copy, "sn-a")
+    manifest_path = copy / "models" / "sn-a" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shipping"]["threshold"] = 0.45
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ModelIntegrityError, match="changed after it was signed"):
+        screen(lake=str(copy))  # an unsigned edit decides nothing
+    Registry(Lake(copy)).sign("sn-a")
+    report = screen(lake=str(copy))
+    assert report.redecided == 120 and report.scored == 0
+    after = predictions(copy, "sn-a")
+    by_id = dict(zip(before["image_id"], before["score"]))
+    assert [by_id[i] for i in after["image_id"]] == after["score"]  # scores kept, not recomputed
+    assert set(after["threshold"]) == {np.float32(0.45)}
+    assert after["positive"] == [s >= np.float32(0.45) for s in after["score"]]
+    assert screen(lake=str(copy)).redecided == 0
+
+
+def test_an_images_file_altered_after_ingest_is_refused_not_scored(tmp_path):
+    lake = make_lake(tmp_path, shards=1, per_shard=20)
+    register_model(lake, "sn-alt", seed=1)
+    (victim,) = (lake / "images").glob("*.parquet")
+    table = pq.read_table(victim)
+    meta = pq.read_metadata(victim).metadata
+    pq.write_table(table.slice(0, 10).replace_schema_metadata(meta), victim)  # rows dropped, footer kept
+    with pytest.raises(RuntimeError, match="holds other images than its footer records"):
+        screen(lake=str(lake))
+    assert not list((lake / "predictions" / "sn-alt").glob("*.parquet"))
+
+
+def test_results_leave_out_stale_predictions_and_say_how_to_refresh_them(tmp_path):
+    lake = make_lake(tmp_path, shards=2, per_shard=20)
+    register_model(lake, "sn-r", seed=1)
+    screen(lake=str(lake))
+    gone = sorted((lake / "images").glob("*.parquet"))[0]
+    gone.unlink()
+    cli = [sys.executable, "-m", "screenline.cli", "results", "--lake", str(lake), "--out", str(tmp_path / "r.parquet")]
+    done = subprocess.run(cli, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"left out stale predictions of 1 shard(s) of sn-r (e.g. {gone.stem}: its shard is no longer in the lake)" \
+        in done.stderr and "screenline screen" in done.stderr
+    assert pq.read_table(tmp_path / "r.parquet").num_rows == 20
