@@ -30,8 +30,14 @@ class AuditReport:
     report: str
 
     @property
+    def verdict(self) -> str:
+        """passed | failed | inconclusive | not audited (tasks.audit.AuditSummary.verdict)."""
+        return self.summary.verdict
+
+    @property
     def passed(self) -> bool:
-        return not self.summary.failing
+        """Every subset's positives support the target: never true for an audit that could not show it."""
+        return self.verdict == "passed"
 
 
 @flow(name="audit")
@@ -48,7 +54,10 @@ def audit(
     version: default the promoted model. subsets: default every labelled subset. batch: shard ids whose scores are
     compared with the reference for drift (default: the shards of the newest screen run). threshold: default the
     shipped one (set it to see what another threshold would do). target_sensitivity: default the model's gate.
-    Ends Failed, after writing the figures and the report, when a subset's sensitivity is below target.
+    Ends Failed, after writing the figures and the report, when a subset's sensitivity is below target. Completes
+    with verdict "inconclusive" when no subset is below target but one cannot show it (no positives, or too few for
+    the exact lower bound to reach the target), and "not audited" when the lake has no labelled subset: neither
+    reads as a pass.
     """
     logger = get_run_logger()
     root = str(lake_root(lake))
@@ -63,7 +72,7 @@ def audit(
         table=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                 if k in ("subset", "n", "positives", "tp", "fn", "sensitivity", "sensitivity_cp_low",
                          "sensitivity_cp_high", "sensitivity_wilson_low", "sensitivity_wilson_high", "specificity",
-                         "ppv", "npv", "auc", "meets_target", "claim")} for row in summary.subsets],
+                         "ppv", "npv", "auc", "verdict", "claim")} for row in summary.subsets],
         description=f"audit {plan.audit_id}: {plan.version} at threshold {plan.threshold:.4f}; report {report}",
     )
     create_table_artifact(
@@ -72,12 +81,16 @@ def audit(
                                       "batch_positive_rate", "reference_positive_rate", "flagged", "why")}],
         description=f"drift of {len(plan.batch)} shard(s) against the {drift['reference']} reference",
     )
-    verdict = ("FAILED: " + "; ".join(summary.failing)) if summary.failing else (
-        "passed: every subset at or above target" if plan.subsets else "no labelled subsets: sensitivity not audited")
+    verdict = {
+        "failed": "FAILED: " + "; ".join(summary.failing),
+        "inconclusive": "INCONCLUSIVE (the target is not shown): " + "; ".join(summary.inconclusive),
+        "not audited": "NOT AUDITED: the lake has no labelled subsets, so sensitivity was not measured",
+        "passed": "passed: every subset's positives support the target at the exact 95% lower bound",
+    }[summary.verdict]
     create_markdown_artifact(
         key="audit-report",
         markdown=(f"# Audit {plan.audit_id}\n\n**{verdict}**\n\n"
-                  + "".join(f"- **{r['subset']}**: sensitivity {r['sensitivity']:.4f} (exact 95% CI "
+                  + "".join(f"- **{r['subset']}** ({r['verdict']}): sensitivity {r['sensitivity']:.4f} (exact 95% CI "
                             f"{r['sensitivity_cp_low']:.4f}–{r['sensitivity_cp_high']:.4f}), specificity "
                             f"{r['specificity']:.4f}, {r['claim']}\n" for r in summary.subsets)
                   + f"\n**Drift: {'FLAGGED' if drift['flagged'] else 'none'}** — {drift['why']}\n\n"
@@ -89,7 +102,8 @@ def audit(
         logger.warning("below target in a shard subgroup: %s", sentence)
     if drift["flagged"]:
         logger.warning("drift flagged: %s", drift["why"])
-    logger.info("audit %s: %s; report %s", plan.audit_id, verdict, report)
+    (logger.info if summary.verdict == "passed" else logger.warning)("audit %s: %s; report %s", plan.audit_id,
+                                                                     verdict, report)
     if summary.failing:
         raise AuditFailed(
             f"audit of {plan.version} failed: " + "; ".join(summary.failing) + ". The predictions stay in the lake. "

@@ -50,7 +50,8 @@ def nightly(
 
     inbox: the folder sites drop shards in (relative paths are from where the flow runs: the repository root for a
     deployment). The batch checked for drift is the shards this run landed, or, when none are new, every shard in
-    the inbox. Ends Failed when the audit does (a subset below target), after the report is written. engine: as
+    the inbox. Ends Failed when the audit does (a subset below target), after the report is written; an audit that
+    cannot show the target says "inconclusive" (or "not audited") in the message, never "passed". engine: as
     for `screen` (auto: TensorRT where this host can run it and the model has a TensorRT threshold).
     """
     logger = get_run_logger()
@@ -73,7 +74,8 @@ def nightly(
     message = (
         f"{len(shards)} shard(s) in the inbox, {len(new)} new: {landed.landed} image(s) landed, "
         f"{landed.rejected} rejected; {scored.scored} image(s) scored by {scored.version}, {scored.flagged} flagged; "
-        f"audit {'passed' if audited.passed else 'FAILED'}, drift {'FLAGGED' if drift.get('flagged') else 'none'}"
+        f"audit {audited.verdict if audited.verdict != 'failed' else 'FAILED'}, "
+        f"drift {'FLAGGED' if drift.get('flagged') else 'none'}"
     )
     create_markdown_artifact(
         key="nightly-summary",

@@ -3,7 +3,9 @@
     screenline samples [--out samples]            write a generated sample set of shards
     screenline ingest PATH_OR_GLOB... [--lake]    land shards in the lake
     screenline optimize [--lake] [--epochs N]     train, export, quantize, calibrate, gate, register, promote
-    screenline models [--lake]                    list registered model versions
+    screenline models [--lake]                    list registered model versions, and whether each is trusted
+    screenline sign VERSION [--lake]              re-sign a manifest you changed by hand (needs the signing key)
+    screenline promote VERSION [--lake]           make a version that passed its gate the one screening uses
     screenline screen [--lake] [--dask ADDR|local] score every image with the promoted model at the knee
     screenline results [--version|--run-id|--since] [--out F]   predictions joined with shard and source
     screenline audit [--lake] [--subset S]        sensitivity on labelled subsets with intervals, drift, a report
@@ -11,7 +13,8 @@
     screenline demo                               samples → ingest → optimize → nightly on an embedded default
 
 The lake is `--lake`, else $SCREENLINE_LAKE, else ./lake. Flows run in Prefect's ephemeral mode unless
-PREFECT_API_URL points at a server.
+PREFECT_API_URL points at a server. Exit status: 0 done (an audit passed), 2 an error or a failed audit, 3 an audit
+that could not show the target (inconclusive, or no labelled subset to audit).
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 class CliError(Exception):
-    """A one-line error for the user: printed without a traceback."""
+    """A one-line error for the user: printed without a traceback; the process exits with `code`."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+NOT_SHOWN = 3
+"""Exit status of an audit (or a night) that could not show the sensitivity target: not a pass, not a failure."""
 
 
 def _lake_arg(parser: argparse.ArgumentParser) -> None:
@@ -142,7 +153,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from models.registry import ModelNotFound, Registry
+    from models.registry import ModelIntegrityError, ModelNotFound, Registry
     from tasks.lake import Lake
 
     registry = Registry(Lake.at(args.lake))
@@ -153,14 +164,55 @@ def cmd_models(args: argparse.Namespace) -> None:
         promoted = registry.promoted()
     except ModelNotFound:
         promoted = None
-    print(f"{'version':<16} {'promoted':<8} {'ships':<18} {'threshold':>9} {'test sens':>9} {'test AUC':>8}  registered")
+    except ModelIntegrityError as exc:
+        promoted = None
+        print(f"warning: {exc}", file=sys.stderr)
+    print(f"{'version':<16} {'promoted':<8} {'ships':<18} {'threshold':>9} {'test sens':>9} {'test AUC':>8}  "
+          f"{'gate':<6} {'trust':<9} registered")
+    untrusted = []
     for version in versions:
-        m = registry.manifest(version)
+        m = registry.read_manifest(version)
+        try:
+            registry.manifest(version)
+            trust = "signed"
+        except ModelIntegrityError as exc:
+            trust = "UNTRUSTED"
+            untrusted.append(f"{version}: {exc}")
         ship, test = m.get("shipping", {}), m.get("test", {})
         mark = "*" if version == promoted else ("no" if not m.get("promoted") else "yes")
+        gate = {True: "passed", False: "FAILED"}.get(m.get("passed_gate"), "none")
         print(f"{version:<16} {mark:<8} {ship.get('candidate', '?'):<18} {ship.get('threshold', float('nan')):>9.4f} "
               f"{test.get('sensitivity', float('nan')):>9.4f} {test.get('auc', float('nan')):>8.4f}  "
-              f"{m.get('registered_at', '?')}")
+              f"{gate:<6} {trust:<9} {m.get('registered_at', '?')}")
+    for line in untrusted:
+        print(f"untrusted: {line}", file=sys.stderr)
+
+
+def cmd_sign(args: argparse.Namespace) -> None:
+    from models.registry import ModelNotFound, Registry
+    from models.signing import keys_dir
+    from tasks.lake import Lake
+
+    registry = Registry(Lake.at(args.lake))
+    try:
+        previous, manifest = registry.sign(args.version)
+    except (ModelNotFound, ValueError, RuntimeError) as exc:
+        raise CliError(str(exc)) from None
+    print(f"signed {args.version}: seal {manifest['seal'][:16]}… (was {str(previous)[:16]}…) with key "
+          f"{manifest['signature']['key_id']} from {keys_dir()}\n"
+          f"screen re-decides or re-scores its predictions that no longer match it")
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    from models.registry import ModelNotFound, Registry
+    from tasks.lake import Lake
+
+    registry = Registry(Lake.at(args.lake))
+    try:
+        registry.promote(args.version)
+    except (ModelNotFound, ValueError, RuntimeError) as exc:
+        raise CliError(str(exc)) from None
+    print(f"promoted {args.version}: `screenline screen` scores with it from now on")
 
 
 def screen_flow(dask: str | None, workers: int | None):
@@ -185,7 +237,7 @@ def screen_flow(dask: str | None, workers: int | None):
 
 
 def run_screen(lake: str | None, version: str | None = None, workers: int | None = None,
-               dask: str | None = None, engine: str = "auto") -> "object":
+               dask: str | None = None, engine: str = "auto", allow_failed_gate: bool = False) -> "object":
     """Run the screen flow and print where the predictions are."""
     from models.registry import ModelNotFound
 
@@ -196,21 +248,25 @@ def run_screen(lake: str | None, version: str | None = None, workers: int | None
 
         workers = default_threads()
     try:
-        report = flow_fn(lake=lake, version=version, workers=workers, engine=engine)
+        report = flow_fn(lake=lake, version=version, workers=workers, engine=engine,
+                         allow_failed_gate=allow_failed_gate)
     except (ModelNotFound, ValueError, RuntimeError) as exc:
         raise CliError(str(exc)) from None
     rate = report.scored / report.seconds if report.seconds else 0.0
     print(
         f"\nscreened with {report.version} at batch {report.batch}: {report.scored} image(s) scored "
-        f"({rate:,.0f} images/s), {report.flagged} flagged positive; "
-        f"{sum(s.status == 'already_scored' for s in report.shards)} shard(s) already scored\n"
-        f"  predictions: {report.lake}/predictions/{report.version}/"
+        f"({rate:,.0f} images/s), {report.redecided} re-decided at a changed threshold, {report.flagged} flagged "
+        f"positive; {sum(s.status == 'already_scored' for s in report.shards)} shard(s) already scored"
+        + (f"; {report.superseded} predictions file(s) of shards no longer in the lake moved aside"
+           if report.superseded else "")
+        + (f"\n  warning: {report.version} {report.gate}" if report.gate != "passed" else "")
+        + f"\n  predictions: {report.lake}/predictions/{report.version}/"
     )
     return report
 
 
 def cmd_screen(args: argparse.Namespace) -> None:
-    run_screen(args.lake, args.version, args.workers, args.dask, args.engine)
+    run_screen(args.lake, args.version, args.workers, args.dask, args.engine, args.allow_failed_gate)
 
 
 def cmd_results(args: argparse.Namespace) -> None:
@@ -226,23 +282,36 @@ def cmd_results(args: argparse.Namespace) -> None:
         print(f"wrote {n} prediction(s) to {where}", file=sys.stderr)
 
 
+def _pct(value: float) -> str:
+    return "n/a" if value != value else f"{value:.4f}"
+
+
 def _print_audit(report: "object") -> None:
     from flows.audit import AuditReport
 
     assert isinstance(report, AuditReport)
     s = report.summary
-    print(f"\naudit {s.audit_id}: {s.version} at threshold {s.threshold:.4f}, target {s.target:.0%}")
+    print(f"\naudit {s.audit_id}: {s.version} at threshold {s.threshold:.4f}, target {s.target:.0%}: "
+          f"{s.verdict.upper()}")
     if not s.subsets:
         print("  no labelled subsets in the lake: sensitivity not audited (ingest one with --subset NAME)")
     for r in s.subsets:
-        print(f"  {r['subset']}: {r['n']} images, {r['positives']} positive; sensitivity {r['sensitivity']:.4f} "
-              f"(exact 95% CI {r['sensitivity_cp_low']:.4f}–{r['sensitivity_cp_high']:.4f}, Wilson "
-              f"{r['sensitivity_wilson_low']:.4f}–{r['sensitivity_wilson_high']:.4f}), specificity "
-              f"{r['specificity']:.4f}, AUC {r['auc']:.4f}\n    {r['claim']}")
+        print(f"  {r['subset']} ({r['verdict']}): {r['n']} images, {r['positives']} positive; sensitivity "
+              f"{_pct(r['sensitivity'])} (exact 95% CI {r['sensitivity_cp_low']:.4f}–{r['sensitivity_cp_high']:.4f}, "
+              f"Wilson {r['sensitivity_wilson_low']:.4f}–{r['sensitivity_wilson_high']:.4f}), specificity "
+              f"{_pct(r['specificity'])}, AUC {_pct(r['auc'])}\n    {r['claim']}")
     for sentence in s.weak_groups:
         print(f"  warning: {sentence}")
     print(f"  drift: {'FLAGGED: ' if s.drift.get('flagged') else ''}{s.drift.get('why', '?')}\n"
           f"  report: {report.report}")
+
+
+def _not_shown(report: "object") -> None:
+    """Exit 3 when an audit could not show the target: scripts must not read it as a pass."""
+    verdict = report.verdict
+    if verdict in ("inconclusive", "not audited"):
+        why = "; ".join(report.summary.inconclusive) or "the lake has no labelled subset"
+        raise CliError(f"audit {verdict}: the sensitivity target is not shown ({why})", NOT_SHOWN)
 
 
 def run_audit(lake: str | None, **params: object) -> "object":
@@ -255,15 +324,16 @@ def run_audit(lake: str | None, **params: object) -> "object":
         report = audit(lake=lake, **params)
     except AuditFailed as exc:
         raise CliError(str(exc)) from None
-    except (ModelNotFound, ValueError) as exc:
+    except (ModelNotFound, ValueError, RuntimeError) as exc:
         raise CliError(str(exc)) from None
     _print_audit(report)
     return report
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
-    run_audit(args.lake, version=args.version, subsets=args.subset, batch=args.batch, threshold=args.threshold,
-              target_sensitivity=args.target_sensitivity)
+    report = run_audit(args.lake, version=args.version, subsets=args.subset, batch=args.batch,
+                       threshold=args.threshold, target_sensitivity=args.target_sensitivity)
+    _not_shown(report)
 
 
 def run_nightly(inbox: str, lake: str | None) -> "object":
@@ -285,7 +355,9 @@ def run_nightly(inbox: str, lake: str | None) -> "object":
 
 
 def cmd_nightly(args: argparse.Namespace) -> None:
-    run_nightly(args.inbox, args.lake)
+    report = run_nightly(args.inbox, args.lake)
+    if report.audit is not None:
+        _not_shown(report.audit)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -376,9 +448,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-int8-fail", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_optimize)
 
-    p = sub.add_parser("models", help="list registered model versions")
+    p = sub.add_parser("models", help="list registered model versions, their gate and whether they are trusted")
     _lake_arg(p)
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "sign", help="re-seal and sign a manifest you changed by hand (needs this host's signing key)",
+        description="Screening uses a manifest only if its content matches the seal a trusted key signed. After "
+        "changing one by hand (a threshold, say) and reviewing it, sign it again with this host's key "
+        "($SCREENLINE_KEYS, default ~/.config/screenline/keys); screen then re-decides or re-scores the predictions "
+        "that no longer match it.")
+    p.add_argument("version")
+    _lake_arg(p)
+    p.set_defaults(func=cmd_sign)
+
+    p = sub.add_parser("promote", help="make a registered version that passed its gate the one screening uses")
+    p.add_argument("version")
+    _lake_arg(p)
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("screen", help="score every image in the lake with the promoted model")
     _lake_arg(p)
@@ -386,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="shard tasks at once (default: one per core)")
     p.add_argument("--dask", metavar="ADDRESS|local",
                    help="run the shard tasks on a Dask cluster (scheduler address, or `local` for a LocalCluster)")
+    p.add_argument("--allow-failed-gate", action="store_true",
+                   help="screen with a version whose held-out sensitivity gate failed (refused otherwise); its "
+                        "predictions record the override")
     _engine_arg(p)
     p.set_defaults(func=cmd_screen)
 
@@ -436,8 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except CliError as exc:
-        print(f"screenline: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"screenline: {'error: ' if exc.code == 2 else ''}{exc}", file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
         print("screenline: interrupted", file=sys.stderr)
         return 130

@@ -10,8 +10,18 @@ An audit reads a model version's predictions and the labels of the lake's labell
     lake/audits/drift/<audit_id>.parquet     this batch's scores against a reference: KS test, positive rates
     lake/audits/reports/<audit_id>.html      the report a person reads (tasks/report.py)
 
-The audit id is a hash of what the audit reads (model, threshold, target, the predictions' run ids, the batch), so
-auditing unchanged predictions again finds the same files instead of writing new ones.
+The audit id is a hash of what the audit reads (model, threshold, target, the predictions' run ids and the images
+they scored, the batch), so auditing unchanged predictions again finds the same files instead of writing new ones.
+
+What is audited is verified, not assumed: only current predictions are read (tasks/predictions.py: made from the
+images the lake holds now, decided at the version's threshold now), every labelled image of an audited subset must
+have exactly one of them (`AuditIncomplete` otherwise), and the 2×2 tables count the decisions as screen recorded
+them (each prediction's own threshold) unless a threshold override asks what another threshold would do.
+
+Verdicts, per subset: *failed* when the sensitivity point estimate is below target; *passed* only when the positives
+support the target at the exact (Clopper-Pearson) 95% lower bound; otherwise *inconclusive* (no positives, or too
+few for the bound to reach the target). An audit passes only if every subset passes: a subset without the positives
+to show the target never reads as a pass.
 
 Drift reference: the shipped engine's scores on the model's validation split (`reference-scores.parquet`, written
 by optimize and hashed in the manifest); for a model registered without one, this version's scores of the lake's
@@ -37,8 +47,9 @@ from prefect import task
 from models.registry import Registry
 from tasks.caching import OutputCache, content_key
 from tasks.ingest import IO_RETRIES
-from tasks.lake import Lake, write_table_atomic
-from tasks.metrics import claim, figures
+from tasks.lake import SHARD_PATH_KEY, Lake, footer, images_digest, safe_name, shard_id_of, write_table_atomic
+from tasks.metrics import Figures, claim, figures
+from tasks.predictions import RUN_KEY, State, current_files, read_current
 
 REFERENCE_FILE = "reference-scores.parquet"
 """In a model's folder: its shipped engine's validation scores and labels, the default drift reference."""
@@ -46,6 +57,17 @@ REFERENCE_FILE = "reference-scores.parquet"
 
 class AuditFailed(RuntimeError):
     """A labelled subset's sensitivity is below target. The predictions stay in the lake."""
+
+
+class AuditIncomplete(ValueError):
+    """The predictions do not cover the audited images exactly once: figures would be wrong, so none are made."""
+
+
+def subset_verdict(f: Figures, target: float, supported: bool) -> str:
+    """failed (point estimate below target), passed (the exact lower bound reaches it), else inconclusive."""
+    if f.positives and f.sensitivity < target:
+        return "failed"
+    return "passed" if supported else "inconclusive"
 
 
 @dataclass(frozen=True)
@@ -67,25 +89,40 @@ class AuditPlan:
     engine: str
     precision: str
     threshold: float
-    threshold_source: str  # "manifest" | "override"
+    threshold_source: str  # "as decided" (each prediction's own, the manifest's) | "override"
     target: float
     subsets: tuple[str, ...]
     batch: tuple[str, ...]  # shard ids whose scores are checked for drift
-    runs: tuple[tuple[str, str], ...]  # (shard_id, run_id) of every predictions file read
+    runs: tuple[tuple[str, str, str], ...]  # (shard_id, run_id, images digest) of every predictions file read
     drift: DriftSettings = DriftSettings()
 
     @property
     def lake(self) -> Lake:
         return Lake.at(self.lake_root)
 
+    @property
+    def overridden(self) -> bool:
+        return self.threshold_source == "override"
+
     def figures_file(self) -> Path:
-        return self.lake.audits / "figures" / f"{self.audit_id}.parquet"
+        return self.lake.inside("audits", "figures", f"{safe_name(self.audit_id, 'audit id')}.parquet")
 
     def drift_file(self) -> Path:
-        return self.lake.audits / "drift" / f"{self.audit_id}.parquet"
+        return self.lake.inside("audits", "drift", f"{safe_name(self.audit_id, 'audit id')}.parquet")
 
     def report_file(self) -> Path:
-        return self.lake.audits / "reports" / f"{self.audit_id}.html"
+        return self.lake.inside("audits", "reports", f"{safe_name(self.audit_id, 'audit id')}.html")
+
+    def prediction_files(self) -> dict[str, Path]:
+        """The predictions files the plan read, checked to be the same ones still: an audit never mixes figures from
+        predictions written after it was planned."""
+        manifest = Registry(self.lake).manifest(self.version)
+        current, _ = current_files(self.lake, self.version, manifest)
+        for shard_id, run_id, _digest in self.runs:
+            if shard_id not in current or _footer_run(current[shard_id]) != run_id:
+                raise AuditIncomplete(f"the predictions of shard {shard_id} by {self.version} changed since this "
+                                      f"audit was planned (a screen ran meanwhile): run the audit again")
+        return {shard_id: current[shard_id] for shard_id, _, _ in self.runs}
 
 
 @dataclass
@@ -98,11 +135,22 @@ class AuditSummary:
     target: float
     subsets: list[dict[str, Any]] = field(default_factory=list)  # the rows with group == "all"
     failing: list[str] = field(default_factory=list)  # one sentence per subset below target
+    inconclusive: list[str] = field(default_factory=list)  # one sentence per subset that cannot show the target
     weak_groups: list[str] = field(default_factory=list)  # shard subgroups below target (warnings)
     drift: dict[str, Any] = field(default_factory=dict)
     figures_file: str = ""
     drift_file: str = ""
     report_file: str = ""
+
+    @property
+    def verdict(self) -> str:
+        """failed if any subset failed; passed only if every subset passed; not audited without subsets; else
+        inconclusive."""
+        if self.failing:
+            return "failed"
+        if not self.subsets:
+            return "not audited"
+        return "inconclusive" if self.inconclusive else "passed"
 
 
 # --- reading the lake ----------------------------------------------------------------------------------------------
@@ -110,25 +158,16 @@ class AuditSummary:
 
 def _shard_names(lake: Lake) -> dict[str, str]:
     """shard_id → the shard's file or folder name, as given to ingest."""
-    names = {}
-    for file in sorted(lake.images.glob("*.parquet")):
-        meta = pq.read_schema(file).metadata or {}
-        names[file.stem] = Path(meta.get(b"screenline.shard_path", file.stem.encode()).decode()).name
-    return names
+    return {file.stem: Path(footer(file).get(SHARD_PATH_KEY, file.stem)).name for file in lake.shard_files()}
 
 
-def _prediction_files(lake: Lake, version: str) -> dict[str, Path]:
-    folder = lake.predictions / version
-    return {f.stem: f for f in sorted(folder.glob("*.parquet"))} if folder.exists() else {}
-
-
-def _run_id(file: Path) -> str:
-    return (pq.read_schema(file).metadata or {}).get(b"screenline.run_id", b"").decode()
+def _footer_run(file: Path) -> str:
+    return footer(file).get(RUN_KEY, "")
 
 
 def labelled_subsets(lake: Lake) -> pa.Table:
     """image_id, shard_id, label, subset of every labelled image in a named subset."""
-    files = sorted(lake.images.glob("*.parquet"))
+    files = lake.shard_files()
     if not files:
         return pa.table({"image_id": pa.array([], pa.string()), "shard_id": pa.array([], pa.string()),
                          "label": pa.array([], pa.int8()), "subset": pa.array([], pa.string())})
@@ -138,33 +177,32 @@ def labelled_subsets(lake: Lake) -> pa.Table:
     )
 
 
-def scores_of(lake: Lake, version: str, shard_ids: list[str] | tuple[str, ...]) -> pa.Table:
-    """image_id, score of every prediction `version` made for these shards."""
-    files = _prediction_files(lake, version)
-    paths = [str(files[s]) for s in shard_ids if s in files]
-    if not paths:
-        return pa.table({"image_id": pa.array([], pa.string()), "score": pa.array([], pa.float32())})
-    return ds.dataset(paths, format="parquet").to_table(columns=["image_id", "score"])
+def _not_current(shard_ids: list[str], stale: dict[str, State], version: str, what: str) -> str:
+    first = shard_ids[0]
+    why = stale[first].why if first in stale else "never scored"
+    return (f"{len(shard_ids)} shard(s) of {what} have no current predictions by {version} (e.g. {first}: {why}): "
+            f"run `screenline screen` first")
 
 
 def plan_audit(lake: Lake, version: str | None = None, subsets: list[str] | None = None,
                batch: list[str] | None = None, threshold: float | None = None, target: float | None = None,
                drift: DriftSettings = DriftSettings()) -> AuditPlan:
-    """Decide what an audit reads, and check it can be done: the subsets exist and every image in them is scored.
+    """Decide what an audit reads, and check it can be done: the subsets exist and every shard in them has current
+    predictions (made from the images it holds now, decided at the version's threshold now).
 
     version: default the promoted one. subsets: default every labelled subset in the lake. batch: the shard ids
     whose scores are checked for drift (default: those the newest screen run of `version` wrote). threshold:
-    default the shipped one from the manifest (an override re-decides every prediction). target: default the
+    default the decisions as screen recorded them (an override re-decides every prediction). target: default the
     model's gate.
     """
     registry = Registry(lake)
-    version = version or registry.promoted()
+    version = safe_name(version, "model version") if version else registry.promoted()
     manifest = registry.manifest(version)
     ship = manifest["shipping"]
     target = float(target if target is not None else manifest.get("gates", {}).get("target_sensitivity", 0.98))
-    files = _prediction_files(lake, version)
-    if not files:
-        raise ValueError(f"no predictions by {version} in {lake.predictions / version}: run `screenline screen` "
+    files, stale = current_files(lake, version, manifest)
+    if not files and not stale:
+        raise ValueError(f"no predictions by {version} in {lake.predictions_dir(version)}: run `screenline screen` "
                          f"first")
     labelled = labelled_subsets(lake)
     found = sorted(set(labelled.column("subset").to_pylist()))
@@ -177,23 +215,28 @@ def plan_audit(lake: Lake, version: str | None = None, subsets: list[str] | None
                                                  labelled.column("subset").to_pylist()) if name in wanted})
     unscored = [s for s in subset_shards if s not in files]
     if unscored:
-        raise ValueError(f"{len(unscored)} shard(s) of subset(s) {', '.join(wanted)} have no predictions by "
-                         f"{version} (e.g. {unscored[0]}): run `screenline screen` first")
+        raise ValueError(_not_current(unscored, stale, version, f"subset(s) {', '.join(wanted)}"))
     if batch is None:
-        newest = max(files.values(), key=lambda f: f.stat().st_mtime_ns)
-        batch_run = _run_id(newest)
-        batch = [s for s, f in files.items() if _run_id(f) == batch_run]
-    batch = sorted(set(batch))
+        newest = max(files.values(), key=lambda f: f.stat().st_mtime_ns, default=None)
+        batch_run = _footer_run(newest) if newest else None
+        batch = [s for s, f in files.items() if _footer_run(f) == batch_run]
+    batch = sorted({shard_id_of(s) for s in batch})
     unscored = [s for s in batch if s not in files]
     if unscored:
-        raise ValueError(f"batch shard(s) {', '.join(unscored)} have no predictions by {version}: run "
-                         f"`screenline screen` first")
-    runs = tuple((s, _run_id(files[s])) for s in sorted(set(subset_shards) | set(batch)))
-    source = "manifest" if threshold is None else "override"
+        raise ValueError(_not_current(unscored, stale, version, "the drift batch"))
+    runs = tuple((s, _footer_run(files[s]), images_digest(lake.image_file(s)))
+                 for s in sorted(set(subset_shards) | set(batch)))
+    source = "as decided" if threshold is None else "override"
     threshold = float(ship["threshold"] if threshold is None else threshold)
-    key = content_key("audit/v1", version, threshold, target, wanted, batch, runs, asdict(drift))
+    key = content_key("audit/v2", version, manifest["seal"], threshold, source, target, wanted, batch, runs,
+                      asdict(drift))
     return AuditPlan(str(lake.root), f"{version}-{key[:12]}", version, ship["engine"], ship["precision"], threshold,
                      source, target, tuple(wanted), tuple(batch), runs, drift)
+
+
+def scores_of(plan: AuditPlan, shard_ids: list[str] | tuple[str, ...]) -> pa.Table:
+    """image_id, score, threshold of every current prediction the plan read for these shards."""
+    return read_current(plan.prediction_files(), shard_ids, ["image_id", "score", "threshold"])
 
 
 # --- figures -------------------------------------------------------------------------------------------------------
@@ -209,27 +252,46 @@ FIGURES_SCHEMA = pa.schema([
         "sensitivity_wilson_high", "specificity", "specificity_cp_low", "specificity_cp_high",
         "specificity_wilson_low", "specificity_wilson_high", "ppv", "npv", "auc", "threshold", "target")],
     pa.field("meets_target", pa.bool_()), pa.field("claim_supported", pa.bool_()),
-    pa.field("positives_needed", pa.int64()), pa.field("claim", pa.string()),
+    pa.field("positives_needed", pa.int64()), pa.field("claim", pa.string()), pa.field("verdict", pa.string()),
     pa.field("model_version", pa.string()), pa.field("engine", pa.string()), pa.field("precision", pa.string()),
     pa.field("threshold_source", pa.string()),
 ])
 
 
 def labelled_scores(plan: AuditPlan) -> pa.Table:
-    """subset, shard_id, label, score of every labelled image the plan audits."""
-    labelled = labelled_subsets(plan.lake).filter(pc.field("subset").isin(list(plan.subsets)))
-    scored = scores_of(plan.lake, plan.version, sorted(set(labelled.column("shard_id").to_pylist())))
-    return labelled.join(scored, "image_id", join_type="inner").select(["subset", "shard_id", "label", "score"])
+    """subset, shard_id, label, score, threshold of every labelled image the plan audits: exactly one current
+    prediction each, or AuditIncomplete saying which images are missing or doubled."""
+    labelled = labelled_subsets(plan.lake).filter(pc.field("subset").isin(pa.array(plan.subsets, pa.string())))
+    scored = scores_of(plan, sorted(set(labelled.column("shard_id").to_pylist())))
+    for table, what in ((labelled, "the lake's images"), (scored, f"the predictions of {plan.version}")):
+        ids = table.column("image_id")
+        if pc.count_distinct(ids).as_py() != len(ids):
+            counts = pc.value_counts(ids)
+            twice = next(v["values"] for v in counts.to_pylist() if v["counts"] > 1)
+            raise AuditIncomplete(f"image {twice} appears more than once in {what}: the audit would count it twice; "
+                                  f"refusing to make figures (re-run `screenline screen`; if it persists, the lake "
+                                  f"was altered outside screenline)")
+    joined = labelled.join(scored, "image_id", join_type="inner")
+    if joined.num_rows != labelled.num_rows:
+        unmatched = labelled.filter(pc.invert(pc.is_in(labelled.column("image_id"), scored.column("image_id"))))
+        first = unmatched.slice(0, 1).to_pylist()[0]
+        raise AuditIncomplete(f"{unmatched.num_rows} labelled image(s) of subset(s) {', '.join(plan.subsets)} have no "
+                              f"current prediction by {plan.version} (e.g. {first['image_id']} in shard "
+                              f"{first['shard_id']}): run `screenline screen`, then audit again")
+    return joined.select(["subset", "shard_id", "label", "score", "threshold"])
 
 
 def audit_figures(plan: AuditPlan) -> AuditSummary:
-    """Figures per subset and per subset × shard at the plan's threshold, written to the figures file."""
+    """Figures per subset and per subset × shard, at the decisions screen recorded (or the plan's override
+    threshold), written to the figures file."""
     table = labelled_scores(plan)
     names = _shard_names(plan.lake)
     subsets = np.asarray(table.column("subset").to_pylist(), dtype=object)
     shards = np.asarray(table.column("shard_id").to_pylist(), dtype=object)
     labels = table.column("label").to_numpy(zero_copy_only=False).astype(np.int8)
     scores = table.column("score").to_numpy(zero_copy_only=False)
+    decided = table.column("threshold").to_numpy(zero_copy_only=False)
+    thresholds = np.full(len(scores), plan.threshold, np.float32) if plan.overridden else decided
     now = datetime.now(timezone.utc)
     rows, summary = [], AuditSummary(plan.audit_id, plan.version, plan.threshold, plan.target)
     for subset in plan.subsets:
@@ -237,27 +299,35 @@ def audit_figures(plan: AuditPlan) -> AuditSummary:
         groups = [("subset", "all", "", in_subset)] + [
             ("shard", names.get(s, s), s, in_subset & (shards == s)) for s in sorted(set(shards[in_subset]))]
         for kind, group, shard_id, mask in groups:
-            f = figures(scores[mask], labels[mask], plan.threshold)
+            f = figures(scores[mask], labels[mask], thresholds[mask])
             supported, needed, sentence = claim(f, plan.target)
-            meets = bool(f.positives) and f.sensitivity >= plan.target
+            verdict = subset_verdict(f, plan.target, supported)
+            used = np.unique(thresholds[mask])
             row = {"audit_id": plan.audit_id, "audited_at": now, "subset": subset, "group_kind": kind,
-                   "group": group, "shard_id": shard_id, **asdict(f), "threshold": plan.threshold,
-                   "target": plan.target, "meets_target": meets, "claim_supported": supported,
-                   "positives_needed": needed, "claim": sentence, "model_version": plan.version,
+                   "group": group, "shard_id": shard_id, **asdict(f),
+                   "threshold": float(used[0]) if len(used) == 1 else float("nan"), "target": plan.target,
+                   "meets_target": bool(f.positives) and f.sensitivity >= plan.target, "claim_supported": supported,
+                   "positives_needed": needed, "claim": sentence, "verdict": verdict, "model_version": plan.version,
                    "engine": plan.engine, "precision": plan.precision, "threshold_source": plan.threshold_source}
             rows.append(row)
             if kind == "subset":
                 summary.subsets.append(row)
-            if f.positives and not meets:
-                where = f"subset {subset!r}" + (f" shard {group}" if kind == "shard" else "")
+            where = f"subset {subset!r}" + (f" shard {group}" if kind == "shard" else "")
+            if verdict == "failed":
                 sentence = (f"{where}: sensitivity {f.sensitivity:.4f} ({f.tp}/{f.positives} positives found; "
                             f"95% CI {f.sensitivity_cp_low:.4f}–{f.sensitivity_cp_high:.4f} exact, "
                             f"{f.sensitivity_wilson_low:.4f}–{f.sensitivity_wilson_high:.4f} Wilson) is below the "
-                            f"target {plan.target} at threshold {plan.threshold:.4f}")
+                            f"target {plan.target} at threshold {_thresholds(used)}")
                 (summary.failing if kind == "subset" else summary.weak_groups).append(sentence)
+            elif verdict == "inconclusive" and kind == "subset":
+                summary.inconclusive.append(f"{where}: {sentence}")
     write_table_atomic(plan.figures_file(), pa.Table.from_pylist(rows, FIGURES_SCHEMA))
     summary.figures_file = str(plan.figures_file())
     return summary
+
+
+def _thresholds(used: np.ndarray) -> str:
+    return f"{used[0]:.4f}" if len(used) == 1 else "s " + ", ".join(f"{t:.4f}" for t in used)
 
 
 # --- drift ---------------------------------------------------------------------------------------------------------
@@ -281,8 +351,9 @@ def reference_scores(plan: AuditPlan) -> tuple[str, np.ndarray]:
     if REFERENCE_FILE in registry.manifest(plan.version).get("files", {}):
         path = registry.verified_file(plan.version, REFERENCE_FILE)
         return "validation", pq.read_table(path, columns=["score"]).column("score").to_numpy()
-    others = [s for s in _prediction_files(plan.lake, plan.version) if s not in plan.batch]
-    return "earlier shards", scores_of(plan.lake, plan.version, others).column("score").to_numpy()
+    current, _ = current_files(plan.lake, plan.version, registry.manifest(plan.version))
+    others = [s for s in current if s not in plan.batch]
+    return "earlier shards", read_current(current, others, ["score"]).column("score").to_numpy()
 
 
 def drift_check(batch: np.ndarray, reference: np.ndarray, threshold: float,
@@ -314,7 +385,7 @@ def drift_check(batch: np.ndarray, reference: np.ndarray, threshold: float,
 def audit_drift(plan: AuditPlan) -> dict[str, Any]:
     """Drift of the plan's batch against the reference, written to the drift file."""
     name, reference = reference_scores(plan)
-    batch = scores_of(plan.lake, plan.version, plan.batch).column("score").to_numpy()
+    batch = scores_of(plan, plan.batch).column("score").to_numpy()
     result = {"audit_id": plan.audit_id, "audited_at": datetime.now(timezone.utc), "reference": name,
               **drift_check(batch, reference, plan.threshold, plan.drift), "batch_shards": list(plan.batch),
               "model_version": plan.version, "threshold": plan.threshold}

@@ -71,11 +71,14 @@ class Table2x2:
                 "specificity": self.specificity, "specificity_ci95": list(spec_ci)}
 
 
-def table_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> Table2x2:
-    """The 2×2 table of (score >= threshold) against labels."""
-    predicted = np.asarray(scores) >= threshold
+def table_at(scores: np.ndarray, labels: np.ndarray, threshold: float | np.ndarray) -> Table2x2:
+    """The 2×2 table of (score >= threshold) against labels; `threshold` is one number, or one per score (the
+    decisions as they were made). The table's threshold is nan for a per-score threshold."""
+    cut = np.asarray(threshold)
+    predicted = np.asarray(scores) >= cut
     labels = np.asarray(labels) == 1
-    return Table2x2(float(threshold), int((predicted & labels).sum()), int((~predicted & labels).sum()),
+    return Table2x2(float(cut) if cut.ndim == 0 else float("nan"), int((predicted & labels).sum()),
+                    int((~predicted & labels).sum()),
                     int((~predicted & ~labels).sum()), int((predicted & ~labels).sum()))
 
 
@@ -137,8 +140,8 @@ class Figures:
     auc: float
 
 
-def figures(scores: np.ndarray, labels: np.ndarray, threshold: float) -> Figures:
-    """The 2×2 table at `threshold`, sensitivity and specificity with exact (Clopper-Pearson) and Wilson 95%
+def figures(scores: np.ndarray, labels: np.ndarray, threshold: float | np.ndarray) -> Figures:
+    """The 2×2 table at `threshold` (one, or one per score), sensitivity and specificity with exact (Clopper-Pearson) and Wilson 95%
     intervals, PPV, NPV and AUC. Ratios with an empty denominator are nan."""
     t = table_at(scores, labels, threshold)
     pos, neg = t.tp + t.fn, t.tn + t.fp

@@ -88,21 +88,28 @@ def _ci(row: dict[str, Any], what: str, kind: str) -> str:
     return f"{row[f'{what}_{kind}_low']:.4f}–{row[f'{what}_{kind}_high']:.4f}"
 
 
+def _ratio(value: float) -> str:
+    """A proportion to 4 places, or n/a where it has no denominator (no positives, one class)."""
+    return "n/a" if value is None or value != value else f"{value:.4f}"
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     head = ("<tr><th class=l>subset</th><th class=l>group</th><th>n</th><th>pos</th><th>TP</th><th>FN</th>"
             "<th>TN</th><th>FP</th><th>sensitivity</th><th>exact 95% CI</th><th>Wilson 95% CI</th>"
             "<th>specificity</th><th>exact 95% CI</th><th>Wilson 95% CI</th><th>PPV</th><th>NPV</th><th>AUC</th>"
-            "<th class=l>meets target</th></tr>")
+            "<th class=l>verdict</th></tr>")
     body = []
     for r in rows:
-        mark = "yes" if r["meets_target"] else ("<b>NO</b>" if r["positives"] else "no positives")
+        mark = {"passed": "passed", "failed": "<b>FAILED</b>"}.get(r["verdict"], "inconclusive") + (
+            "" if r["positives"] else " (no positives)")
         body.append(
             f"<tr><td class=l>{html.escape(r['subset'])}</td><td class=l>{html.escape(r['group'])}</td>"
             f"<td>{r['n']}</td><td>{r['positives']}</td><td>{r['tp']}</td><td>{r['fn']}</td><td>{r['tn']}</td>"
-            f"<td>{r['fp']}</td><td>{r['sensitivity']:.4f}</td><td>{_ci(r, 'sensitivity', 'cp')}</td>"
-            f"<td>{_ci(r, 'sensitivity', 'wilson')}</td><td>{r['specificity']:.4f}</td>"
+            f"<td>{r['fp']}</td><td>{_ratio(r['sensitivity'])}</td><td>{_ci(r, 'sensitivity', 'cp')}</td>"
+            f"<td>{_ci(r, 'sensitivity', 'wilson')}</td><td>{_ratio(r['specificity'])}</td>"
             f"<td>{_ci(r, 'specificity', 'cp')}</td><td>{_ci(r, 'specificity', 'wilson')}</td>"
-            f"<td>{r['ppv']:.4f}</td><td>{r['npv']:.4f}</td><td>{r['auc']:.4f}</td><td class=l>{mark}</td></tr>")
+            f"<td>{_ratio(r['ppv'])}</td><td>{_ratio(r['npv'])}</td><td>{_ratio(r['auc'])}</td>"
+            f"<td class=l>{mark}</td></tr>")
     return f"<table>{head}{''.join(body)}</table>"
 
 
@@ -120,17 +127,23 @@ def render_report(plan: AuditPlan, summary: AuditSummary, drift: dict[str, Any])
              f"<b>{plan.threshold:.4f}</b> ({e(plan.threshold_source)}), target sensitivity <b>{plan.target:.0%}"
              f"</b>; audit <code>{e(plan.audit_id)}</code> of <code>{e(plan.lake_root)}</code></p>")]
     if not plan.subsets:
-        parts.append("<div class=warn><b>No labelled subsets in the lake: sensitivity was not audited.</b> "
-                     "Ingest a labelled shard with <code>screenline ingest PATH --subset NAME</code>.</div>")
+        parts.append("<div class=warn><b>NOT AUDITED: no labelled subsets in the lake, so sensitivity was not "
+                     "measured.</b> Ingest a labelled shard with <code>screenline ingest PATH --subset NAME</code>."
+                     "</div>")
     elif summary.failing:
         parts.append("<div class=fail><b>FAILED: sensitivity below target.</b><ul>"
                      + "".join(f"<li>{e(s)}</li>" for s in summary.failing)
                      + "</ul>Do not rely on negatives from these images until this is resolved: look at the "
                        "subset's missed positives, add labelled data like it to training and re-run optimize, or "
                        "raise the calibration margin. The predictions stay in the lake.</div>")
+    elif summary.inconclusive:
+        parts.append("<div class=warn><b>INCONCLUSIVE: the target is not shown.</b> No subset is below target, but "
+                     "these cannot show it at the exact 95% lower bound:<ul>"
+                     + "".join(f"<li>{e(s)}</li>" for s in summary.inconclusive)
+                     + "</ul>Add labelled positives to these subsets before relying on this audit.</div>")
     else:
-        parts.append("<div class=pass><b>PASSED:</b> every audited subset's sensitivity is at or above the target."
-                     "</div>")
+        parts.append("<div class=pass><b>PASSED:</b> every audited subset's positives support the target at the "
+                     "exact 95% lower bound.</div>")
     if summary.weak_groups:
         parts.append("<div class=warn><b>Shards below target</b> (small groups: read with their intervals)<ul>"
                      + "".join(f"<li>{e(s)}</li>" for s in summary.weak_groups) + "</ul></div>")
@@ -148,7 +161,7 @@ def render_report(plan: AuditPlan, summary: AuditSummary, drift: dict[str, Any])
             mask = subsets == row["subset"]
             parts.append(_curves(row["subset"], scores[mask], labels[mask], row))
     _, reference = reference_scores(plan)
-    batch = scores_of(plan.lake, plan.version, plan.batch).column("score").to_numpy()
+    batch = scores_of(plan, plan.batch).column("score").to_numpy()
     parts.append("<h2>Drift</h2>" + _drift_plot(batch, reference, plan.threshold, drift["reference"]))
     parts.append(
         "<p class=small>Sensitivity and specificity intervals: two-sided 95%, exact (Clopper-Pearson) and Wilson "

@@ -30,11 +30,11 @@ DIM = Site("dim", gain=0.6, bias=40.0, noise=5.0, blur=0.8)  # an exposure chang
 
 @pytest.fixture(scope="module")
 def audited_lake(tmp_path_factory):
-    """A lake with a labelled hold-out subset, an unshifted night shard and a dimmer one, all screened by a
-    hand-made spot detector whose threshold is calibrated on the hold-out for 99% sensitivity."""
+    """A lake with a labelled hold-out subset (≥ 183 positives), an unshifted night shard and a dimmer one, all
+    screened by a hand-made spot detector whose threshold is calibrated on the hold-out to find every positive."""
     root = tmp_path_factory.mktemp("audit")
     lake = root / "lake"
-    hold_x, hold_y = images(240, "holdout", prevalence=0.5)
+    hold_x, hold_y = images(400, "holdout", prevalence=0.5)
     write_tar(root / "holdout" / "hold-a.tar", hold_x, hold_y, prefix="hold")
     write_tar(root / "nights" / "night-a.tar", generate(300, 0.1, 7, SITES["a"], "night")[0], None, prefix="na")
     write_tar(root / "nights" / "night-dim.tar", generate(300, 0.1, 7, DIM, "night")[0], None, prefix="nd")
@@ -48,15 +48,16 @@ def audited_lake(tmp_path_factory):
 def test_audit_reports_each_subset_and_shard_with_both_intervals(audited_lake):
     lake, ids, threshold, positives = audited_lake
     report = audit(lake=str(lake), batch=[ids["night-a.tar"]])
-    assert report.passed
+    assert report.passed and report.verdict == "passed"
     (subset,) = report.summary.subsets
-    assert subset["subset"] == "holdout" and subset["positives"] == positives and subset["n"] == 240
+    assert subset["subset"] == "holdout" and subset["positives"] == positives and subset["n"] == 400
     assert subset["sensitivity"] >= 0.98 and subset["threshold"] == pytest.approx(threshold)
     tp, pos = subset["tp"], subset["positives"]
     assert (subset["sensitivity_cp_low"], subset["sensitivity_cp_high"]) == pytest.approx(clopper_pearson(tp, pos))
     assert (subset["sensitivity_wilson_low"], subset["sensitivity_wilson_high"]) == pytest.approx(wilson(tp, pos))
     assert subset["sensitivity_cp_low"] < subset["sensitivity"] <= subset["sensitivity_cp_high"]
-    assert "too few positives to claim 98%" in subset["claim"] and "≥ 183 positives with no miss" in subset["claim"]
+    assert positives >= 183 and subset["fn"] == 0 and subset["sensitivity_cp_low"] >= 0.98
+    assert subset["verdict"] == "passed" and subset["claim"].startswith("supports sensitivity ≥ 98%")
     rows = pq.read_table(lake / "audits" / "figures").to_pylist()
     assert {(r["group_kind"], r["group"]) for r in rows} == {("subset", "all"), ("shard", "hold-a.tar")}
     assert {r["model_version"] for r in rows} == {"sn-spot"}
@@ -126,7 +127,7 @@ def test_a_subset_that_does_not_exist_is_a_clear_error(audited_lake):
 def test_the_default_batch_is_the_newest_screen_run(audited_lake):
     lake, _, _, _ = audited_lake
     summary = audit(lake=str(lake)).summary
-    assert summary.drift["batch_n"] == 840  # one screen run scored all three shards
+    assert summary.drift["batch_n"] == 1000  # one screen run scored all three shards
     assert np.isfinite(summary.drift["ks_statistic"])
 
 
@@ -135,8 +136,68 @@ def test_the_cli_prints_the_figures_and_exits_non_zero_on_a_failed_audit(audited
     cli = [sys.executable, "-m", "screenline.cli", "audit", "--lake", str(lake), "--batch", ids["night-a.tar"]]
     passed = subprocess.run(cli, env=ENV, capture_output=True, text=True, timeout=300, check=False)
     assert passed.returncode == 0, passed.stderr
-    assert "holdout: 240 images" in passed.stdout and "exact 95% CI" in passed.stdout and "report: " in passed.stdout
+    assert "holdout (passed): 400 images" in passed.stdout and "exact 95% CI" in passed.stdout and "report: " in passed.stdout
     failed = subprocess.run([*cli, "--threshold", "0.999"], env=ENV, capture_output=True, text=True, timeout=300,
                             check=False)
     assert failed.returncode == 2
     assert "screenline: error: audit of sn-spot failed: subset 'holdout'" in failed.stderr
+
+
+# --- a subset that cannot show the target never reads as a pass -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def thin_lake(tmp_path_factory):
+    """A lake with a subset of negatives only and a subset of 30 positives, screened by the spot detector."""
+    from helpers import register_model, spot_detector
+
+    root = tmp_path_factory.mktemp("thin")
+    lake = root / "lake"
+    negatives = generate(40, 0.0, 7, SITES["a"], "negatives")[0]
+    write_tar(root / "neg" / "neg.tar", negatives, np.zeros(40, np.uint8), prefix="neg")
+    few_x, few_y = images(60, "few", prevalence=0.5)
+    write_tar(root / "few" / "few.tar", few_x, few_y, prefix="few")
+    ingest([str(root / "neg")], lake=str(lake), subset="negatives")
+    ingest([str(root / "few")], lake=str(lake), subset="few")
+    register_model(lake, "sn-thin", seed=0, threshold=0.0, model=spot_detector())  # flags every image
+    screen(lake=str(lake))
+    return lake
+
+
+def test_a_subset_without_positives_is_inconclusive_never_passed(thin_lake):
+    report = audit(lake=str(thin_lake), subsets=["negatives"])
+    assert report.verdict == "inconclusive" and not report.passed
+    (row,) = report.summary.subsets
+    assert row["positives"] == 0 and row["verdict"] == "inconclusive" and np.isnan(row["sensitivity"])
+    assert "no positives: sensitivity cannot be estimated" in report.summary.inconclusive[0]
+    page = Path(report.report).read_text()
+    assert "INCONCLUSIVE" in page and "PASSED" not in page
+
+
+def test_a_subset_whose_positives_cannot_show_the_target_is_inconclusive(thin_lake):
+    report = audit(lake=str(thin_lake), subsets=["few"])
+    (row,) = report.summary.subsets
+    assert row["sensitivity"] == 1.0 and row["positives"] < 183  # every positive found, too few to show 98%
+    assert report.verdict == "inconclusive" and row["verdict"] == "inconclusive"
+    both = audit(lake=str(thin_lake))
+    assert both.verdict == "inconclusive" and {r["verdict"] for r in both.summary.subsets} == {"inconclusive"}
+
+
+def test_the_cli_exits_3_when_the_target_is_not_shown(thin_lake):
+    cli = [sys.executable, "-m", "screenline.cli", "audit", "--lake", str(thin_lake), "--subset", "negatives"]
+    done = subprocess.run(cli, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 3, done.stderr
+    assert "INCONCLUSIVE" in done.stdout and "sensitivity n/a" in done.stdout
+    assert "screenline: audit inconclusive: the sensitivity target is not shown" in done.stderr
+
+
+def test_a_lake_without_labelled_subsets_is_not_audited_not_passed(tmp_path):
+    from helpers import register_model
+
+    write_tar(tmp_path / "night" / "n.tar", generate(30, 0.1, 7, SITES["a"], "unlabelled")[0], None, prefix="n")
+    ingest([str(tmp_path / "night")], lake=str(tmp_path / "lake"))
+    register_model(tmp_path / "lake", "sn-none", seed=0)
+    screen(lake=str(tmp_path / "lake"))
+    report = audit(lake=str(tmp_path / "lake"))
+    assert report.verdict == "not audited" and not report.passed
+    assert "NOT AUDITED" in Path(report.report).read_text()

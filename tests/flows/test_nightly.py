@@ -16,8 +16,9 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 
 @pytest.fixture
 def site(tmp_path: Path) -> tuple[Path, Path]:
-    """A lake with a labelled hold-out subset and a promoted model, and an inbox with two unlabelled shards."""
-    hold_x, hold_y = images(200, "nightly-holdout", prevalence=0.5)
+    """A lake with a labelled hold-out subset (≥ 183 positives) and a promoted model, and an inbox with two
+    unlabelled shards."""
+    hold_x, hold_y = images(400, "nightly-holdout", prevalence=0.5)
     write_tar(tmp_path / "holdout" / "hold.tar", hold_x, hold_y, prefix="hold")
     labelled_lake_with_model(tmp_path / "lake", tmp_path / "holdout", hold_x, hold_y)
     inbox = tmp_path / "inbox"
@@ -34,8 +35,8 @@ def prediction_files(lake: Path) -> dict[Path, int]:
 def test_a_night_ingests_screens_and_audits_in_one_run(site):
     lake, inbox = site
     report = nightly(inbox=str(inbox), lake=str(lake))
-    assert report.ingest.landed == 140 and report.screen.scored == 340  # the inbox, and the hold-out's first scoring
-    assert report.audit.passed and Path(report.report).is_file()
+    assert report.ingest.landed == 140 and report.screen.scored == 540  # the inbox, and the hold-out's first scoring
+    assert report.audit.passed and Path(report.report).is_file() and "audit passed" in report.message
     assert "2 shard(s) in the inbox, 2 new: 140 image(s) landed" in report.message
     assert report.audit.summary.drift["batch_n"] == 140  # the night's shards, not the hold-out
     night_ids = {s.shard_id for s in report.ingest.shards}
@@ -71,3 +72,14 @@ def test_a_missing_inbox_fails_with_what_to_do(tmp_path: Path):
     assert state.is_failed()
     with pytest.raises(ValueError, match="no-such-inbox is not a folder: create it, or pass the folder"):
         state.result()
+
+
+def test_a_symlink_in_the_inbox_is_not_followed(site, tmp_path: Path):
+    lake, inbox = site
+    other = tmp_path / "another-site"
+    write_png_folder(other / "scans", generate(30, 0.1, 7, SITES["c"], "not-ours")[0], None, prefix="x")
+    (inbox / "linked").symlink_to(other / "scans")
+    report = nightly(inbox=str(inbox), lake=str(lake))
+    assert report.ingest.landed == 140 and len(report.shards) == 2
+    landed_from = {Path(s.shard).name for s in report.ingest.shards}
+    assert landed_from == {"night-001", "night-002.tar"}

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tasks.audit import DriftSettings, drift_check
+from tasks.audit import AuditIncomplete, DriftSettings, audit_figures, drift_check, plan_audit, subset_verdict
 from tasks.metrics import claim, figures, positives_needed
 
 
@@ -76,3 +76,71 @@ def test_a_tiny_significant_shift_is_not_drift_but_a_rate_jump_is():
 def test_drift_without_a_reference_is_not_checked():
     result = drift_check(np.array([0.2, 0.3]), np.array([]), 0.5)
     assert not result["flagged"] and result["why"] == "not checked: no reference scores"
+
+
+@pytest.mark.parametrize("tp, fn, verdict", [
+    (0, 0, "inconclusive"),      # no positives: nothing shown
+    (120, 0, "inconclusive"),    # all found, but 120 positives cannot reach a 98% lower bound
+    (183, 0, "passed"),          # the fewest that can
+    (298, 2, "inconclusive"),    # point estimate 0.993, exact lower bound 0.976
+    (275, 1, "inconclusive"),    # 276 positives, one missed: one short of the 277 that one miss needs
+    (276, 1, "passed"),
+    (190, 10, "failed"),         # 0.95: below target whatever the interval
+])
+def test_a_subset_passes_only_when_its_positives_show_the_target(tp, fn, verdict):
+    f = figures(*table(tp, fn, 50, 5), threshold=0.5)
+    supported, _, _ = claim(f, 0.98)
+    assert subset_verdict(f, 0.98, supported) == verdict
+
+
+def test_figures_at_per_image_thresholds_count_the_decisions_as_made():
+    scores = np.array([0.3, 0.3, 0.6, 0.6])
+    labels = np.array([1, 1, 0, 0])
+    f = figures(scores, labels, np.array([0.2, 0.4, 0.5, 0.7], np.float32))  # decided at 2 thresholds each
+    assert (f.tp, f.fn, f.tn, f.fp) == (1, 1, 1, 1)
+
+
+@pytest.fixture
+def screened_subset(tmp_path):
+    from helpers import images, register_model, screen_plain
+
+    from tasks.ingest import IngestOptions, ingest_shard
+    from tasks.lake import Lake
+    from tasks.samples import write_tar
+    from tasks.shards import fingerprint
+
+    x, y = images(30, "coverage", prevalence=0.5)
+    write_tar(tmp_path / "s.tar", x, y)
+    lake = Lake(tmp_path / "lake")
+    lake.ensure_channels(1)
+    ingest_shard(fingerprint(tmp_path / "s.tar"), lake, IngestOptions(channels=1, subset="holdout"))
+    register_model(lake.root, "sn-cov", seed=0, threshold=0.0)
+    screen_plain(lake)
+    return lake
+
+
+def test_an_image_in_the_lake_twice_stops_the_audit_instead_of_counting_it_twice(screened_subset):
+    """Only a lake altered outside screenline holds this; the audit must say so rather than report n = 60."""
+    import shutil
+
+    from helpers import screen_plain
+
+    lake = screened_subset
+    (original,) = lake.shard_files()
+    shutil.copyfile(original, lake.images / "0000000000000000.parquet")
+    screen_plain(lake)
+    with pytest.raises(AuditIncomplete, match="appears more than once in the lake's images"):
+        audit_figures(plan_audit(lake))
+
+
+def test_predictions_that_change_after_planning_are_not_audited(screened_subset):
+    from helpers import screen_plain
+
+    lake = screened_subset
+    plan = plan_audit(lake)
+    assert audit_figures(plan).subsets[0]["n"] == 30
+    (predicted,) = (lake.predictions / "sn-cov").glob("*.parquet")
+    predicted.unlink()
+    screen_plain(lake)  # scored again by another run: not what the plan read
+    with pytest.raises(AuditIncomplete, match="changed since this audit was planned"):
+        audit_figures(plan)
