@@ -5,8 +5,10 @@ deployments of prefect.yaml, and a worker. `make serve` / `make stop` call this;
     python -m deployments.serve stop [--state .prefect/serve]
 
 The server binds to 127.0.0.1 only and keeps its SQLite database in PREFECT_HOME. The server and the worker run in
-their own process groups; their PIDs, logs and the API address are written to the state folder, and `stop` ends
-exactly those process groups (SIGTERM, then SIGKILL), nothing found by name.
+their own process groups; their PIDs (with each process's start time, so a reused PID is never signalled), logs and
+the API address are written to the state folder. `stop` ends exactly those processes and their descendants (a
+worker starts each flow run in a session of its own), SIGTERM then SIGKILL, and returns only once every one of them
+has exited and, where it is ours, been reaped; nothing is found by name.
 
 Another machine joins by running a worker on the same pool against this server's API (which then has to listen on
 an address that machine can reach), with the lake on shared storage; see the README.
@@ -58,12 +60,26 @@ def _env(api_url: str | None = None, extra: dict[str, str] | None = None) -> dic
 
 
 def _spawn(name: str, args: list[str], state: Path, env: dict[str, str]) -> int:
-    """Start a process in its own group, logging to state/<name>.log; record its PID in state/<name>.pid."""
+    """Start a process in its own group, logging to state/<name>.log; record "PID START_TIME" in state/<name>.pid."""
     with open(state / f"{name}.log", "ab") as log:
         process = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
-    (state / f"{name}.pid").write_text(str(process.pid))
+    (state / f"{name}.pid").write_text(f"{process.pid} {_start_time(process.pid)}")
     return process.pid
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state first), or None when there is no such process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()
+
+
+def _start_time(pid: int) -> str:
+    fields = _stat(pid)
+    return fields[19] if fields else ""
 
 
 def _reap(pid: int) -> None:
@@ -75,14 +91,24 @@ def _reap(pid: int) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie whose parent is not us has exited: its parent reaps it)."""
     _reap(pid)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` now, found by parent PID: flow runs the worker started in sessions of their own."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))):
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def _wait_healthy(api_url: str, pid: int, timeout: float, log: Path) -> None:
@@ -139,31 +165,54 @@ def start(port: int = 4200, state: Path | None = None, lake: str | None = None, 
 
 
 def _pid(state: Path, name: str) -> int | None:
-    """The recorded PID of `name` if that process is still running."""
+    """The recorded PID of `name` if that same process (same start time) is still running."""
     try:
-        pid = int((state / f"{name}.pid").read_text())
+        pid_text, _, started = (state / f"{name}.pid").read_text().strip().partition(" ")
+        pid = int(pid_text)
     except (OSError, ValueError):
         return None
-    return pid if _alive(pid) else None
+    if not _alive(pid) or (started and _start_time(pid) != started):
+        return None
+    return pid
 
 
-def stop(state: Path | None = None, grace: float = 20.0) -> list[str]:
-    """Stop the worker, then the server, by the process groups recorded in `state`. Returns what it stopped."""
+def stop(state: Path | None = None, grace: float = 20.0, kill_wait: float = 10.0) -> list[str]:
+    """Stop the worker, then the server, with everything below them, by the PIDs recorded in `state`. Returns what
+    it stopped; raises RuntimeError naming any process still running after SIGKILL."""
     state = (state or Path(os.environ.get("PREFECT_HOME", REPO / ".prefect")) / "serve").resolve()
     stopped = []
     for name in ("worker", "server"):
         pid = _pid(state, name)
         if pid is not None:
-            _signal_group(pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while _group_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if _group_alive(pid):
-                _signal_group(pid, signal.SIGKILL)
+            _terminate(name, pid, grace, kill_wait)
             stopped.append(f"{name} (pid {pid})")
         (state / f"{name}.pid").unlink(missing_ok=True)
     (state / "api.json").unlink(missing_ok=True)
     return stopped
+
+
+def _terminate(name: str, pid: int, grace: float, kill_wait: float) -> None:
+    """SIGTERM `pid`'s process group and its descendants, SIGKILL what is left after `grace` seconds, and wait
+    until all of them have exited (reaping our own child)."""
+    tree = [pid, *_descendants(pid)]
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_wait)):
+        _signal_group(pid, sig)
+        for p in tree[1:]:
+            _signal(p, sig)
+        deadline = time.monotonic() + wait
+        while (left := [p for p in tree if _alive(p)] + ([pid] if _group_alive(pid) else [])) and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not left:
+            return
+    raise RuntimeError(f"{name}: process(es) {', '.join(map(str, sorted(set(left))))} still running after SIGKILL")
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -174,6 +223,7 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
+    """Some process of the group is running (zombies whose parent is not us excepted)."""
     _reap(pgid)
     try:
         os.killpg(pgid, 0)
@@ -181,7 +231,9 @@ def _group_alive(pgid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    members = [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()
+               and (fields := _stat(int(e.name))) and int(fields[2]) == pgid and fields[0] != "Z"]
+    return bool(members)
 
 
 def main(argv: list[str] | None = None) -> int:

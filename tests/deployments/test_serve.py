@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 from helpers import images
@@ -32,11 +33,12 @@ def free_port() -> int:
 
 
 def alive(pid: int) -> bool:
+    """Running: the process exists and has not exited (a zombie has exited)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    return True
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def served(tmp_path_factory):
     try:
         yield served, root, {**os.environ, **env, "PREFECT_API_URL": served.api_url}
     finally:
-        stopped = stop(served.state)
+        stopped = stop(served.state)  # returns once both, and every flow run below them, have exited
         assert len(stopped) == 2, stopped
         assert not alive(served.server_pid) and not alive(served.worker_pid)
 
