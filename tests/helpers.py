@@ -44,6 +44,15 @@ def lake_rows(lake: Path, folder: str = "images", columns: list[str] | None = No
     return pq.read_table(lake / folder, columns=columns).to_pydict()
 
 
+def running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie has exited: only its parent's reaping is left)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 def task_states(flow_state) -> list[str]:
     """"task-name:State" of every task run of a flow run, sorted."""
     from prefect import get_client

@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from pathlib import Path
 
 import pytest
-from helpers import images
+from helpers import images, running
 
 from deployments.serve import REPO, start, stop
 from flows.ingest import ingest
@@ -32,15 +31,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def alive(pid: int) -> bool:
-    """Running: the process exists and has not exited (a zombie has exited)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
@@ -56,7 +46,7 @@ def served(tmp_path_factory):
     finally:
         stopped = stop(served.state)  # returns once both, and every flow run below them, have exited
         assert len(stopped) == 2, stopped
-        assert not alive(served.server_pid) and not alive(served.worker_pid)
+        assert not running(served.server_pid) and not running(served.worker_pid)
 
 
 def prefect(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from helpers import running
+
 from deployments.serve import _spawn, stop
 
 # Ignores SIGTERM, like a worker busy shutting down, and starts a grandchild in a session of its own, as Prefect's
@@ -22,15 +24,6 @@ child = subprocess.Popen([sys.executable, "-c",
 open(sys.argv[1], "w").write(str(child.pid))
 time.sleep(600)
 """
-
-
-def running(pid: int) -> bool:
-    """The process exists and has not exited (a zombie has exited; its parent reaps it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def test_stop_returns_only_after_every_process_it_signalled_has_exited(tmp_path):
