@@ -276,7 +276,7 @@ def cmd_results(args: argparse.Namespace) -> None:
                          positives_only=args.positives)
     try:
         n, where = write_results(args.lake, query, args.out)
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:  # no predictions, an untrusted manifest: one line each
         raise CliError(str(exc)) from None
     if where:
         print(f"wrote {n} prediction(s) to {where}", file=sys.stderr)

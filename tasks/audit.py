@@ -166,8 +166,15 @@ def _footer_run(file: Path) -> str:
 
 
 def labelled_subsets(lake: Lake) -> pa.Table:
-    """image_id, shard_id, label, subset of every labelled image in a named subset."""
+    """image_id, shard_id, label, subset of every labelled image in a named subset. An images file that cannot be
+    read stops the audit, naming it: its labelled images cannot be counted, so no figure could be whole."""
     files = lake.shard_files()
+    for file in files:
+        try:
+            pq.read_metadata(file)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ValueError(f"the images file {file} cannot be read ({exc}): delete it and re-ingest the shard; "
+                             f"until then no audit can count the labelled images it held") from None
     if not files:
         return pa.table({"image_id": pa.array([], pa.string()), "shard_id": pa.array([], pa.string()),
                          "label": pa.array([], pa.int8()), "subset": pa.array([], pa.string())})

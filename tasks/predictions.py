@@ -78,7 +78,7 @@ def operating_points(manifest: dict[str, Any]) -> list[OperatingPoint]:
 class State:
     """Whether a shard's predictions are current, and if not, what screen does about it and why."""
 
-    kind: str  # "current" | "missing" | "redecide" | "rescore" | "orphan"
+    kind: str  # "current" | "missing" | "redecide" | "rescore" | "orphan" | "unreadable" (its images file)
     why: str = ""
     point: OperatingPoint | None = None  # for "current" and "redecide": the operating point that made the scores
 
@@ -96,8 +96,15 @@ def state_of(lake: Lake, version: str, shard_id: str, points: Iterable[Operating
         return State("orphan", "its shard is no longer in the lake") if path.exists() else State("missing")
     if not path.exists():
         return State("missing")
-    meta = footer(path)
-    if meta.get(IMAGES_KEY) != (digest or images_digest(images)):
+    try:
+        digest = digest or images_digest(images)
+    except (pa.ArrowInvalid, OSError) as exc:
+        return State("unreadable", f"its images file cannot be read ({exc}): delete it and re-ingest the shard")
+    try:
+        meta = footer(path)
+    except (pa.ArrowInvalid, OSError):
+        return State("rescore", "its predictions file cannot be read")
+    if meta.get(IMAGES_KEY) != digest:
         return State("rescore", "the shard's images changed since they were scored" if meta.get(IMAGES_KEY) else
                      "written before predictions recorded what they scored")
     point = next((p for p in points if p.engine == meta.get(ENGINE_KEY) and p.file == meta.get(FILE_KEY)), None)

@@ -17,7 +17,7 @@ import pyarrow.csv as pcsv
 import pyarrow.dataset as ds
 
 from models.registry import ModelNotFound, Registry
-from tasks.lake import Lake, safe_name, write_table_atomic
+from tasks.lake import IMAGES_SCHEMA, Lake, safe_name, write_table_atomic
 from tasks.predictions import State, current_files
 
 
@@ -77,7 +77,10 @@ def query_current(lake_root: str | None, query: ResultsQuery) -> tuple[pa.Table,
     if query.positives_only:
         condition &= pc.field("positive")
     predictions = ds.dataset([str(f) for f in files], format="parquet").to_table(filter=condition)
-    images = ds.dataset([str(f) for f in lake.shard_files()], format="parquet").to_table(
+    # the images files behind these predictions only: they are readable (their predictions are current)
+    shard_ids = sorted(set(predictions.column("shard_id").to_pylist()))
+    images = ds.dataset([str(lake.image_file(s)) for s in shard_ids], format="parquet",
+                        schema=IMAGES_SCHEMA).to_table(
         columns=["image_id", "source", "label", "subset"],
         filter=pc.field("image_id").isin(predictions.column("image_id").combine_chunks().cast(pa.string())),
     )

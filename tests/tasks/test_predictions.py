@@ -300,3 +300,18 @@ def test_scores_are_re_decided_at_the_threshold_of_the_engine_that_made_them(mod
     rows = pq.read_table(lake.predictions / "sn-gpu").to_pydict()
     assert set(rows["engine"]) == {"onnxruntime"} and set(rows["threshold"]) == {np.float32(0.3)}
     assert rows["positive"] == [s >= np.float32(0.3) for s in rows["score"]]
+
+
+def test_a_corrupt_images_file_makes_its_predictions_unreadable_not_a_crash(model_lake, shards, tmp_path):
+    lake = new_lake(model_lake, tmp_path / "lake")
+    for name in "ac":
+        land(lake, shards[name])
+    screen_plain(lake)
+    a = shard_id(shards["a"])
+    lake.image_file(a).write_bytes(b"PAR1 not parquet")
+    current, stale = current_files(lake, VERSION, Registry(lake).manifest(VERSION))
+    assert a not in current and stale[a].kind == "unreadable" and "re-ingest the shard" in stale[a].why
+    with pytest.raises(ValueError, match=f"images file .*{a}.parquet cannot be read .*re-ingest the shard"):
+        plan_audit(lake)
+    table, left_out = query_current(str(lake.root), ResultsQuery(version=VERSION))
+    assert table.num_rows == 10 and left_out[VERSION][a].kind == "unreadable"
