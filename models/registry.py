@@ -124,6 +124,11 @@ class Registry:
                 f"{self.folder(version)}/{MANIFEST} is the manifest of {manifest.get('version')!r}, not {version!r}: "
                 f"a copied or renamed model folder is not a registered version; refusing it")
         actual = signing.seal(manifest)
+        if "seal" not in manifest:
+            raise ModelIntegrityError(
+                f"the manifest of {version} is not signed (registered before screenline signed its manifests, or "
+                f"written by hand); refusing it. Review it, then `screenline sign {version}` on the host that holds "
+                f"the signing key.")
         if manifest.get("seal") != actual:
             raise ModelIntegrityError(
                 f"the manifest of {version} changed after it was signed (its content hashes to {actual[:12]}…, the "

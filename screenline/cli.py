@@ -167,7 +167,7 @@ def cmd_models(args: argparse.Namespace) -> None:
     except ModelIntegrityError as exc:
         promoted = None
         print(f"warning: {exc}", file=sys.stderr)
-    print(f"{'version':<16} {'promoted':<8} {'ships':<18} {'threshold':>9} {'test sens':>9} {'test AUC':>8}  "
+    print(f"{'version':<16} {'promoted':<8} {'ships':<21} {'threshold':>9} {'test sens':>9} {'test AUC':>8}  "
           f"{'gate':<6} {'trust':<9} registered")
     untrusted = []
     for version in versions:
@@ -181,7 +181,7 @@ def cmd_models(args: argparse.Namespace) -> None:
         ship, test = m.get("shipping", {}), m.get("test", {})
         mark = "*" if version == promoted else ("no" if not m.get("promoted") else "yes")
         gate = {True: "passed", False: "FAILED"}.get(m.get("passed_gate"), "none")
-        print(f"{version:<16} {mark:<8} {ship.get('candidate', '?'):<18} {ship.get('threshold', float('nan')):>9.4f} "
+        print(f"{version:<16} {mark:<8} {ship.get('candidate', '?'):<21} {ship.get('threshold', float('nan')):>9.4f} "
               f"{test.get('sensitivity', float('nan')):>9.4f} {test.get('auc', float('nan')):>8.4f}  "
               f"{gate:<6} {trust:<9} {m.get('registered_at', '?')}")
     for line in untrusted:

@@ -94,6 +94,14 @@ def test_a_resealed_manifest_without_a_trusted_signature_is_refused(registry):
         registry.pick("sn-test")
 
 
+def test_a_manifest_from_before_signing_is_refused_until_signed(registry):
+    edit(registry, "sn-test", lambda m: (m.pop("seal"), m.pop("signature")))
+    with pytest.raises(ModelIntegrityError, match="is not signed .*registered before screenline signed"):
+        registry.manifest("sn-test")
+    registry.sign("sn-test")
+    assert registry.pick("sn-test")["gate"] == "passed"
+
+
 def test_a_manifest_signed_by_a_key_that_is_not_trusted_is_refused(registry, other_key):
     other_key(True)
     registry.sign("sn-test")  # a valid signature, by a key this host never trusted
