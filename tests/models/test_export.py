@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 import torch
 
 from models.engine import OrtEngine, find_knee, scores
@@ -65,3 +66,23 @@ def test_the_knee_sweep_stops_at_an_engines_own_largest_batch(tmp_path):
     x = np.random.default_rng(3).integers(0, 256, (16, 1, 64, 64), dtype=np.uint8)
     knee = find_knee(engine, x, max_batch=64, seconds_per_point=0.01)
     assert [p.batch for p in knee.sweep] == [1, 2, 4]
+
+
+@pytest.mark.parametrize("fmt", ["u8s8", "s8s8"])
+def test_int8_graphs_keep_the_head_in_float_so_scores_are_not_255_steps(tmp_path, fmt):
+    """A threshold needs resolution: INT8 scores must differ from FP32 by rounding, not take one of 256 levels."""
+    from tasks.samples import SITES, generate
+
+    torch.manual_seed(0)
+    net = ScreenNet().eval()
+    with torch.no_grad():
+        net.classifier.weight.mul_(300.0)  # random features barely vary: spread the logits
+    fp32 = export_onnx(net, tmp_path / "f.onnx")
+    x = generate(2000, 0.3, 7, SITES["a"], "resolution")[0][:, None]
+    int8 = quantize_int8(fp32, tmp_path / "q.onnx", x[:256], fmt)
+    nodes = onnx.load(str(int8)).graph.node
+    pool = max(i for i, n in enumerate(nodes) if n.op_type == "ReduceMean")
+    assert [n.op_type for n in nodes[pool + 1:]] == ["Reshape", "Gemm", "Squeeze", "Sigmoid"]  # no Q/DQ in the head
+    quantized, exact = scores(OrtEngine(int8, "int8"), x), scores(OrtEngine(fp32), x)
+    assert len(np.unique(quantized)) > 256
+    assert np.abs(quantized - exact).max() < 1e-3
