@@ -148,9 +148,12 @@ def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
         checkpoint = str(folder / "model.pt")
         files = {name: folder / file for name, file in
                  {c["name"]: c["file"] for c in manifest["candidates"]}.items()}
+        gates = manifest["gates"]
         context.update(quality=True, version=shipped["version"], ships=manifest["shipping"]["candidate"],
-                       width=arch["width"], target=manifest["gates"]["target_sensitivity"],
-                       margin=manifest["gates"]["calibration_margin"])
+                       width=arch["width"], rule={"name": gates.get("threshold_rule", "quantile"),
+                                                  "target": gates["target_sensitivity"],
+                                                  "delta": gates.get("delta", 0.05),
+                                                  "margin": gates.get("calibration_margin", 0.01)})
         ships = manifest["shipping"]["candidate"]
         context["ship_graph"] = {"file": str(files[ships]), "candidate": ships,
                                  "precision": "fp32" if ships == "fp32" else "int8"}
@@ -296,16 +299,17 @@ def machine_peak(threads: int, quick: bool) -> dict:
     return {"fp32_gemm_gflops": float(out.strip()), "gemm_n": n, "threads": threads}
 
 
-def add_quality(result: dict, work: Path, target: float, margin: float) -> None:
-    """Held-out AUC and sensitivity at the threshold this engine calibrates on validation (target + margin)."""
-    from tasks.metrics import auc, calibrate_threshold, table_at
+def add_quality(result: dict, work: Path, rule: dict) -> None:
+    """Held-out AUC and sensitivity at the threshold this engine calibrates on validation (the model's rule)."""
+    from tasks.metrics import auc, table_at
+    from tasks.thresholds import ThresholdRule, calibrate
 
     val_scores = work / f"{result['name']}-val-scores.npy"
     if not val_scores.exists():
         return
     y_val, y_test = np.load(work / "val-labels.npy"), np.load(work / "test-labels.npy")
     s_val, s_test = np.load(val_scores), np.load(work / f"{result['name']}-test-scores.npy")
-    threshold = calibrate_threshold(s_val, y_val, min(1.0, target + margin))
+    threshold = calibrate(s_val, y_val, ThresholdRule(**rule)).threshold
     table = table_at(s_test, y_test, threshold)
     result["quality"] = {"test_auc": auc(s_test, y_test), "threshold": threshold,
                          "test_sensitivity": table.sensitivity, "test_specificity": table.specificity,
@@ -431,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_config(config, work, args.threads, args.quick)
             result["seconds"] = time.perf_counter() - t
             if context["quality"]:
-                add_quality(result, work, context["target"], context["margin"])
+                add_quality(result, work, context["rule"])
             results.append(result)
             if "error" in result:
                 log(f"{config['name']}: FAILED\n{result['error']}")

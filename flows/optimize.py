@@ -11,11 +11,24 @@ from models.engine import resolve_engine
 from tasks.dataset import SplitRef, make_split
 from tasks.lake import Lake, lake_root
 from tasks.optimize import GateSettings, evaluate_task, export_task, register_task, train_task
+from tasks.thresholds import CURVE_COLUMNS, curve_cells
 from tasks.train import TrainSettings
 
 
 class NotPromoted(RuntimeError):
     """The model was registered but its held-out sensitivity is below target."""
+
+
+def curve_markdown(where: str, curve: list[dict]) -> str:
+    """An operating curve as a Markdown table, the shipped threshold's row in bold."""
+    lines = [f"operating curve on {where}:", "", "| " + " | ".join(CURVE_COLUMNS) + " |",
+             "|" + "---|" * len(CURVE_COLUMNS)]
+    for row in curve:
+        cells = curve_cells(row)
+        if row["at"] == "shipped":
+            cells = [f"**{cell}**" for cell in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n"
 
 
 @flow(name="optimize")
@@ -26,6 +39,8 @@ def optimize(
     arch: str = "screennet",
     teacher: str | None = None,
     target_sensitivity: float = 0.98,
+    threshold_rule: str = "pac",
+    delta: float = 0.05,
     calibration_margin: float = 0.01,
     int8_auc_tolerance: float = 0.005,
     seed: int = 0,
@@ -38,6 +53,9 @@ def optimize(
 
     arch: screennet (default), or the seed's resnet18 (64→224) / resnet18-native for comparison.
     teacher: a baseline checkpoint to distil from. max_batch: top of the knee sweep (extended if the peak is there).
+    threshold_rule: pac (default: the highest threshold whose sensitivity on new images is ≥ target with probability
+    ≥ 1 − delta, tasks/thresholds.py) or quantile (target + calibration_margin on validation, no guarantee; kept for
+    comparison).
     promote: False registers without promoting (comparison runs, e.g. the seed's architecture).
     force_int8_fail: make INT8 fail its gate (tests the FP32 path).
     engine: auto (TensorRT where a GPU and the `gpu` extra are present, else ONNX Runtime), onnxruntime or
@@ -50,8 +68,9 @@ def optimize(
     split: SplitRef = make_split(Lake.at(root))
     logger.info("split %s: %s", split.sha256[:16], split.counts)
     settings = TrainSettings(arch=arch, width=width, epochs=epochs, seed=seed, teacher=teacher)
-    gates = replace(GateSettings(), target_sensitivity=target_sensitivity, calibration_margin=calibration_margin,
-                    int8_auc_tolerance=int8_auc_tolerance, max_batch=max_batch)
+    gates = replace(GateSettings(), target_sensitivity=target_sensitivity, threshold_rule=threshold_rule, delta=delta,
+                    calibration_margin=calibration_margin, int8_auc_tolerance=int8_auc_tolerance, max_batch=max_batch)
+    gates.rule  # a bad rule or delta fails here, before training
     checkpoint = train_task(split, settings)
     export_dir = export_task(checkpoint, split, gates, engine)
     evaluation = evaluate_task(export_dir, split, gates, force_int8_fail, engine)
@@ -72,6 +91,10 @@ def optimize(
                 f"{c['knee']['images_per_s']:,.0f} | {c['knee']['batch']} | {c['why']} |\n"
                 for c in manifest["candidates"]
             )
+            + f"\nthreshold: {ship['calibration'].get('statement', '')}\n\n"
+            + curve_markdown("validation", next(c for c in manifest["candidates"]
+                                                if c["name"] == ship["candidate"])["curve"])
+            + curve_markdown("held-out test (threshold frozen)", test["curve"])
             + f"\ntest: sensitivity {test['sensitivity']:.4f}, specificity {test['specificity']:.4f}, "
               f"AUC {test['auc']:.4f}\n\n{manifest['promotion']}\n"
         ),

@@ -127,12 +127,28 @@ def run_optimize(lake: str | None, **params: object) -> dict:
     print(
         f"\n{'promoted' if result['promoted'] else 'registered (not promoted)'} {result['version']}: "
         f"{ship['engine']} {ship['candidate']}, threshold {ship['threshold']:.4f}\n"
+        f"  threshold rule: {ship.get('calibration', {}).get('statement', '?')}\n"
         f"  held-out test: sensitivity {test['sensitivity']:.4f} (95% CI {test['sensitivity_ci95'][0]:.4f}–"
         f"{test['sensitivity_ci95'][1]:.4f}), specificity {test['specificity']:.4f}, AUC {test['auc']:.4f}\n"
         f"  this host: knee batch {knee['batch']}, {knee['images_per_s']:,.0f} images/s, "
         f"batch-1 latency {knee['batch1_latency_ms']:.3f} ms"
     )
+    if test.get("curve"):
+        print_curve("  operating curve on the held-out test split (threshold frozen):", test["curve"])
     return result
+
+
+def print_curve(title: str, curve: list[dict]) -> None:
+    """An operating curve as a text table, the shipped threshold's row marked."""
+    from tasks.thresholds import CURVE_COLUMNS, curve_cells
+
+    widths = [14, 9, 11, 11, 34]
+    print(title)
+    print("    " + "  ".join(f"{c:>{w}}" for c, w in zip(CURVE_COLUMNS, widths)))
+    for row in curve:
+        cells = curve_cells(row)
+        mark = "  ← shipped" if row["at"] == "shipped" else ""
+        print("    " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)) + mark)
 
 
 def _check_engine(engine: str) -> str:
@@ -148,7 +164,8 @@ def _check_engine(engine: str) -> str:
 
 def cmd_optimize(args: argparse.Namespace) -> None:
     params = {k: v for k, v in vars(args).items() if k in ("epochs", "width", "arch", "teacher", "engine",
-                                                          "target_sensitivity", "seed", "force_int8_fail", "promote")}
+                                                          "target_sensitivity", "threshold_rule", "delta", "seed",
+                                                          "force_int8_fail", "promote")}
     run_optimize(args.lake, **params)
 
 
@@ -186,6 +203,17 @@ def cmd_models(args: argparse.Namespace) -> None:
               f"{gate:<6} {trust:<9} {m.get('registered_at', '?')}")
     for line in untrusted:
         print(f"untrusted: {line}", file=sys.stderr)
+    shown = args.version or promoted
+    if shown:
+        m = registry.read_manifest(shown)
+        ship = m.get("shipping", {})
+        candidate = next((c for c in m.get("candidates", []) if c["name"] == ship.get("candidate")), {})
+        print(f"\n{shown} ships {ship.get('engine')} {ship.get('candidate')} at threshold "
+              f"{ship.get('threshold', float('nan')):.4f}: {ship.get('calibration', {}).get('statement', 'no rule recorded')}")
+        if candidate.get("curve"):
+            print_curve("  operating curve on validation:", candidate["curve"])
+        if m.get("test", {}).get("curve"):
+            print_curve("  on the held-out test split (threshold frozen):", m["test"]["curve"])
 
 
 def cmd_sign(args: argparse.Namespace) -> None:
@@ -441,6 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="screennet (default); the seed's resnet18 (64→224) or resnet18-native to compare")
     p.add_argument("--teacher", help="a baseline checkpoint (state_dict) to distil from")
     p.add_argument("--target-sensitivity", type=float, default=0.98)
+    p.add_argument("--threshold-rule", default="pac", choices=("pac", "quantile"),
+                   help="pac (default): the highest threshold whose sensitivity on new images reaches the target "
+                        "with probability ≥ 1 − delta; quantile: target + 1%% on validation, no guarantee")
+    p.add_argument("--delta", type=float, default=0.05,
+                   help="pac: the chance the guarantee may fail (default 0.05: sensitivity ≥ target with 95%%)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-promote", dest="promote", action="store_false",
                    help="register without promoting (comparison runs)")
@@ -450,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list registered model versions, their gate and whether they are trusted")
     _lake_arg(p)
+    p.add_argument("--version", help="show this version's threshold rule and operating curve (default: promoted)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser(

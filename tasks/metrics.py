@@ -1,6 +1,6 @@
-"""Screening figures from scores and labels: the threshold for a sensitivity target, 2×2 tables, intervals, AUC.
+"""Screening figures from scores and labels: 2×2 tables, intervals, AUC, and what a claim needs.
 
-Plain numpy/scipy functions, shared by optimize (calibration, gates) and audit.
+Plain numpy/scipy functions, shared by optimize (gates) and audit. Thresholds are chosen in tasks/thresholds.py.
 """
 
 from __future__ import annotations
@@ -10,19 +10,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import stats
-
-
-def calibrate_threshold(scores: np.ndarray, labels: np.ndarray, target: float) -> float:
-    """The highest threshold t such that sensitivity of (score >= t) is at least `target`.
-
-    With n positives, at most floor(n·(1 - target)) of them may score below t, so t is the positive score at that
-    rank. Raises ValueError when there is no positive to calibrate on.
-    """
-    positives = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(labels) == 1])
-    if len(positives) == 0:
-        raise ValueError("cannot calibrate a threshold without positives in the calibration split")
-    allowed_misses = math.floor(len(positives) * (1.0 - target) + 1e-9)
-    return float(positives[allowed_misses])
 
 
 def clopper_pearson(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:

@@ -33,7 +33,8 @@ from tasks.caching import OutputCache, content_key
 from tasks.dataset import SplitRef, load_split
 from tasks.ingest import IO_RETRIES
 from tasks.lake import Lake
-from tasks.metrics import auc, calibrate_threshold, table_at
+from tasks.metrics import auc, table_at
+from tasks.thresholds import ThresholdRule, calibrate, operating_curve
 from tasks.train import TrainSettings
 
 
@@ -42,12 +43,19 @@ class GateSettings:
     """What a model must reach to ship and to be promoted."""
 
     target_sensitivity: float = 0.98
-    calibration_margin: float = 0.01  # calibrate for target + margin on val, so test sensitivity keeps the target
+    threshold_rule: str = "pac"  # pac: sensitivity ≥ target with probability ≥ 1 − delta (tasks/thresholds.py)
+    delta: float = 0.05
+    calibration_margin: float = 0.01  # the old `quantile` rule's margin: target + margin on val, no guarantee
     int8_auc_tolerance: float = 0.005
     # (activation format, per-channel weights): all are built and measured; the fastest that passes ships
     int8_variants: tuple[tuple[str, bool], ...] = (("u8s8", False), ("u8s8", True), ("s8s8", False), ("s8s8", True))
     calibration_images: int = 512
     max_batch: int = 512
+
+    @property
+    def rule(self) -> ThresholdRule:
+        """How each candidate's threshold is chosen."""
+        return ThresholdRule(self.threshold_rule, self.target_sensitivity, self.delta, self.calibration_margin)
 
 
 @dataclass
@@ -60,7 +68,9 @@ class Candidate:
     engine: str = "onnxruntime"
     val_auc: float = float("nan")
     threshold: float = float("nan")
+    calibration: dict = field(default_factory=dict)  # rule, delta, positives, rank, guarantee, statement
     val_table: dict = field(default_factory=dict)
+    curve: list = field(default_factory=list)  # the operating curve on val, the candidate's threshold marked
     knee: dict = field(default_factory=dict)
     passes: bool = False
     why: str = ""
@@ -173,7 +183,6 @@ def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings,
     fastest passing candidate of `engine` (and, for TensorRT, the ONNX Runtime fallback)."""
     summary = json.loads((export_dir / "export.json").read_text())
     x_val, y_val = load_split(split, "val")
-    aim = min(1.0, gates.target_sensitivity + gates.calibration_margin)
     candidates = []
     for name, file in summary["files"].items():
         kind = summary.get("engines", {}).get(name, "onnxruntime")
@@ -181,9 +190,10 @@ def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings,
                                   split.lake_root)
         s = scores(runner, x_val)
         c = Candidate(name, file, runner.precision, kind, val_auc=auc(s, y_val))
-        c.threshold = calibrate_threshold(s, y_val, aim)
-        table = table_at(s, y_val, c.threshold)
-        c.val_table = table.as_dict()
+        calibration = calibrate(s, y_val, gates.rule)
+        c.threshold, c.calibration = calibration.threshold, calibration.as_dict()
+        c.val_table = table_at(s, y_val, c.threshold).as_dict()
+        c.curve = operating_curve(s, y_val, shipped=c.threshold)
         c.knee = find_knee(runner, x_val[:1024], max_batch=gates.max_batch).as_dict()
         candidates.append(c)
     fp32 = next(c for c in candidates if c.name == "fp32")
@@ -247,14 +257,17 @@ def _gate_on_test(candidate: dict[str, Any], runner: Engine, split: SplitRef, ga
     return {
         "engine": candidate.get("engine", "onnxruntime"), "candidate": candidate["name"],
         "precision": candidate["precision"], "file": candidate["file"], "threshold": candidate["threshold"],
-        "why": candidate["why"], "test": {"auc": auc(test_scores, y_test), **table}, "passed_gate": passed,
+        "calibration": candidate.get("calibration", {}), "why": candidate["why"],
+        "test": {"auc": auc(test_scores, y_test), **table,
+                 "curve": operating_curve(test_scores, y_test, shipped=candidate["threshold"])},
+        "passed_gate": passed,
         "verdict": (
             f"test sensitivity {table['sensitivity']:.4f} (95% CI {table['sensitivity_ci95'][0]:.4f}–"
             f"{table['sensitivity_ci95'][1]:.4f}) at the frozen threshold reaches the target "
             f"{gates.target_sensitivity}" if passed else
             f"test sensitivity {table['sensitivity']:.4f} ({table['tp']}/{table['tp'] + table['fn']}) at the frozen "
             f"threshold {candidate['threshold']:.4f} is below the target {gates.target_sensitivity}; train longer or "
-            f"on more positives, or raise calibration_margin"
+            f"on more positives, or calibrate with a smaller delta (a lower, more conservative threshold)"
         ),
     }
 

@@ -148,13 +148,13 @@ def labelled_lake_with_model(lake: Path, holdout: Path, hold_x: np.ndarray, hold
     Returns (the ingest report, the threshold)."""
     from flows.ingest import ingest
     from models.engine import OrtEngine, scores
-    from tasks.metrics import calibrate_threshold
+    from tasks.thresholds import threshold_for_sensitivity
     from tasks.samples import SITES
 
     held = ingest([str(holdout)], lake=str(lake), subset="holdout")
     register_model(lake, "sn-probe", seed=0, model=spot_detector())
     engine = OrtEngine(lake / "models" / "sn-probe" / "model-fp32.onnx")
-    threshold = calibrate_threshold(scores(engine, hold_x[:, None]), hold_y, sensitivity)
+    threshold = threshold_for_sensitivity(scores(engine, hold_x[:, None]), hold_y, sensitivity)
     reference = generate(600, 0.1, 7, SITES["a"], "reference")[0][:, None]
     register_model(lake, "sn-spot", seed=0, threshold=threshold, reference=reference, model=spot_detector())
     return held, threshold

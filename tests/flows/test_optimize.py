@@ -58,6 +58,15 @@ def test_optimize_registers_a_version_whose_promotion_matches_its_test_gate(tiny
     swept = [point[0] for point in knee["sweep"]]
     assert swept[:4] == [1, 2, 4, 8] and knee["batch"] in swept and knee["images_per_s"] > 0
     assert manifest["export"]["fp32_max_abs_diff_vs_torch"] < 1e-4
+    # the threshold with its rule, and the operating curves on validation and test, shipped point marked
+    calibration = ship["calibration"]
+    val_positives = make_split(Lake(tiny_lake)).counts["val"]["positives"]
+    assert calibration["rule"] == "pac" and calibration["delta"] == 0.05 and calibration["positives"] == val_positives
+    assert calibration["guaranteed"] == (val_positives >= 149) and calibration["threshold"] == ship["threshold"]
+    shipped = next(c for c in manifest["candidates"] if c["name"] == ship["candidate"])
+    assert [row["at"] for row in shipped["curve"]] == ["95%", "97%", "98%", "99%", "shipped"]
+    assert shipped["curve"][-1]["threshold"] == ship["threshold"]
+    assert [row["at"] for row in manifest["test"]["curve"]][-1] == "shipped"
     # the shipped engine loads, verified, and its threshold reaches the target on val
     engine = registry.load_engine(manifest["version"])
     assert engine.precision == ship["precision"]
@@ -107,10 +116,11 @@ def test_a_model_below_target_on_test_is_registered_not_promoted(tiny_lake, tmp_
 
 
 def test_flow_fails_loudly_when_not_promoted(tiny_lake):
-    # A negative margin calibrates for ~50% sensitivity on val: a threshold forced far too high for the 0.98 target.
-    # FP32 ships (INT8 forced off) so the scores are continuous: a one-epoch model's INT8 scores tie in a few levels.
+    # The old quantile rule with a negative margin calibrates for ~50% sensitivity on val: a threshold forced far too
+    # high for the 0.98 target. FP32 ships (INT8 forced off).
     with pytest.raises(NotPromoted, match="below the target"):
-        optimize(lake=str(tiny_lake), calibration_margin=-0.5, force_int8_fail=True, **FAST)
+        optimize(lake=str(tiny_lake), threshold_rule="quantile", calibration_margin=-0.5, force_int8_fail=True,
+                 **FAST)
 
 
 @pytest.mark.gpu
