@@ -48,12 +48,15 @@ def audit(
     batch: list[str] | None = None,
     threshold: float | None = None,
     target_sensitivity: float | None = None,
+    one_sided: bool = False,
 ) -> AuditReport:
     """Audit a model's predictions against the labels of the lake's labelled subsets, and check drift.
 
     version: default the promoted model. subsets: default every labelled subset. batch: shard ids whose scores are
     compared with the reference for drift (default: the shards of the newest screen run). threshold: default the
     shipped one (set it to see what another threshold would do). target_sensitivity: default the model's gate.
+    one_sided: a subset's claim rests on the one-sided exact 95% lower bound (149 positives without a miss show 98%)
+    instead of the lower end of the two-sided exact 95% interval, a one-sided 97.5% bound (183 positives).
     Ends Failed, after writing the figures and the report, when a subset's sensitivity is below target. Completes
     with verdict "inconclusive" when no subset is below target but one cannot show it (no positives, or too few for
     the exact lower bound to reach the target), and "not audited" when the lake has no labelled subset: neither
@@ -61,7 +64,7 @@ def audit(
     """
     logger = get_run_logger()
     root = str(lake_root(lake))
-    plan = plan_audit_task(root, version, subsets, batch, threshold, target_sensitivity)
+    plan = plan_audit_task(root, version, subsets, batch, threshold, target_sensitivity, "one" if one_sided else "two")
     summary = audit_figures_task(plan)
     drift = audit_drift_task(plan)
     report = audit_report_task(plan, summary, drift)

@@ -325,8 +325,9 @@ def _print_audit(report: "object") -> None:
         print("  no labelled subsets in the lake: sensitivity not audited (ingest one with --subset NAME)")
     for r in s.subsets:
         print(f"  {r['subset']} ({r['verdict']}): {r['n']} images, {r['positives']} positive; sensitivity "
-              f"{_pct(r['sensitivity'])} (exact 95% CI {r['sensitivity_cp_low']:.4f}–{r['sensitivity_cp_high']:.4f}, "
-              f"Wilson {r['sensitivity_wilson_low']:.4f}–{r['sensitivity_wilson_high']:.4f}), specificity "
+              f"{_pct(r['sensitivity'])} (two-sided 95% CI: exact {r['sensitivity_cp_low']:.4f}–"
+              f"{r['sensitivity_cp_high']:.4f}, Wilson {r['sensitivity_wilson_low']:.4f}–"
+              f"{r['sensitivity_wilson_high']:.4f}), specificity "
               f"{_pct(r['specificity'])}, AUC {_pct(r['auc'])}\n    {r['claim']}")
     for sentence in s.weak_groups:
         print(f"  warning: {sentence}")
@@ -360,7 +361,7 @@ def run_audit(lake: str | None, **params: object) -> "object":
 
 def cmd_audit(args: argparse.Namespace) -> None:
     report = run_audit(args.lake, version=args.version, subsets=args.subset, batch=args.batch,
-                       threshold=args.threshold, target_sensitivity=args.target_sensitivity)
+                       threshold=args.threshold, target_sensitivity=args.target_sensitivity, one_sided=args.one_sided)
     _not_shown(report)
 
 
@@ -538,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard id to check for drift (repeatable; default: the shards of the newest screen run)")
     p.add_argument("--threshold", type=float, help="decide at this threshold instead of the shipped one")
     p.add_argument("--target-sensitivity", type=float, help="default: the model's gate (0.98)")
+    p.add_argument("--one-sided", action="store_true",
+                   help="claim the target at the one-sided exact 95%% lower bound (default: the lower end of the "
+                        "two-sided exact 95%% interval, a one-sided 97.5%% bound)")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("nightly", help="ingest the inbox, screen, audit: what the nightly deployment runs")

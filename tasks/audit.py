@@ -48,7 +48,7 @@ from models.registry import Registry
 from tasks.caching import OutputCache, content_key
 from tasks.ingest import IO_RETRIES
 from tasks.lake import SHARD_PATH_KEY, Lake, footer, images_digest, safe_name, shard_id_of, write_table_atomic
-from tasks.metrics import Figures, claim, figures
+from tasks.metrics import SIDES, Figures, claim, figures
 from tasks.predictions import RUN_KEY, State, current_files, read_current
 
 REFERENCE_FILE = "reference-scores.parquet"
@@ -95,6 +95,7 @@ class AuditPlan:
     batch: tuple[str, ...]  # shard ids whose scores are checked for drift
     runs: tuple[tuple[str, str, str], ...]  # (shard_id, run_id, images digest) of every predictions file read
     drift: DriftSettings = DriftSettings()
+    sided: str = "two"  # the claim's exact lower bound: of the two-sided 95% interval, or one-sided 95%
 
     @property
     def lake(self) -> Lake:
@@ -193,15 +194,18 @@ def _not_current(shard_ids: list[str], stale: dict[str, State], version: str, wh
 
 def plan_audit(lake: Lake, version: str | None = None, subsets: list[str] | None = None,
                batch: list[str] | None = None, threshold: float | None = None, target: float | None = None,
-               drift: DriftSettings = DriftSettings()) -> AuditPlan:
+               drift: DriftSettings = DriftSettings(), sided: str = "two") -> AuditPlan:
     """Decide what an audit reads, and check it can be done: the subsets exist and every shard in them has current
     predictions (made from the images it holds now, decided at the version's threshold now).
 
     version: default the promoted one. subsets: default every labelled subset in the lake. batch: the shard ids
     whose scores are checked for drift (default: those the newest screen run of `version` wrote). threshold:
     default the decisions as screen recorded them (an override re-decides every prediction). target: default the
-    model's gate.
+    model's gate. sided: whether a claim rests on the lower end of the two-sided exact 95% interval ("two", a
+    one-sided 97.5% bound) or on the one-sided exact 95% bound ("one").
     """
+    if sided not in SIDES:
+        raise ValueError(f"sided must be one of {', '.join(SIDES)}, got {sided!r}")
     registry = Registry(lake)
     version = safe_name(version, "model version") if version else registry.promoted()
     manifest = registry.manifest(version)
@@ -236,9 +240,9 @@ def plan_audit(lake: Lake, version: str | None = None, subsets: list[str] | None
     source = "as decided" if threshold is None else "override"
     threshold = float(ship["threshold"] if threshold is None else threshold)
     key = content_key("audit/v2", version, manifest["seal"], threshold, source, target, wanted, batch, runs,
-                      asdict(drift))
+                      asdict(drift), sided)
     return AuditPlan(str(lake.root), f"{version}-{key[:12]}", version, ship["engine"], ship["precision"], threshold,
-                     source, target, tuple(wanted), tuple(batch), runs, drift)
+                     source, target, tuple(wanted), tuple(batch), runs, drift, sided)
 
 
 def scores_of(plan: AuditPlan, shard_ids: list[str] | tuple[str, ...]) -> pa.Table:
@@ -307,7 +311,7 @@ def audit_figures(plan: AuditPlan) -> AuditSummary:
             ("shard", names.get(s, s), s, in_subset & (shards == s)) for s in sorted(set(shards[in_subset]))]
         for kind, group, shard_id, mask in groups:
             f = figures(scores[mask], labels[mask], thresholds[mask])
-            supported, needed, sentence = claim(f, plan.target)
+            supported, needed, sentence = claim(f, plan.target, sided=plan.sided)
             verdict = subset_verdict(f, plan.target, supported)
             used = np.unique(thresholds[mask])
             row = {"audit_id": plan.audit_id, "audited_at": now, "subset": subset, "group_kind": kind,
@@ -405,9 +409,9 @@ def audit_drift(plan: AuditPlan) -> dict[str, Any]:
 
 @task(name="plan-audit", **IO_RETRIES)
 def plan_audit_task(lake_root: str, version: str | None, subsets: list[str] | None, batch: list[str] | None,
-                    threshold: float | None, target: float | None) -> AuditPlan:
+                    threshold: float | None, target: float | None, sided: str = "two") -> AuditPlan:
     """What the audit reads, keyed on its content."""
-    return plan_audit(Lake.at(lake_root), version, subsets, batch, threshold, target)
+    return plan_audit(Lake.at(lake_root), version, subsets, batch, threshold, target, sided=sided)
 
 
 @task(name="audit-figures", cache_policy=OutputCache(namespace="audit-figures/v1",

@@ -74,22 +74,45 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
     labels = np.asarray(labels)
-    if labels.min(initial=0) == labels.max(initial=0):
+    if len(np.unique(labels)) < 2:
         return float("nan")
     return float(roc_auc_score(labels, scores))
 
 
-def positives_needed(target: float, misses: int = 0, confidence: float = 0.95) -> int:
+SIDES = ("two", "one")
+"""A claim's lower bound: the lower end of the two-sided exact interval (default; at 95% it is a one-sided 97.5%
+bound), or the one-sided exact bound at the stated confidence."""
+
+
+def exact_lower_bound(successes: int, n: int, confidence: float = 0.95, sided: str = "two") -> float:
+    """The exact (Clopper-Pearson) lower bound: of the two-sided interval at `confidence`, or one-sided."""
+    if sided not in SIDES:
+        raise ValueError(f"sided must be one of {SIDES}, got {sided!r}")
+    if n == 0 or successes == 0:
+        return 0.0
+    alpha = (1.0 - confidence) / (2 if sided == "two" else 1)
+    return float(stats.beta.ppf(alpha, successes, n - successes + 1))
+
+
+def bound_name(confidence: float = 0.95, sided: str = "two") -> str:
+    """How a claim names its bound, so no reader takes a two-sided interval's end for a one-sided bound."""
+    if sided == "one":
+        return f"exact one-sided {confidence:.0%} lower bound"
+    return (f"exact {confidence:.0%} lower bound (the lower end of the two-sided {confidence:.0%} interval: a "
+            f"one-sided {1 - (1 - confidence) / 2:.1%} bound)")
+
+
+def positives_needed(target: float, misses: int = 0, confidence: float = 0.95, sided: str = "two") -> int:
     """The fewest positives, `misses` of them missed, whose exact lower bound on sensitivity reaches `target`.
 
-    With no miss at 98% and 95% confidence this is 183: 0.025 ** (1/183) ≥ 0.98. The bound rises with n for a fixed
-    number of misses, so the search doubles, then bisects.
+    With no miss at 98% and two-sided 95% confidence this is 183: 0.025 ** (1/183) ≥ 0.98 (one-sided 95%: 149). The
+    bound rises with n for a fixed number of misses, so the search doubles, then bisects.
     """
     if not 0.0 < target < 1.0:
         raise ValueError(f"target must be in (0, 1), got {target}")
 
     def enough(n: int) -> bool:
-        return clopper_pearson(n - misses, n, confidence)[0] >= target
+        return exact_lower_bound(n - misses, n, confidence, sided) >= target
 
     hi = max(misses + 1, 2)
     while not enough(hi):
@@ -128,8 +151,8 @@ class Figures:
 
 
 def figures(scores: np.ndarray, labels: np.ndarray, threshold: float | np.ndarray) -> Figures:
-    """The 2×2 table at `threshold` (one, or one per score), sensitivity and specificity with exact (Clopper-Pearson) and Wilson 95%
-    intervals, PPV, NPV and AUC. Ratios with an empty denominator are nan."""
+    """The 2×2 table at `threshold` (one, or one per score), sensitivity and specificity with exact (Clopper-Pearson)
+    and Wilson two-sided 95% intervals, PPV, NPV and AUC. Ratios with an empty denominator are nan."""
     t = table_at(scores, labels, threshold)
     pos, neg = t.tp + t.fn, t.tn + t.fp
 
@@ -148,19 +171,20 @@ def figures(scores: np.ndarray, labels: np.ndarray, threshold: float | np.ndarra
     )
 
 
-def claim(f: Figures, target: float, confidence: float = 0.95) -> tuple[bool, int, str]:
-    """Whether these positives support sensitivity ≥ target at the exact lower bound, how many positives (with the
-    misses seen) that takes, and a sentence saying so."""
-    needed_clean = positives_needed(target, 0, confidence)
+def claim(f: Figures, target: float, confidence: float = 0.95, sided: str = "two") -> tuple[bool, int, str]:
+    """Whether these positives support sensitivity ≥ target at the exact lower bound (two-sided interval's end, or
+    one-sided), how many positives (with the misses seen) that takes, and a sentence saying so and naming the bound."""
+    needed_clean = positives_needed(target, 0, confidence, sided)
+    bound = bound_name(confidence, sided)
     if f.positives == 0:
         return False, needed_clean, (f"no positives: sensitivity cannot be estimated; claiming {target:.0%} at the "
-                                     f"{confidence:.0%} lower bound needs ≥ {needed_clean} positives with no miss")
-    if f.sensitivity_cp_low >= target:
-        return True, f.positives, (f"supports sensitivity ≥ {target:.0%}: exact {confidence:.0%} lower bound "
-                                   f"{f.sensitivity_cp_low:.4f} from {f.tp}/{f.positives} positives found")
-    needed = positives_needed(target, f.fn, confidence)
+                                     f"{bound} needs ≥ {needed_clean} positives with no miss")
+    low = exact_lower_bound(f.tp, f.positives, confidence, sided)
+    if low >= target:
+        return True, f.positives, (f"supports sensitivity ≥ {target:.0%}: {bound} {low:.4f} from "
+                                   f"{f.tp}/{f.positives} positives found")
+    needed = positives_needed(target, f.fn, confidence, sided)
     return False, needed, (
-        f"too few positives to claim {target:.0%} at the exact {confidence:.0%} lower bound "
-        f"({f.sensitivity_cp_low:.4f} from {f.tp}/{f.positives}): that needs ≥ {needed_clean} positives with no miss"
-        + (f", or ≥ {needed} with {f.fn} miss(es)" if f.fn else "")
+        f"too few positives to claim {target:.0%} at the {bound} ({low:.4f} from {f.tp}/{f.positives}): that needs "
+        f"≥ {needed_clean} positives with no miss" + (f", or ≥ {needed} with {f.fn} miss(es)" if f.fn else "")
     )

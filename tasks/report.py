@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 
 from tasks.audit import AuditPlan, AuditSummary, labelled_scores, reference_scores, scores_of
 from tasks.lake import atomic_write_bytes
+from tasks.metrics import bound_name, positives_needed
+from tasks.thresholds import CURVE_COLUMNS, curve_cells, operating_curve
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;line-height:1.4}
@@ -84,6 +86,22 @@ def _drift_plot(batch: np.ndarray, reference: np.ndarray, threshold: float, refe
     return _png(fig)
 
 
+def _operating_table(subset: str, scores: np.ndarray, labels: np.ndarray, threshold: float) -> str:
+    """The subset's operating curve, the decisions' threshold marked. The rows at 95…99% are chosen on these very
+    images, so they are the best these images allow, not a threshold's verified figures: said under the table."""
+    e = html.escape
+    head = "".join(f"<th>{e(c)}</th>" for c in CURVE_COLUMNS)
+    body = []
+    for row in operating_curve(scores, labels, shipped=None if threshold != threshold else threshold):
+        cells = "".join(f"<td>{e(c)}</td>" for c in curve_cells(row))
+        body.append(f"<tr{' style=font-weight:bold' if row['at'] == 'shipped' else ''}>{cells}</tr>")
+    return (f"<p><b>{e(subset)}: operating curve</b> (bold: the threshold the decisions were made at)</p>"
+            f"<table><tr>{head}</tr>{''.join(body)}</table><p class=small>The rows at a sensitivity are the best "
+            f"thresholds chosen on these images themselves: what these scores allow here, optimistic as a "
+            f"threshold's figures. To set a site threshold and verify it on images it was not chosen on, use "
+            f"<code>screenline calibrate --subset {e(subset)}</code>.</p>")
+
+
 def _ci(row: dict[str, Any], what: str, kind: str) -> str:
     return f"{row[f'{what}_{kind}_low']:.4f}–{row[f'{what}_{kind}_high']:.4f}"
 
@@ -95,8 +113,9 @@ def _ratio(value: float) -> str:
 
 def _table(rows: list[dict[str, Any]]) -> str:
     head = ("<tr><th class=l>subset</th><th class=l>group</th><th>n</th><th>pos</th><th>TP</th><th>FN</th>"
-            "<th>TN</th><th>FP</th><th>sensitivity</th><th>exact 95% CI</th><th>Wilson 95% CI</th>"
-            "<th>specificity</th><th>exact 95% CI</th><th>Wilson 95% CI</th><th>PPV</th><th>NPV</th><th>AUC</th>"
+            "<th>TN</th><th>FP</th><th>sensitivity</th><th>exact 95% CI (two-sided)</th><th>Wilson 95% CI</th>"
+            "<th>specificity</th><th>exact 95% CI (two-sided)</th><th>Wilson 95% CI</th><th>PPV</th><th>NPV</th>"
+            "<th>AUC</th>"
             "<th class=l>verdict</th></tr>")
     body = []
     for r in rows:
@@ -160,13 +179,16 @@ def render_report(plan: AuditPlan, summary: AuditSummary, drift: dict[str, Any])
         for row in (r for r in rows if r["group_kind"] == "subset"):
             mask = subsets == row["subset"]
             parts.append(_curves(row["subset"], scores[mask], labels[mask], row))
+            if 0 < labels[mask].sum() < mask.sum():
+                parts.append(_operating_table(row["subset"], scores[mask], labels[mask], row["threshold"]))
     _, reference = reference_scores(plan)
     batch = scores_of(plan, plan.batch).column("score").to_numpy()
     parts.append("<h2>Drift</h2>" + _drift_plot(batch, reference, plan.threshold, drift["reference"]))
     parts.append(
         "<p class=small>Sensitivity and specificity intervals: two-sided 95%, exact (Clopper-Pearson) and Wilson "
-        "score. A subset supports the target when the exact lower bound reaches it (with no miss that takes at least "
-        "183 positives for 98%). Drift: two-sample Kolmogorov-Smirnov test of this batch's scores against the "
+        f"score. A subset supports the target when the {e(bound_name(0.95, plan.sided))} reaches it (with no miss "
+        f"that takes at least {positives_needed(plan.target, 0, 0.95, plan.sided)} positives for "
+        f"{plan.target:.0%}). Drift: two-sample Kolmogorov-Smirnov test of this batch's scores against the "
         f"reference, flagged when p &lt; {plan.drift.ks_alpha} and the statistic ≥ {plan.drift.min_ks_statistic}, "
         f"or when the positive rate moves by more than {plan.drift.max_rate_change}. Figures: "
         f"<code>{e(str(plan.figures_file()))}</code>; drift: <code>{e(str(plan.drift_file()))}</code>.</p>"

@@ -69,6 +69,8 @@ def test_the_report_is_one_html_file_with_its_plots_inline(audited_lake):
     page = Path(report.report).read_text()
     assert Path(report.report).parent == lake / "audits" / "reports"
     assert "PASSED" in page and "Wilson 95% CI" in page and "exact 95% CI" in page and "hold-a.tar" in page
+    assert "holdout: operating curve" in page and "chosen on these images themselves" in page
+    assert "lower end of the two-sided 95% interval: a one-sided 97.5% bound" in page and "183 positives" in page
     plots = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(plots) == 2  # ROC + PR + histograms for the one subset, and the drift plot
     for plot in plots:
@@ -136,7 +138,8 @@ def test_the_cli_prints_the_figures_and_exits_non_zero_on_a_failed_audit(audited
     cli = [sys.executable, "-m", "screenline.cli", "audit", "--lake", str(lake), "--batch", ids["night-a.tar"]]
     passed = subprocess.run(cli, env=ENV, capture_output=True, text=True, timeout=300, check=False)
     assert passed.returncode == 0, passed.stderr
-    assert "holdout (passed): 400 images" in passed.stdout and "exact 95% CI" in passed.stdout and "report: " in passed.stdout
+    assert "holdout (passed): 400 images" in passed.stdout and "two-sided 95% CI: exact" in passed.stdout
+    assert "report: " in passed.stdout
     failed = subprocess.run([*cli, "--threshold", "0.999"], env=ENV, capture_output=True, text=True, timeout=300,
                             check=False)
     assert failed.returncode == 2
@@ -201,3 +204,21 @@ def test_a_lake_without_labelled_subsets_is_not_audited_not_passed(tmp_path):
     report = audit(lake=str(tmp_path / "lake"))
     assert report.verdict == "not audited" and not report.passed
     assert "NOT AUDITED" in Path(report.report).read_text()
+
+
+def test_a_one_sided_claim_says_so_and_needs_fewer_positives(thin_lake, tmp_path):
+    """A subset of 160 positives, all found: not enough for the two-sided interval's end, enough one-sided."""
+    from helpers import register_model, spot_detector
+
+    x, y = images(320, "one-sided", prevalence=0.5)
+    write_tar(tmp_path / "s" / "s.tar", x, y, prefix="os")
+    ingest([str(tmp_path / "s")], lake=str(tmp_path / "lake"), subset="site")
+    register_model(tmp_path / "lake", "sn-one", seed=0, threshold=0.0, model=spot_detector())
+    screen(lake=str(tmp_path / "lake"))
+    positives = int(y.sum())
+    assert 149 <= positives < 183
+    two = audit(lake=str(tmp_path / "lake"))
+    one = audit(lake=str(tmp_path / "lake"), one_sided=True)
+    assert two.verdict == "inconclusive" and one.verdict == "passed"
+    assert "exact one-sided 95% lower bound" in one.summary.subsets[0]["claim"]
+    assert "149 positives for 98%" in Path(one.report).read_text()
