@@ -43,6 +43,7 @@ def optimize(
     delta: float = 0.05,
     calibration_margin: float = 0.01,
     int8_auc_tolerance: float = 0.005,
+    gate_on_lower_bound: bool = False,
     seed: int = 0,
     max_batch: int = 512,
     promote: bool = True,
@@ -55,7 +56,8 @@ def optimize(
     teacher: a baseline checkpoint to distil from. max_batch: top of the knee sweep (extended if the peak is there).
     threshold_rule: pac (default: the highest threshold whose sensitivity on new images is ≥ target with probability
     ≥ 1 − delta, tasks/thresholds.py) or quantile (target + calibration_margin on validation, no guarantee; kept for
-    comparison).
+    comparison). gate_on_lower_bound: promote only when the exact lower bound of held-out test sensitivity (the
+    two-sided 95% interval's) reaches the target, not only its point estimate.
     promote: False registers without promoting (comparison runs, e.g. the seed's architecture).
     force_int8_fail: make INT8 fail its gate (tests the FP32 path).
     engine: auto (TensorRT where a GPU and the `gpu` extra are present, else ONNX Runtime), onnxruntime or
@@ -69,7 +71,8 @@ def optimize(
     logger.info("split %s: %s", split.sha256[:16], split.counts)
     settings = TrainSettings(arch=arch, width=width, epochs=epochs, seed=seed, teacher=teacher)
     gates = replace(GateSettings(), target_sensitivity=target_sensitivity, threshold_rule=threshold_rule, delta=delta,
-                    calibration_margin=calibration_margin, int8_auc_tolerance=int8_auc_tolerance, max_batch=max_batch)
+                    calibration_margin=calibration_margin, int8_auc_tolerance=int8_auc_tolerance, max_batch=max_batch,
+                    gate_on_lower_bound=gate_on_lower_bound)
     gates.rule  # a bad rule or delta fails here, before training
     checkpoint = train_task(split, settings)
     export_dir = export_task(checkpoint, split, gates, engine)

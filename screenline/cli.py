@@ -165,7 +165,7 @@ def _check_engine(engine: str) -> str:
 def cmd_optimize(args: argparse.Namespace) -> None:
     params = {k: v for k, v in vars(args).items() if k in ("epochs", "width", "arch", "teacher", "engine",
                                                           "target_sensitivity", "threshold_rule", "delta", "seed",
-                                                          "force_int8_fail", "promote")}
+                                                          "gate_on_lower_bound", "force_int8_fail", "promote")}
     run_optimize(args.lake, **params)
 
 
@@ -475,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "with probability ≥ 1 − delta; quantile: target + 1%% on validation, no guarantee")
     p.add_argument("--delta", type=float, default=0.05,
                    help="pac: the chance the guarantee may fail (default 0.05: sensitivity ≥ target with 95%%)")
+    p.add_argument("--gate-on-lower-bound", action="store_true",
+                   help="promote only if the exact lower bound of held-out sensitivity (two-sided 95%%) reaches the "
+                        "target, not only its point estimate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-promote", dest="promote", action="store_false",
                    help="register without promoting (comparison runs)")

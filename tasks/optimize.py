@@ -33,7 +33,7 @@ from tasks.caching import OutputCache, content_key
 from tasks.dataset import SplitRef, load_split
 from tasks.ingest import IO_RETRIES
 from tasks.lake import Lake
-from tasks.metrics import auc, table_at
+from tasks.metrics import auc, exact_lower_bound, positives_needed, table_at
 from tasks.thresholds import ThresholdRule, calibrate, operating_curve
 from tasks.train import TrainSettings
 
@@ -51,6 +51,7 @@ class GateSettings:
     int8_variants: tuple[tuple[str, bool], ...] = (("u8s8", False), ("u8s8", True), ("s8s8", False), ("s8s8", True))
     calibration_images: int = 512
     max_batch: int = 512
+    gate_on_lower_bound: bool = False  # promote only if the exact lower bound of test sensitivity reaches the target
 
     @property
     def rule(self) -> ThresholdRule:
@@ -249,25 +250,37 @@ def write_reference_scores(folder: Path, engine: Engine, split: SplitRef, thresh
 
 
 def _gate_on_test(candidate: dict[str, Any], runner: Engine, split: SplitRef, gates: GateSettings) -> dict[str, Any]:
-    """A shipped candidate with its held-out test figures at its frozen threshold, and whether it reaches the target."""
+    """A shipped candidate with its held-out test figures at its frozen threshold, and whether it reaches the target:
+    its point estimate, or (gate_on_lower_bound) the exact lower bound of the two-sided 95% interval."""
     x_test, y_test = load_split(split, "test")
     test_scores = scores(runner, x_test)
     table = table_at(test_scores, y_test, candidate["threshold"]).as_dict()  # threshold frozen before this
-    passed = table["sensitivity"] >= gates.target_sensitivity
+    positives = table["tp"] + table["fn"]
+    low = exact_lower_bound(table["tp"], positives)
+    needed = positives_needed(gates.target_sensitivity, table["fn"]) if positives else 0
+    figure = low if gates.gate_on_lower_bound else table["sensitivity"]
+    passed = figure >= gates.target_sensitivity
+    what = ("the exact lower bound of test sensitivity (two-sided 95%)" if gates.gate_on_lower_bound
+            else "test sensitivity")
     return {
         "engine": candidate.get("engine", "onnxruntime"), "candidate": candidate["name"],
         "precision": candidate["precision"], "file": candidate["file"], "threshold": candidate["threshold"],
         "calibration": candidate.get("calibration", {}), "why": candidate["why"],
-        "test": {"auc": auc(test_scores, y_test), **table,
+        "test": {"auc": auc(test_scores, y_test), **table, "sensitivity_lower_bound": low,
+                 "positives_needed_for_bound": needed, "gated_on": "lower bound" if gates.gate_on_lower_bound
+                 else "point estimate",
                  "curve": operating_curve(test_scores, y_test, shipped=candidate["threshold"])},
         "passed_gate": passed,
         "verdict": (
-            f"test sensitivity {table['sensitivity']:.4f} (95% CI {table['sensitivity_ci95'][0]:.4f}–"
+            f"{what} {figure:.4f} ({table['tp']}/{positives}; 95% CI {table['sensitivity_ci95'][0]:.4f}–"
             f"{table['sensitivity_ci95'][1]:.4f}) at the frozen threshold reaches the target "
             f"{gates.target_sensitivity}" if passed else
-            f"test sensitivity {table['sensitivity']:.4f} ({table['tp']}/{table['tp'] + table['fn']}) at the frozen "
-            f"threshold {candidate['threshold']:.4f} is below the target {gates.target_sensitivity}; train longer or "
-            f"on more positives, or calibrate with a smaller delta (a lower, more conservative threshold)"
+            f"{what} {figure:.4f} ({table['tp']}/{positives}) at the frozen threshold {candidate['threshold']:.4f} "
+            f"is below the target {gates.target_sensitivity}"
+            + (f": with {table['fn']} miss(es) the bound needs ≥ {needed} test positives" if gates.gate_on_lower_bound
+               else "")
+            + "; train longer or on more positives, or calibrate with a smaller delta (a lower, more conservative "
+              "threshold)"
         ),
     }
 

@@ -115,6 +115,36 @@ def test_a_model_below_target_on_test_is_registered_not_promoted(tiny_lake, tmp_
     assert registry.promoted() != out["version"] if registry.versions() else True
 
 
+def test_gating_on_the_lower_bound_refuses_a_test_split_too_small_to_show_the_target(tiny_lake, tmp_path):
+    """Every test positive found (threshold 0), but ~70 of them cannot show 98% at the exact lower bound."""
+    registry = Registry(Lake(tiny_lake))
+    manifest = latest_manifest(registry)
+    folder = registry.folder(manifest["version"])
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    (export_dir / "model-fp32.onnx").write_bytes((folder / "model-fp32.onnx").read_bytes())
+    (export_dir / "export.json").write_text(json.dumps(
+        {"files": {"fp32": "model-fp32.onnx"}, "fp32_max_abs_diff_vs_torch": 0.0, "opset": 18}))
+    ckpt = tmp_path / "ckpt" / "model.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes((folder / "model.pt").read_bytes())
+    (ckpt.parent / "model.json").write_text((folder / "model.json").read_text())
+    candidate = {**next(c for c in manifest["candidates"] if c["name"] == "fp32"), "threshold": 0.0}
+    evaluation = {"candidates": [candidate], "ship": "fp32", "host": "test host"}
+    from tasks.train import TrainSettings
+
+    split = make_split(Lake(tiny_lake))
+    point = register_version(export_dir, ckpt, split, TrainSettings(epochs=98), GateSettings(), evaluation, False)
+    bound = register_version(export_dir, ckpt, split, TrainSettings(epochs=97),
+                             GateSettings(gate_on_lower_bound=True), evaluation, False)
+    positives = split.counts["test"]["positives"]
+    assert point["passed_gate"] and point["test"]["sensitivity"] == 1.0 and positives < 183
+    assert not bound["passed_gate"] and bound["test"]["sensitivity_lower_bound"] < 0.98
+    assert bound["test"]["positives_needed_for_bound"] == 183 and bound["test"]["gated_on"] == "lower bound"
+    assert "the exact lower bound of test sensitivity (two-sided 95%)" in bound["promotion"]
+    assert "the bound needs ≥ 183 test positives" in bound["promotion"]
+
+
 def test_flow_fails_loudly_when_not_promoted(tiny_lake):
     # The old quantile rule with a negative margin calibrates for ~50% sensitivity on val: a threshold forced far too
     # high for the 0.98 target. FP32 ships (INT8 forced off).
