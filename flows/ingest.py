@@ -44,18 +44,21 @@ def ingest(
     channels: int | None = None,
     resize: bool = False,
     subset: str | None = None,
+    test_subset: str | None = None,
 ) -> IngestReport:
     """Ingest shards (paths or globs: folders of PNG/JPEG, MedMNIST .npz, WebDataset .tar) into the lake.
 
     channels: the lake's channel count, fixed by its first ingest (default: from the first shard's images).
     resize: resize images that are not 64×64 instead of refusing them (recorded in the `resized` column).
     subset: mark every image of these shards as belonging to a labelled audit subset of that name.
+    test_subset: land the test split of MedMNIST-layout .npz shards (test_images/test_labels) as the labelled audit
+    subset of this name, so a public benchmark's own test split audits what optimize trains on the rest.
     """
     logger = get_run_logger()
     root = str(lake_root(lake))
     paths = [str(p) for p in find_shards(shards)]
     refs = fingerprint_task.map(paths)
-    options = IngestOptions(lake_channels_task(root, refs, channels), resize, subset)
+    options = IngestOptions(lake_channels_task(root, refs, channels), resize, subset, test_subset)
     logger.info("ingesting %d shard(s) into %s (%d channel(s))", len(paths), root, options.channels)
 
     futures = ingest_shard_task.map(refs, lake_root=unmapped(root), options=unmapped(options))

@@ -109,7 +109,8 @@ def run_ingest(shards: list[str], lake: str | None, **options: object) -> "objec
 
 
 def cmd_ingest(args: argparse.Namespace) -> None:
-    run_ingest(args.shards, args.lake, channels=args.channels, resize=args.resize, subset=args.subset)
+    run_ingest(args.shards, args.lake, channels=args.channels, resize=args.resize, subset=args.subset,
+               test_subset=args.test_subset)
 
 
 def run_optimize(lake: str | None, **params: object) -> dict:
@@ -453,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the lake's channel count (fixed by the first ingest; default: from the first image)")
     p.add_argument("--resize", action="store_true", help="resize images that are not 64×64 instead of refusing them")
     p.add_argument("--subset", help="mark these images as a labelled audit subset of this name (e.g. holdout)")
+    p.add_argument("--test-subset", metavar="NAME",
+                   help="land the test split of a MedMNIST .npz (test_images/test_labels) as the labelled audit "
+                        "subset NAME; its train and val splits stay training data")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser(

@@ -43,7 +43,16 @@ from tasks.lake import (
     image_ids_digest,
     write_table_atomic,
 )
-from tasks.shards import Entry, Refusal, ShardRef, ShardUnreadable, fingerprint, inbox_shards, read_entries
+from tasks.shards import (
+    NPZ_TEST_SPLIT,
+    Entry,
+    Refusal,
+    ShardRef,
+    ShardUnreadable,
+    fingerprint,
+    inbox_shards,
+    read_entries,
+)
 
 MAX_PIXELS = IMAGE_SIZE * IMAGE_SIZE * 1024
 """Images declaring more pixels than this (4 Mpx) are refused before decoding: decompression-bomb guard."""
@@ -58,6 +67,13 @@ class IngestOptions:
     channels: int = 1
     resize: bool = False
     subset: str | None = None
+    test_subset: str | None = None  # an .npz's own test split (test_images/test_labels) lands as this subset
+
+    def subset_of(self, ref: ShardRef, source: str) -> str | None:
+        """The audit subset an entry lands in: `test_subset` for the test split of an .npz, else `subset`."""
+        if self.test_subset and ref.kind == "npz" and source.startswith(f"{NPZ_TEST_SPLIT}/"):
+            return self.test_subset
+        return self.subset
 
 
 @dataclass
@@ -178,16 +194,17 @@ def detect_channels(refs: list[ShardRef]) -> int:
 class _RowBuffer:
     """Accumulates accepted rows and flushes them as row groups."""
 
-    def __init__(self, writer: pq.ParquetWriter, shard_id: str, subset: str | None, channels: int) -> None:
-        self.writer, self.shard_id, self.subset, self.channels = writer, shard_id, subset, channels
+    def __init__(self, writer: pq.ParquetWriter, shard_id: str, channels: int) -> None:
+        self.writer, self.shard_id, self.channels = writer, shard_id, channels
         self.now = datetime.now(timezone.utc)
-        self.rows: dict[str, list[Any]] = {"image_id": [], "source": [], "label": [], "resized": [], "pixels": [],
-                                           "sha256": []}
+        self.rows: dict[str, list[Any]] = {"image_id": [], "source": [], "label": [], "subset": [], "resized": [],
+                                           "pixels": [], "sha256": []}
         self.count = 0
 
-    def add(self, source: str, label: int | None, pixels: np.ndarray, resized: bool, sha: str) -> None:
-        for key, value in (("image_id", image_id(sha)), ("source", source), ("label", label), ("resized", resized),
-                           ("pixels", pixels.tobytes()), ("sha256", sha)):
+    def add(self, source: str, label: int | None, subset: str | None, pixels: np.ndarray, resized: bool,
+            sha: str) -> None:
+        for key, value in (("image_id", image_id(sha)), ("source", source), ("label", label), ("subset", subset),
+                           ("resized", resized), ("pixels", pixels.tobytes()), ("sha256", sha)):
             self.rows[key].append(value)
         if len(self.rows["source"]) >= ROW_GROUP_ROWS:
             self.flush()
@@ -202,7 +219,7 @@ class _RowBuffer:
                 "shard_id": [self.shard_id] * n,
                 "source": self.rows["source"],
                 "label": pa.array(self.rows["label"], pa.int8()),
-                "subset": pa.array([self.subset] * n, pa.string()),
+                "subset": pa.array(self.rows["subset"], pa.string()),
                 "height": pa.array([IMAGE_SIZE] * n, pa.int16()),
                 "width": pa.array([IMAGE_SIZE] * n, pa.int16()),
                 "channels": pa.array([self.channels] * n, pa.int8()),
@@ -265,7 +282,7 @@ def ingest_shard(ref: ShardRef, lake: Lake, options: IngestOptions) -> ShardSumm
     metadata = {SHARD_SHA_KEY: ref.sha256, SHARD_PATH_KEY: ref.path}
     staging = lake.images / f".{ref.shard_id}.staging"
     with atomic_parquet_writer(staging, IMAGES_SCHEMA, metadata) as writer:
-        rows = _RowBuffer(writer, ref.shard_id, options.subset, options.channels)
+        rows = _RowBuffer(writer, ref.shard_id, options.channels)
         try:
             for item in read_entries(ref):
                 if isinstance(item, Refusal):
@@ -282,7 +299,7 @@ def ingest_shard(ref: ShardRef, lake: Lake, options: IngestOptions) -> ShardSumm
                     refusals.append(Refusal(item.source, "duplicate", f"same pixels as {seen[sha]} in this shard"))
                     continue
                 seen[sha] = item.source
-                rows.add(item.source, label, pixels, resized, sha)
+                rows.add(item.source, label, options.subset_of(ref, item.source), pixels, resized, sha)
         except ShardUnreadable as exc:  # readers raise it before their first entry: nothing was written yet
             refusals = [Refusal(None, exc.reason, exc.detail)]
             seen.clear()

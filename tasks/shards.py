@@ -35,6 +35,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 LABELS_FILE = "labels.csv"
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 NPZ_SPLITS = ("train", "val", "test")
+NPZ_TEST_SPLIT = "test"
+"""A MedMNIST .npz's held-out split; its entries are named test/NNNNNN (ingest --test-subset lands them apart)."""
 _FILENAME_COLUMNS = ("filename", "file", "image", "path")
 
 

@@ -62,6 +62,18 @@ def test_npz_medmnist_layout_lands_every_split(npz_shard, lake_dir):
     assert rows["label"] == labels.tolist()
 
 
+def test_an_npz_test_split_lands_as_an_audit_subset_when_asked(npz_shard, lake_dir, tar_shard):
+    path, _, labels = npz_shard
+    land(path, lake_dir, subset=None, test_subset="official-test")
+    land(tar_shard[0], lake_dir, test_subset="official-test")  # not an .npz: no test split of its own
+    rows = lake_rows(lake_dir)
+    subsets = dict(zip(rows["source"], rows["subset"]))
+    assert {s for src, s in subsets.items() if src.startswith("test/")} == {"official-test"}
+    assert {s for src, s in subsets.items() if not src.startswith("test/")} == {None}
+    test_labels = [lab for src, lab in zip(rows["source"], rows["label"]) if src.startswith("test/")]
+    assert test_labels == labels[12:].tolist()  # labelled: the audit counts them
+
+
 def test_tar_webdataset_lands(tar_shard, lake_dir):
     path, imgs, labels = tar_shard
     assert land(path, lake_dir).accepted == 10
