@@ -51,6 +51,22 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+SITE_POINTS = "site_operating_points"
+"""Manifest field: per "<engine>/<file>", the site operating point `screenline calibrate --apply` recorded, which
+decides instead of the shipped threshold (sealed like the rest: applying one signs the manifest again)."""
+
+
+def point_key(engine: str, file: str) -> str:
+    return f"{engine}/{file}"
+
+
+def decided_at(manifest: dict[str, Any], pick: dict[str, Any]) -> tuple[Any, str]:
+    """The threshold a shipped pick decides at, and the operating point's name: the site point recorded for its
+    engine and graph, else its own ("shipped")."""
+    site = manifest.get(SITE_POINTS, {}).get(point_key(pick["engine"], pick["file"]))
+    return (site["threshold"], site["name"]) if site else (pick["threshold"], "shipped")
+
+
 def valid_threshold(value: Any) -> bool:
     """A decision threshold is a finite probability."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
@@ -177,6 +193,14 @@ class Registry:
         with self.lake.lock():
             return previous, self._seal_and_sign(version, manifest)
 
+    def update_sealed(self, version: str, change: Any) -> dict[str, Any]:
+        """Apply `change(manifest)` to a verified manifest and sign it again with this host's key, under the lake's
+        lock: for screenline's own sealed updates (a site operating point), never for a change nobody reviewed."""
+        with self.lake.lock():
+            manifest = self.manifest(version)
+            change(manifest)
+            return self._seal_and_sign(version, manifest)
+
     def record(self, version: str, field: str, key: str, value: Any) -> None:
         """Set manifest[field][key] for a host-specific, unsealed field (a knee, a TensorRT plan), under the lake's
         lock, keeping the signature valid."""
@@ -253,6 +277,9 @@ class Registry:
             for pick in picks:
                 if pick["engine"] != name:
                     continue
+                threshold, point = decided_at(manifest, pick)
+                pick = {**pick, "shipped_threshold": pick["threshold"], "threshold": threshold,
+                        "operating_point": point}
                 return {**pick, "version": version, "gate": self._gate(version, pick, allow_failed_gate)}
         if wanted == ["tensorrt"]:
             raise ModelNotFound(f"{version} has no TensorRT threshold (it was optimized without a GPU): run "

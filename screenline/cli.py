@@ -9,6 +9,7 @@
     screenline screen [--lake] [--dask ADDR|local] score every image with the promoted model at the knee
     screenline results [--version|--run-id|--since] [--out F]   predictions joined with shard and source
     screenline audit [--lake] [--subset S]        sensitivity on labelled subsets with intervals, drift, a report
+    screenline calibrate --subset S [--apply]     a site threshold, chosen on half a labelled subset, verified
     screenline nightly [--inbox DIR] [--lake]     inbox → ingest → screen → audit, one run, one report
     screenline demo                               samples → ingest → optimize → nightly on an embedded default
 
@@ -330,6 +331,10 @@ def _print_audit(report: "object") -> None:
               f"{r['sensitivity_cp_high']:.4f}, Wilson {r['sensitivity_wilson_low']:.4f}–"
               f"{r['sensitivity_wilson_high']:.4f}), specificity "
               f"{_pct(r['specificity'])}, AUC {_pct(r['auc'])}\n    {r['claim']}")
+        if r.get("operating_point", "shipped") != "shipped":
+            print(f"    decided at {r['operating_point']} ({r['threshold']:.4f}); at the shipped threshold "
+                  f"{r['shipped_threshold']:.4f} sensitivity would be {_pct(r['shipped_sensitivity'])}, specificity "
+                  f"{_pct(r['shipped_specificity'])}")
     for sentence in s.weak_groups:
         print(f"  warning: {sentence}")
     print(f"  drift: {'FLAGGED: ' if s.drift.get('flagged') else ''}{s.drift.get('why', '?')}\n"
@@ -364,6 +369,50 @@ def cmd_audit(args: argparse.Namespace) -> None:
     report = run_audit(args.lake, version=args.version, subsets=args.subset, batch=args.batch,
                        threshold=args.threshold, target_sensitivity=args.target_sensitivity, one_sided=args.one_sided)
     _not_shown(report)
+
+
+def _print_calibration(result: "object") -> None:
+    from tasks.calibrate import SiteCalibration
+
+    assert isinstance(result, SiteCalibration)
+    cal, ver, ship = result.calibration, result.verification, result.verification_at_shipped
+    halves = result.halves
+    print(f"\ncalibration {result.calibration_id}: {result.version} ({result.engine}) on subset {result.subset!r}\n"
+          f"  halves by image hash: calibration {halves['calibration']['images']} images "
+          f"({halves['calibration']['positives']} positive), verification {halves['verification']['images']} "
+          f"({halves['verification']['positives']} positive)\n"
+          f"  site threshold {result.threshold:.4f} (shipped {result.shipped_threshold:.4f}): {cal['statement']}")
+    print("  on the verification half (no part in the choice):")
+    for label, f in (("site threshold", ver), ("shipped threshold", ship)):
+        print(f"    {label:<17} sensitivity {_pct(f['sensitivity'])} ({f['tp']}/{f['positives']}; exact 95% CI "
+              f"{f['sensitivity_cp_low']:.4f}–{f['sensitivity_cp_high']:.4f}), specificity {_pct(f['specificity'])} "
+              f"({f['tn']}/{f['negatives']}; {f['specificity_cp_low']:.4f}–{f['specificity_cp_high']:.4f}), "
+              f"{f['normals_flagged_per_1000']:.0f} normals flagged per 1,000 screened")
+    print(f"    {ver['claim']}\n  record: {result.record_file}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from flows.calibrate import calibrate
+    from models.registry import ModelNotFound
+    from tasks.calibrate import CalibrationRefused, reset
+    from tasks.lake import Lake
+
+    if not args.reset and not args.subset:
+        raise CliError("--subset NAME is required: the labelled subset of this site's images to calibrate on")
+    try:
+        if args.reset:
+            reset(Lake.at(args.lake), args.version)
+            print("site operating point removed: the shipped threshold decides from the next screen")
+            return
+        result = calibrate(subset=args.subset, lake=args.lake, version=args.version, apply=args.apply,
+                           delta=args.delta, one_sided=args.one_sided)
+    except CalibrationRefused as exc:
+        raise CliError(f"calibration refused: {exc}") from None
+    except (ModelNotFound, ValueError, RuntimeError) as exc:
+        raise CliError(str(exc)) from None
+    _print_calibration(result)
+    print(f"applied {result.name} to {result.version}: `screenline screen` re-decides every prediction with it"
+          if result.applied else "not applied (pass --apply to decide with it)")
 
 
 def run_nightly(inbox: str, lake: str | None) -> "object":
@@ -550,6 +599,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="claim the target at the one-sided exact 95%% lower bound (default: the lower end of the "
                         "two-sided exact 95%% interval, a one-sided 97.5%% bound)")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser(
+        "calibrate", help="a site threshold: chosen on half of a labelled local subset, verified on the other half",
+        description="Split a labelled subset (ingested with --subset) by image hash into a calibration half and a "
+        "verification half; choose the threshold on the first with the version's rule (sensitivity ≥ target with "
+        "probability ≥ 1 − delta); report the second at the new and the shipped threshold. --apply records it in "
+        "the manifest (signed again) so screening decides with it. Refused, with the positives it would need, when "
+        "the subset cannot support it.")
+    p.add_argument("--subset", help="the labelled subset of this site's images")
+    _lake_arg(p)
+    p.add_argument("--version", help="model version (default: the promoted one)")
+    p.add_argument("--apply", action="store_true", help="decide with the site threshold from the next screen")
+    p.add_argument("--reset", action="store_true", help="remove the site threshold: the shipped one decides again")
+    p.add_argument("--delta", type=float, help="the rule's delta (default: the version's own)")
+    p.add_argument("--one-sided", action="store_true", help="verify the claim at the one-sided exact bound")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("nightly", help="ingest the inbox, screen, audit: what the nightly deployment runs")
     _lake_arg(p)

@@ -44,12 +44,13 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from prefect import task
 
-from models.registry import Registry
+from models.registry import SITE_POINTS, Registry, decided_at, point_key
 from tasks.caching import OutputCache, content_key
 from tasks.ingest import IO_RETRIES
 from tasks.lake import SHARD_PATH_KEY, Lake, footer, images_digest, safe_name, shard_id_of, write_table_atomic
-from tasks.metrics import SIDES, Figures, claim, figures
+from tasks.metrics import SIDES, Figures, claim, figures, table_at
 from tasks.predictions import RUN_KEY, State, current_files, read_current
+from tasks.thresholds import in_calibration_half
 
 REFERENCE_FILE = "reference-scores.parquet"
 """In a model's folder: its shipped engine's validation scores and labels, the default drift reference."""
@@ -96,6 +97,9 @@ class AuditPlan:
     runs: tuple[tuple[str, str, str], ...]  # (shard_id, run_id, images digest) of every predictions file read
     drift: DriftSettings = DriftSettings()
     sided: str = "two"  # the claim's exact lower bound: of the two-sided 95% interval, or one-sided 95%
+    shipped_threshold: float = float("nan")  # what optimize shipped, shown beside the decisions
+    operating_point: str = "shipped"  # which point decides: "shipped", or "site:<subset>"
+    chosen_on: str | None = None  # the subset a deciding site point was chosen on (judged by its verification half)
 
     @property
     def lake(self) -> Lake:
@@ -238,16 +242,19 @@ def plan_audit(lake: Lake, version: str | None = None, subsets: list[str] | None
     runs = tuple((s, _footer_run(files[s]), images_digest(lake.image_file(s)))
                  for s in sorted(set(subset_shards) | set(batch)))
     source = "as decided" if threshold is None else "override"
-    threshold = float(ship["threshold"] if threshold is None else threshold)
-    key = content_key("audit/v2", version, manifest["seal"], threshold, source, target, wanted, batch, runs,
+    deciding, point_name = decided_at(manifest, ship)
+    site = manifest.get(SITE_POINTS, {}).get(point_key(ship["engine"], ship["file"]))
+    threshold = float(deciding if threshold is None else threshold)
+    key = content_key("audit/v3", version, manifest["seal"], threshold, source, target, wanted, batch, runs,
                       asdict(drift), sided)
     return AuditPlan(str(lake.root), f"{version}-{key[:12]}", version, ship["engine"], ship["precision"], threshold,
-                     source, target, tuple(wanted), tuple(batch), runs, drift, sided)
+                     source, target, tuple(wanted), tuple(batch), runs, drift, sided, float(ship["threshold"]),
+                     point_name, site["subset"] if site else None)
 
 
 def scores_of(plan: AuditPlan, shard_ids: list[str] | tuple[str, ...]) -> pa.Table:
-    """image_id, score, threshold of every current prediction the plan read for these shards."""
-    return read_current(plan.prediction_files(), shard_ids, ["image_id", "score", "threshold"])
+    """image_id, score, threshold, engine of every current prediction the plan read for these shards."""
+    return read_current(plan.prediction_files(), shard_ids, ["image_id", "score", "threshold", "engine"])
 
 
 # --- figures -------------------------------------------------------------------------------------------------------
@@ -265,13 +272,15 @@ FIGURES_SCHEMA = pa.schema([
     pa.field("meets_target", pa.bool_()), pa.field("claim_supported", pa.bool_()),
     pa.field("positives_needed", pa.int64()), pa.field("claim", pa.string()), pa.field("verdict", pa.string()),
     pa.field("model_version", pa.string()), pa.field("engine", pa.string()), pa.field("precision", pa.string()),
-    pa.field("threshold_source", pa.string()),
+    pa.field("threshold_source", pa.string()), pa.field("operating_point", pa.string()),
+    pa.field("shipped_threshold", pa.float64()), pa.field("shipped_sensitivity", pa.float64()),
+    pa.field("shipped_specificity", pa.float64()),
 ])
 
 
 def labelled_scores(plan: AuditPlan) -> pa.Table:
-    """subset, shard_id, label, score, threshold of every labelled image the plan audits: exactly one current
-    prediction each, or AuditIncomplete saying which images are missing or doubled."""
+    """image_id, subset, shard_id, label, score, threshold, engine of every labelled image the plan audits: exactly
+    one current prediction each, or AuditIncomplete saying which images are missing or doubled."""
     labelled = labelled_subsets(plan.lake).filter(pc.field("subset").isin(pa.array(plan.subsets, pa.string())))
     scored = scores_of(plan, sorted(set(labelled.column("shard_id").to_pylist())))
     for table, what in ((labelled, "the lake's images"), (scored, f"the predictions of {plan.version}")):
@@ -289,12 +298,13 @@ def labelled_scores(plan: AuditPlan) -> pa.Table:
         raise AuditIncomplete(f"{unmatched.num_rows} labelled image(s) of subset(s) {', '.join(plan.subsets)} have no "
                               f"current prediction by {plan.version} (e.g. {first['image_id']} in shard "
                               f"{first['shard_id']}): run `screenline screen`, then audit again")
-    return joined.select(["subset", "shard_id", "label", "score", "threshold"])
+    return joined.select(["image_id", "subset", "shard_id", "label", "score", "threshold", "engine"])
 
 
 def audit_figures(plan: AuditPlan) -> AuditSummary:
     """Figures per subset and per subset × shard, at the decisions screen recorded (or the plan's override
-    threshold), written to the figures file."""
+    threshold), with the shipped threshold's beside them, written to the figures file. A subset the deciding site
+    threshold was chosen on is judged by its verification half alone (tasks/calibrate.py), and says so."""
     table = labelled_scores(plan)
     names = _shard_names(plan.lake)
     subsets = np.asarray(table.column("subset").to_pylist(), dtype=object)
@@ -303,35 +313,50 @@ def audit_figures(plan: AuditPlan) -> AuditSummary:
     scores = table.column("score").to_numpy(zero_copy_only=False)
     decided = table.column("threshold").to_numpy(zero_copy_only=False)
     thresholds = np.full(len(scores), plan.threshold, np.float32) if plan.overridden else decided
+    calibration_half = np.array([in_calibration_half(i) for i in table.column("image_id").to_pylist()], dtype=bool)
     now = datetime.now(timezone.utc)
     rows, summary = [], AuditSummary(plan.audit_id, plan.version, plan.threshold, plan.target)
+
+    def row_of(subset: str, kind: str, group: str, shard_id: str, mask: np.ndarray) -> tuple[dict, Figures]:
+        f = figures(scores[mask], labels[mask], thresholds[mask])
+        supported, needed, sentence = claim(f, plan.target, sided=plan.sided)
+        used = np.unique(thresholds[mask])
+        shipped = table_at(scores[mask], labels[mask], np.float32(plan.shipped_threshold))
+        return {"audit_id": plan.audit_id, "audited_at": now, "subset": subset, "group_kind": kind, "group": group,
+                "shard_id": shard_id, **asdict(f), "threshold": float(used[0]) if len(used) == 1 else float("nan"),
+                "target": plan.target, "meets_target": bool(f.positives) and f.sensitivity >= plan.target,
+                "claim_supported": supported, "positives_needed": needed, "claim": sentence,
+                "verdict": subset_verdict(f, plan.target, supported), "model_version": plan.version,
+                "engine": plan.engine, "precision": plan.precision, "threshold_source": plan.threshold_source,
+                "operating_point": plan.operating_point, "shipped_threshold": plan.shipped_threshold,
+                "shipped_sensitivity": shipped.sensitivity, "shipped_specificity": shipped.specificity}, f
+
     for subset in plan.subsets:
         in_subset = subsets == subset
-        groups = [("subset", "all", "", in_subset)] + [
+        chosen_here = subset == plan.chosen_on and not plan.overridden
+        groups = ([("half", "verification half", "", in_subset & ~calibration_half),
+                   ("half", "calibration half", "", in_subset & calibration_half)] if chosen_here else []) + [
             ("shard", names.get(s, s), s, in_subset & (shards == s)) for s in sorted(set(shards[in_subset]))]
-        for kind, group, shard_id, mask in groups:
-            f = figures(scores[mask], labels[mask], thresholds[mask])
-            supported, needed, sentence = claim(f, plan.target, sided=plan.sided)
-            verdict = subset_verdict(f, plan.target, supported)
-            used = np.unique(thresholds[mask])
-            row = {"audit_id": plan.audit_id, "audited_at": now, "subset": subset, "group_kind": kind,
-                   "group": group, "shard_id": shard_id, **asdict(f),
-                   "threshold": float(used[0]) if len(used) == 1 else float("nan"), "target": plan.target,
-                   "meets_target": bool(f.positives) and f.sensitivity >= plan.target, "claim_supported": supported,
-                   "positives_needed": needed, "claim": sentence, "verdict": verdict, "model_version": plan.version,
-                   "engine": plan.engine, "precision": plan.precision, "threshold_source": plan.threshold_source}
-            rows.append(row)
-            if kind == "subset":
-                summary.subsets.append(row)
-            where = f"subset {subset!r}" + (f" shard {group}" if kind == "shard" else "")
-            if verdict == "failed":
-                sentence = (f"{where}: sensitivity {f.sensitivity:.4f} ({f.tp}/{f.positives} positives found; "
-                            f"95% CI {f.sensitivity_cp_low:.4f}–{f.sensitivity_cp_high:.4f} exact, "
-                            f"{f.sensitivity_wilson_low:.4f}–{f.sensitivity_wilson_high:.4f} Wilson) is below the "
-                            f"target {plan.target} at threshold {_thresholds(used)}")
-                (summary.failing if kind == "subset" else summary.weak_groups).append(sentence)
-            elif verdict == "inconclusive" and kind == "subset":
-                summary.inconclusive.append(f"{where}: {sentence}")
+        row, f = row_of(subset, "subset", "all", "", in_subset)
+        group_rows = [row_of(subset, *group) for group in groups]
+        if chosen_here:  # the threshold was chosen on the other half: only the verification half is independent
+            verification, f = group_rows[0]
+            row.update(verdict=verification["verdict"], claim_supported=verification["claim_supported"],
+                       claim=(f"judged on its verification half only (the site threshold was chosen on the other "
+                              f"half): {verification['claim']}"))
+        rows += [row] + [r for r, _ in group_rows]
+        summary.subsets.append(row)
+        for r, g in [(row, f)] + [(r, g) for r, g in group_rows if r["group_kind"] == "shard"]:
+            where = f"subset {subset!r}" + (f" shard {r['group']}" if r["group_kind"] == "shard" else "") + (
+                " (verification half)" if chosen_here and r is row else "")
+            if r["verdict"] == "failed":
+                sentence = (f"{where}: sensitivity {g.sensitivity:.4f} ({g.tp}/{g.positives} positives found; "
+                            f"95% CI {g.sensitivity_cp_low:.4f}–{g.sensitivity_cp_high:.4f} exact, "
+                            f"{g.sensitivity_wilson_low:.4f}–{g.sensitivity_wilson_high:.4f} Wilson) is below the "
+                            f"target {plan.target} at threshold {_thresholds(np.unique(thresholds[in_subset]))}")
+                (summary.failing if r is row else summary.weak_groups).append(sentence)
+            elif r["verdict"] == "inconclusive" and r is row:
+                summary.inconclusive.append(f"{where}: {r['claim']}")
     write_table_atomic(plan.figures_file(), pa.Table.from_pylist(rows, FIGURES_SCHEMA))
     summary.figures_file = str(plan.figures_file())
     return summary

@@ -78,6 +78,7 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field("score", pa.float32(), nullable=False),  # probability of a positive finding
         pa.field("positive", pa.bool_(), nullable=False),  # score >= threshold
         pa.field("threshold", pa.float32(), nullable=False),
+        pa.field("operating_point", pa.string(), nullable=False),  # "shipped", or "site:<subset>" (calibrate)
         pa.field("model_version", pa.string(), nullable=False),
         pa.field("engine", pa.string(), nullable=False),
         pa.field("precision", pa.string(), nullable=False),

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 
+from models.registry import decided_at
 from tasks.lake import PREDICTIONS_SCHEMA, SAFE_NAME, SHARD_ID, Lake, footer, images_digest
 
 IMAGES_KEY = "screenline.images_digest"  # the image-id digest of the images file that was scored
@@ -35,6 +36,7 @@ FILE_KEY = "screenline.model_file"
 FILE_SHA_KEY = "screenline.model_file_sha256"
 THRESHOLD_KEY = "screenline.threshold"
 GATE_KEY = "screenline.gate"  # "passed", or the override screen was told to make
+POINT_KEY = "screenline.operating_point"  # "shipped", or "site:<subset>"
 VERSION_KEY = "screenline.model_version"
 RUN_KEY = "screenline.run_id"
 
@@ -56,16 +58,19 @@ class OperatingPoint:
     file: str
     file_sha256: str
     threshold: float
+    name: str = "shipped"  # or "site:<subset>"
 
     @classmethod
     def of(cls, pick: dict[str, Any], manifest: dict[str, Any]) -> "OperatingPoint":
-        """The operating point of a shipped pick (`shipping` or `fallback`) of a verified manifest."""
+        """The operating point of a shipped pick (`shipping` or `fallback`) of a verified manifest: its own
+        threshold, or the site point recorded for its engine and graph."""
+        threshold, name = decided_at(manifest, pick)
         return cls(pick["engine"], pick["precision"], pick["file"], manifest["files"][pick["file"]],
-                   as_float32(pick["threshold"]))
+                   as_float32(threshold), name)
 
     def footer(self) -> dict[str, str]:
         return {ENGINE_KEY: self.engine, PRECISION_KEY: self.precision, FILE_KEY: self.file,
-                FILE_SHA_KEY: self.file_sha256, THRESHOLD_KEY: repr(self.threshold)}
+                FILE_SHA_KEY: self.file_sha256, THRESHOLD_KEY: repr(self.threshold), POINT_KEY: self.name}
 
 
 def operating_points(manifest: dict[str, Any]) -> list[OperatingPoint]:
@@ -111,10 +116,13 @@ def state_of(lake: Lake, version: str, shard_id: str, points: Iterable[Operating
     if point is None or point.file_sha256 != meta.get(FILE_SHA_KEY):
         return State("rescore", f"scored by {meta.get(ENGINE_KEY)} {meta.get(FILE_KEY)}, a graph {version} does not "
                                 f"ship now")
+    if POINT_KEY not in meta:
+        return State("rescore", "written before predictions recorded their operating point")
     recorded = as_float32(meta.get(THRESHOLD_KEY, "nan"))
-    if recorded != point.threshold:
-        return State("redecide", f"decided at threshold {recorded:.6g}; {version}'s {point.engine} threshold is "
-                                 f"{point.threshold:.6g} now", point)
+    if recorded != point.threshold or meta[POINT_KEY] != point.name:
+        return State("redecide", f"decided at threshold {recorded:.6g} ({meta.get(POINT_KEY, 'shipped')}); "
+                                 f"{version}'s {point.engine} decides at {point.threshold:.6g} ({point.name}) now",
+                     point)
     return State("current", "", point)
 
 

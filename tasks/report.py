@@ -112,11 +112,12 @@ def _ratio(value: float) -> str:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
+    site = any(r.get("operating_point", "shipped") != "shipped" for r in rows)
     head = ("<tr><th class=l>subset</th><th class=l>group</th><th>n</th><th>pos</th><th>TP</th><th>FN</th>"
             "<th>TN</th><th>FP</th><th>sensitivity</th><th>exact 95% CI (two-sided)</th><th>Wilson 95% CI</th>"
             "<th>specificity</th><th>exact 95% CI (two-sided)</th><th>Wilson 95% CI</th><th>PPV</th><th>NPV</th>"
-            "<th>AUC</th>"
-            "<th class=l>verdict</th></tr>")
+            "<th>AUC</th>" + ("<th>sensitivity at shipped</th><th>specificity at shipped</th>" if site else "")
+            + "<th class=l>verdict</th></tr>")
     body = []
     for r in rows:
         mark = {"passed": "passed", "failed": "<b>FAILED</b>"}.get(r["verdict"], "inconclusive") + (
@@ -128,7 +129,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
             f"<td>{_ci(r, 'sensitivity', 'wilson')}</td><td>{_ratio(r['specificity'])}</td>"
             f"<td>{_ci(r, 'specificity', 'cp')}</td><td>{_ci(r, 'specificity', 'wilson')}</td>"
             f"<td>{_ratio(r['ppv'])}</td><td>{_ratio(r['npv'])}</td><td>{_ratio(r['auc'])}</td>"
-            f"<td class=l>{mark}</td></tr>")
+            + (f"<td>{_ratio(r['shipped_sensitivity'])}</td><td>{_ratio(r['shipped_specificity'])}</td>"
+               if site else "")
+            + f"<td class=l>{mark}</td></tr>")
     return f"<table>{head}{''.join(body)}</table>"
 
 
@@ -143,8 +146,15 @@ def render_report(plan: AuditPlan, summary: AuditSummary, drift: dict[str, Any])
     parts = [(f"<!doctype html><html><head><meta charset=utf-8><title>screenline audit {e(plan.audit_id)}</title>"
               f"<style>{CSS}</style></head><body><h1>Sensitivity audit</h1>"),
              (f"<p>model <b>{e(plan.version)}</b> ({e(plan.engine)} {e(plan.precision)}), threshold "
-             f"<b>{plan.threshold:.4f}</b> ({e(plan.threshold_source)}), target sensitivity <b>{plan.target:.0%}"
-             f"</b>; audit <code>{e(plan.audit_id)}</code> of <code>{e(plan.lake_root)}</code></p>")]
+             f"<b>{plan.threshold:.4f}</b> ({e(plan.threshold_source)}, operating point {e(plan.operating_point)}"
+             + (f"; shipped threshold {plan.shipped_threshold:.4f}, whose figures are shown beside"
+                if plan.operating_point != "shipped" else "")
+             + f"), target sensitivity <b>{plan.target:.0%}</b>; audit <code>{e(plan.audit_id)}</code> of "
+               f"<code>{e(plan.lake_root)}</code></p>")]
+    if plan.chosen_on and plan.chosen_on in plan.subsets:
+        parts.append(f"<div class=warn>The site threshold was chosen on half of subset <b>{e(plan.chosen_on)}</b>: "
+                     f"that subset is judged by its other (verification) half alone; figures on the whole subset "
+                     f"include the images the threshold was chosen on.</div>")
     if not plan.subsets:
         parts.append("<div class=warn><b>NOT AUDITED: no labelled subsets in the lake, so sensitivity was not "
                      "measured.</b> Ingest a labelled shard with <code>screenline ingest PATH --subset NAME</code>."

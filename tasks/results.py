@@ -86,7 +86,7 @@ def query_current(lake_root: str | None, query: ResultsQuery) -> tuple[pa.Table,
     )
     joined = predictions.join(images, "image_id", join_type="left outer")
     order = ["image_id", "shard_id", "source", "label", "subset", "score", "positive", "threshold",
-             "model_version", "engine", "precision", "run_id", "scored_at"]
+             "operating_point", "model_version", "engine", "precision", "run_id", "scored_at"]
     return joined.select(order).sort_by([("shard_id", "ascending"), ("source", "ascending")]), stale
 
 

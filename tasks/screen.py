@@ -44,6 +44,7 @@ from tasks.lake import (
 from tasks.predictions import (
     GATE_KEY,
     IMAGES_KEY,
+    POINT_KEY,
     RUN_KEY,
     THRESHOLD_KEY,
     VERSION_KEY,
@@ -74,6 +75,7 @@ class ScreenModel:
     file_sha256: str
     gate: str  # "passed", or the override screen was told to make (--allow-failed-gate)
     points: tuple[OperatingPoint, ...]  # every operating point the version holds now (shipping, fallback)
+    operating_point: str = "shipped"  # which decides here: "shipped", or the site point calibrate applied
 
     @property
     def point(self) -> OperatingPoint:
@@ -129,7 +131,7 @@ def resolve_model(lake: Lake, version: str | None, workers: int, engine: str = "
         registry.record(version, "knees", host, knee)
     return ScreenModel(str(lake.root), version, ship["engine"], ship["precision"], ship["file"],
                        float(ship["threshold"]), int(knee["batch"]), threads, manifest["files"][ship["file"]],
-                       ship["gate"], tuple(operating_points(manifest)))
+                       ship["gate"], tuple(operating_points(manifest)), ship["operating_point"])
 
 
 def _believable(knee: Any) -> bool:
@@ -190,6 +192,7 @@ def _score(reader: pq.ParquetFile, source: Path, out: Path, shard_id: str, diges
     lineage = {
         "shard_id": pa.array([shard_id] * model.batch, pa.string()),
         "threshold": pa.array(np.full(model.batch, model.threshold, np.float32)),
+        "operating_point": pa.array([model.point.name] * model.batch, pa.string()),
         "model_version": pa.array([model.version] * model.batch, pa.string()),
         "engine": pa.array([model.engine] * model.batch, pa.string()),
         "precision": pa.array([model.precision] * model.batch, pa.string()),
@@ -227,8 +230,10 @@ def _redecide(out: Path, shard_id: str, state: State, run_id: str) -> ShardScree
     n = old.num_rows
     table = old.set_column(old.schema.get_field_index("positive"), "positive", pa.array(positive)) \
         .set_column(old.schema.get_field_index("threshold"), "threshold", pa.array(np.full(n, threshold))) \
-        .set_column(old.schema.get_field_index("run_id"), "run_id", pa.array([run_id] * n, pa.string()))
-    meta = {**footer(out), THRESHOLD_KEY: repr(state.point.threshold), RUN_KEY: run_id}
+        .set_column(old.schema.get_field_index("run_id"), "run_id", pa.array([run_id] * n, pa.string())) \
+        .set_column(old.schema.get_field_index("operating_point"), "operating_point",
+                    pa.array([state.point.name] * n, pa.string()))
+    meta = {**footer(out), THRESHOLD_KEY: repr(state.point.threshold), POINT_KEY: state.point.name, RUN_KEY: run_id}
     supersede(out)
     with atomic_parquet_writer(out, PREDICTIONS_SCHEMA, meta) as writer:
         writer.write_table(table.cast(PREDICTIONS_SCHEMA))

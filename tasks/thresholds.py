@@ -137,6 +137,12 @@ def operating_curve(scores: np.ndarray, labels: np.ndarray, shipped: float | Non
     return rows
 
 
+def in_calibration_half(image_id: str) -> bool:
+    """Site calibration's halves (tasks/calibrate.py): from bits of the image id the train/val/test split does not
+    use, so an image is always in the same half."""
+    return int(image_id[16:24], 16) % 2 == 0
+
+
 CURVE_COLUMNS = ("at sensitivity", "threshold", "sensitivity", "specificity", "normals flagged per 1,000 screened")
 
 

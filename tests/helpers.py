@@ -158,3 +158,22 @@ def labelled_lake_with_model(lake: Path, holdout: Path, hold_x: np.ndarray, hold
     reference = generate(600, 0.1, 7, SITES["a"], "reference")[0][:, None]
     register_model(lake, "sn-spot", seed=0, threshold=threshold, reference=reference, model=spot_detector())
     return held, threshold
+
+
+def site_lake(root: Path, n: int, name: str = "site"):
+    """A Lake with one labelled subset `name` of n images (half positive, clear findings the spot detector separates
+    well), scored by the spot detector registered as sn-site with a shipped threshold of 0.0: every image flagged,
+    the specificity a site threshold should win back."""
+    from tasks.ingest import IngestOptions, ingest_shard
+    from tasks.lake import Lake
+    from tasks.samples import Site, write_tar
+    from tasks.shards import fingerprint
+
+    x, y = images(n, f"calibrate-{name}-{n}", site=Site("clear", lesion_scale=3.0), prevalence=0.5)
+    write_tar(root / f"{name}.tar", x, y, prefix=name)
+    lake = Lake(root / "lake")
+    lake.ensure_channels(1)
+    ingest_shard(fingerprint(root / f"{name}.tar"), lake, IngestOptions(channels=1, subset=name))
+    register_model(lake.root, "sn-site", seed=0, threshold=0.0, model=spot_detector())
+    screen_plain(lake)
+    return lake
