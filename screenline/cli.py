@@ -326,7 +326,8 @@ def _print_audit(report: "object") -> None:
     if not s.subsets:
         print("  no labelled subsets in the lake: sensitivity not audited (ingest one with --subset NAME)")
     for r in s.subsets:
-        print(f"  {r['subset']} ({r['verdict']}): {r['n']} images, {r['positives']} positive; sensitivity "
+        both = " (both halves)" if r["claim"].startswith("judged on its verification half") else ""
+        print(f"  {r['subset']} ({r['verdict']}): {r['n']} images{both}, {r['positives']} positive; sensitivity "
               f"{_pct(r['sensitivity'])} (two-sided 95% CI: exact {r['sensitivity_cp_low']:.4f}–"
               f"{r['sensitivity_cp_high']:.4f}, Wilson {r['sensitivity_wilson_low']:.4f}–"
               f"{r['sensitivity_wilson_high']:.4f}), specificity "
@@ -388,7 +389,11 @@ def _print_calibration(result: "object") -> None:
               f"{f['sensitivity_cp_low']:.4f}–{f['sensitivity_cp_high']:.4f}), specificity {_pct(f['specificity'])} "
               f"({f['tn']}/{f['negatives']}; {f['specificity_cp_low']:.4f}–{f['specificity_cp_high']:.4f}), "
               f"{f['normals_flagged_per_1000']:.0f} normals flagged per 1,000 screened")
-    print(f"    {ver['claim']}\n  record: {result.record_file}")
+    print(f"    {ver['claim']}")
+    for name, f in result.elsewhere.items():
+        print(f"  subset {name!r} at the site threshold: sensitivity {_pct(f['sensitivity'])} ({f['tp']}/"
+              f"{f['positives']}), specificity {_pct(f['specificity'])}")
+    print(f"  record: {result.record_file}")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:

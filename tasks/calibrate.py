@@ -9,8 +9,11 @@ reports the second, which played no part in the choice: sensitivity and specific
 flagged per 1,000 screened, and whether its positives support the target; beside the same figures at the shipped
 threshold.
 
-Refused, saying how many positives it would need, when the calibration half is too small for the rule's guarantee,
-or when the verification half's sensitivity at the new threshold is below target. `--apply` records the point in the
+Refused, saying how many positives it would need, when the calibration half is too small for the rule's guarantee;
+when the verification half's sensitivity at the new threshold is below target; or when another labelled subset of
+the lake would fall below target at it. One threshold decides every image of a lake (per engine and graph), so a
+site threshold belongs in a lake of that site's images: a lake that also holds other sites' labelled images, which
+the site threshold would fail, is the wrong place to apply it. `--apply` records the point in the
 version's manifest with its provenance (subset, halves, figures, rule, date) and signs it again: screening then
 decides with it (every prediction names its operating point), and audits show it beside the shipped threshold,
 judging the subset it was chosen on by its verification half alone. Every calibration, applied or not, is kept as
@@ -26,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 from prefect import task
 
 from models.registry import SITE_POINTS, Registry, point_key
-from tasks.audit import labelled_scores, plan_audit
+from tasks.audit import labelled_scores, labelled_subsets, plan_audit
 from tasks.caching import content_key
 from tasks.ingest import IO_RETRIES
 from tasks.lake import Lake, atomic_write_bytes, safe_name
@@ -59,6 +63,7 @@ class SiteCalibration:
     verification: dict  # the verification half at the new threshold: figures, normals per 1,000, claim
     verification_at_shipped: dict  # the verification half at the shipped threshold
     created_at: str
+    elsewhere: dict = field(default_factory=dict)  # every other labelled subset of the lake at the new threshold
     refused: str | None = None
     applied: bool = False
     record_file: str = ""
@@ -129,7 +134,31 @@ def site_calibration(lake: Lake, subset: str, version: str | None = None, engine
         result.refused = (f"on the verification half of {subset!r} the new threshold {chosen.threshold:.4f} finds "
                           f"{result.verification['tp']}/{result.verification['positives']} positives "
                           f"({result.verification['sensitivity']:.4f}), below the target {rule.target}")
+    result.elsewhere = _other_subsets(lake, version, subset, chosen.threshold, rule.target, sided)
+    failing = {name: f for name, f in result.elsewhere.items() if f["sensitivity"] < rule.target}
+    if failing and not result.refused:
+        said = "; ".join(f"{name!r} {f['tp']}/{f['positives']} ({f['sensitivity']:.4f})" for name, f in failing.items())
+        result.refused = (f"at {chosen.threshold:.4f} this lake's other labelled subset(s) fall below the target "
+                          f"{rule.target}: {said}. One threshold decides every image in the lake, so a site "
+                          f"threshold belongs in a lake of that site's images (copy lake/models/ into it and ingest "
+                          f"the site's shards there)")
     return result
+
+
+def _other_subsets(lake: Lake, version: str, subset: str, threshold: float, target: float, sided: str) -> dict:
+    """Figures of every other labelled subset with positives at `threshold` (their current predictions)."""
+    names = sorted(set(labelled_subsets(lake).column("subset").to_pylist()) - {subset})
+    if not names:
+        return {}
+    table = labelled_scores(plan_audit(lake, version, subsets=names, batch=[], sided=sided))
+    out = {}
+    for name in names:
+        rows = table.filter(pc.equal(table.column("subset"), name))
+        labels = rows.column("label").to_numpy(zero_copy_only=False).astype(np.int8)
+        if labels.sum():
+            out[name] = _figures_at(rows.column("score").to_numpy(zero_copy_only=False), labels, threshold, target,
+                                    sided)
+    return out
 
 
 def rule_needs(rule: ThresholdRule) -> int:

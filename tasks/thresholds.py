@@ -101,7 +101,13 @@ def calibrate(scores: np.ndarray, labels: np.ndarray, rule: ThresholdRule = Thre
                            f"score is used")
     return Calibration(float(positives[k - 1]), "pac", rule.target, rule.delta, n, k, True, needed,
                        f"sensitivity ≥ {rule.target:.0%} on new images from the same distribution with probability "
-                       f"≥ {1 - rule.delta:.0%} (the {k}-th lowest of {n} calibration positive scores)")
+                       f"≥ {1 - rule.delta:.0%} (the {ordinal(k)} lowest of {n} calibration positive scores)")
+
+
+def ordinal(k: int) -> str:
+    """1st, 2nd, 3rd, 4th, 11th, 21st."""
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
 
 
 def threshold_for_sensitivity(scores: np.ndarray, labels: np.ndarray, sensitivity: float) -> float:

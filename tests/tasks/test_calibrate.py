@@ -96,3 +96,31 @@ def test_an_applied_point_changes_the_decisions_names_itself_and_keeps_its_prove
     assert SITE_POINTS in Registry(lake).manifest("sn-site") and not Registry(lake).manifest("sn-site")[SITE_POINTS]
     screen_plain(lake)
     assert set(pq.read_table(lake.predictions / "sn-site").column("operating_point").to_pylist()) == {"shipped"}
+
+
+def test_a_site_threshold_that_would_fail_another_labelled_subset_of_the_lake_is_refused(big, tmp_path):
+    """One threshold decides every image of a lake: a faint site's labelled images in the same lake would be missed
+    at the clear site's threshold, so the calibration names them and nothing is applied."""
+    import shutil
+
+    from helpers import images
+
+    from tasks.ingest import IngestOptions, ingest_shard
+    from tasks.samples import Site, write_tar
+    from tasks.shards import fingerprint
+
+    lake = Lake(tmp_path / "lake")
+    shutil.copytree(big.root, lake.root)
+    x, y = images(400, "calibrate-faint", site=Site("faint", lesion_scale=0.5), prevalence=0.5)
+    write_tar(tmp_path / "faint.tar", x, y, prefix="faint")
+    ingest_shard(fingerprint(tmp_path / "faint.tar"), lake, IngestOptions(channels=1, subset="faint"))
+    screen_plain(lake)
+    result = site_calibration(lake, "site")
+    faint = result.elsewhere["faint"]
+    assert faint["positives"] == int(y.sum()) and faint["sensitivity"] < 0.98
+    assert result.verification["sensitivity"] >= 0.98  # the site's own figures hold; the lake's other images do not
+    assert result.refused and "other labelled subset(s) fall below the target 0.98: 'faint'" in result.refused
+    assert "a site threshold belongs in a lake of that site's images" in result.refused
+    with pytest.raises(CalibrationRefused, match="'faint'"):
+        apply(lake, result)
+    assert SITE_POINTS not in Registry(lake).manifest("sn-site")

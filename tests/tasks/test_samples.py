@@ -38,6 +38,7 @@ def test_sample_set_is_readable_in_every_format(tmp_path):
     counts = {p.name: sum(isinstance(e, Entry) for e in read_entries(fingerprint(p))) for p in shards}
     assert counts["site-b.npz"] == counts["site-c.tar"] == 30
     assert counts["site-a"] == 30 + 4  # truncated, not-an-image, duplicate, 128px are entries; two more are refusals
-    assert made.images == 90 + 3 * 30 + 30 + 30 + 10 and made.defects == 6  # train, holdout, inbox, extras
-    assert [p.name for p in made.extras] == ["site-faint.tar", "night-dim"]
+    # train, holdout, inbox, extras (faint, dim, sharp)
+    assert made.images == 90 + 3 * 30 + 30 + 30 + 10 + 30 and made.defects == 6
+    assert [p.name for p in made.extras] == ["site-faint.tar", "night-dim", "site-sharp.tar"]
     assert [p.name for p in made.holdout] == ["site-a.tar", "site-b.tar", "site-c.tar"]

@@ -58,7 +58,7 @@ def test_the_pac_threshold_is_the_kth_lowest_positive_score():
     cal = calibrate(scores, labels, ThresholdRule("pac", 0.98, 0.05))
     assert (cal.threshold, cal.rank, cal.positives, cal.guaranteed) == (0.002, 3, 380, True)
     assert cal.statement == ("sensitivity ≥ 98% on new images from the same distribution with probability ≥ 95% "
-                             "(the 3-th lowest of 380 calibration positive scores)")
+                             "(the 3rd lowest of 380 calibration positive scores)")
     old = calibrate(scores, labels, ThresholdRule("quantile", 0.98, margin=0.01))
     assert (old.threshold, old.rank, old.guaranteed) == (0.003, 4, False)
 
