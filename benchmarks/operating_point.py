@@ -21,8 +21,8 @@ every labelled audit subset. Two measurements:
 `--crossfit K` adds what cross-fitting buys: K models trained the version's way on K folds of train+val, each
 scoring the fold it did not see; the PAC rule on those out-of-fold scores (K times the positives of one validation
 split) gives a threshold that is then applied to the shipped engine's scores of the test split and the audit
-subsets, none of which any fold model saw. It costs K trainings (the minutes are in the table); fold scores are kept
-in build/operating-point/ and reused. The guarantee is approximate here: the fold models are not the shipped model,
+subsets, none of which any fold model saw. It costs K trainings (their epoch minutes are in the table); the fold models live
+where `optimize --calibrate-on crossfit` keeps its own (lake/models/work/), so each reuses the other's. The guarantee is approximate here: the fold models are not the shipped model,
 only trained the same way on as much data, so the test-split gate is what checks it.
 
 Writes <out>/<date>-operating-point.md and .json. A measurement, not a test: it asserts nothing.
@@ -150,40 +150,31 @@ def fixed_split(pool: dict, thresholds: dict[str, float], target: float) -> list
     return rows
 
 
-def crossfit_scores(pool: dict, folds: int, cache: Path) -> dict:
-    """Out-of-fold scores of train+val from `folds` models trained the version's way (kept in `cache`)."""
-    from tasks.dataset import SplitRef
+def crossfit_scores(pool: dict, folds: int) -> dict:
+    """Out-of-fold scores of train+val from `folds` models trained the version's way: the same fold splits and
+    training as `optimize --calibrate-on crossfit`, in the same work folders, so either reuses the other's models."""
+    from tasks.dataset import SplitRef, load_split
+    from tasks.optimize import _train_output, fold_splits
     from tasks.train import TrainSettings, load_checkpoint, predict, train_model
-    from tasks.dataset import load_split
 
     manifest, lake = pool["manifest"], pool["lake"]
     settings = TrainSettings(**manifest["training"]["settings"])
-    split = pq.read_table(lake.models / "splits" / manifest["data"]["split_file"])
-    ids = np.array(split.column("image_id").to_pylist())
-    splits = np.array(split.column("split").to_pylist())
-    fold = np.array([int(i[8:16], 16) % folds for i in ids])
-    cache.mkdir(parents=True, exist_ok=True)
-    out = {"oof": [], "oof_labels": [], "minutes": []}
-    for k in range(folds):
-        done = cache / f"fold{k}.json"
-        if not done.exists():
-            started = time.perf_counter()
-            assignment = np.where(splits == "test", "test", np.where(fold == k, "val", "train"))
-            path = cache / f"split-{k}.parquet"
-            pq.write_table(pa.table({"image_id": ids, "split": assignment,
-                                     "label": split.column("label")}), path)
-            ref = SplitRef(str(lake.root), str(path), f"crossfit-{k}", int(lake.read_meta()["channels"]), {})
-            log(f"cross-fit fold {k + 1}/{folds}: training on {int((assignment == 'train').sum())} images")
-            checkpoint = train_model(ref, settings, cache / f"fold{k}", log=lambda message: None)
-            x, y = load_split(ref, "val")
-            oof = predict(load_checkpoint(checkpoint, ref.channels), x)
-            done.write_text(json.dumps({"oof": oof.tolist(), "oof_labels": y.astype(int).tolist(),
-                                        "minutes": (time.perf_counter() - started) / 60}))
-        fold_scores = json.loads(done.read_text())
-        for key in out:
-            out[key].extend(fold_scores[key] if key != "minutes" else [fold_scores[key]])
-    return {"scores": np.array(out["oof"]), "labels": np.array(out["oof_labels"], dtype=np.int8),
-            "minutes": out["minutes"]}
+    base = SplitRef(str(lake.root), str(lake.models / "splits" / manifest["data"]["split_file"]),
+                    manifest["data"]["split_sha256"], int(lake.read_meta()["channels"]))
+    scores, labels, minutes = [], [], []
+    for k, fold in enumerate(fold_splits(base, folds)):
+        checkpoint = _train_output({"split": fold, "settings": settings})
+        started = time.perf_counter()
+        if not checkpoint.exists():
+            log(f"cross-fit fold {k + 1}/{folds}: training on {fold.counts['train']['images']} images")
+            train_model(fold, settings, checkpoint.parent, log=lambda message: None)
+        timing = json.loads((checkpoint.parent / "model.json").read_text()).get("history", [])
+        minutes.append(sum(e.get("seconds", 0.0) for e in timing) / 60 or (time.perf_counter() - started) / 60)
+        x, y = load_split(fold, "val")
+        scores.append(predict(load_checkpoint(checkpoint, base.channels), x))
+        labels.append(y.astype(np.int8))
+    return {"scores": np.concatenate(scores).astype(np.float64), "labels": np.concatenate(labels),
+            "minutes": minutes}
 
 
 def markdown(result: dict) -> str:
@@ -253,13 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                           ThresholdRule("pac", target, args.delta)).threshold}
     crossfit = None
     if args.crossfit:
-        from tasks.caching import content_key
-
-        # The fold models depend on the split and the training settings only, not on the shipped version.
-        cache = REPO / "build" / "operating-point" / "crossfit-{}-k{}".format(
-            content_key("crossfit/v1", pool["manifest"]["data"]["split_sha256"],
-                        pool["manifest"]["training"]["settings"])[:16], args.crossfit)
-        oof = crossfit_scores(pool, args.crossfit, cache)
+        oof = crossfit_scores(pool, args.crossfit)
         chosen = calibrate(oof["scores"], oof["labels"], ThresholdRule("pac", target, args.delta))
         thresholds[f"pac δ={args.delta} cross-fit"] = chosen.threshold
         crossfit = {"folds": args.crossfit, "positives": int(oof["labels"].sum()), "calibration": chosen.as_dict(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 from prefect import flow, get_run_logger
@@ -10,7 +11,8 @@ from prefect.artifacts import create_markdown_artifact
 from models.engine import resolve_engine
 from tasks.dataset import SplitRef, make_split
 from tasks.lake import Lake, lake_root
-from tasks.optimize import GateSettings, evaluate_task, export_task, register_task, train_task
+from tasks.optimize import (GateSettings, evaluate_task, export_task, fold_splits, out_of_fold_task, register_task,
+                            train_task)
 from tasks.thresholds import CURVE_COLUMNS, curve_cells
 from tasks.train import TrainSettings
 
@@ -44,6 +46,8 @@ def optimize(
     calibration_margin: float = 0.01,
     int8_auc_tolerance: float = 0.005,
     gate_on_lower_bound: bool = False,
+    calibrate_on: str = "val",
+    folds: int = 5,
     seed: int = 0,
     max_batch: int = 512,
     promote: bool = True,
@@ -58,6 +62,9 @@ def optimize(
     ≥ 1 − delta, tasks/thresholds.py) or quantile (target + calibration_margin on validation, no guarantee; kept for
     comparison). gate_on_lower_bound: promote only when the exact lower bound of held-out test sensitivity (the
     two-sided 95% interval's) reaches the target, not only its point estimate.
+    calibrate_on: val (default: the rule on the validation split, scored by each engine) or crossfit (the rule on the
+    out-of-fold scores of `folds` models trained the same way on folds of train+val: `folds` times the positives,
+    `folds` more trainings; the held-out test gate checks the threshold on the shipped engine).
     promote: False registers without promoting (comparison runs, e.g. the seed's architecture).
     force_int8_fail: make INT8 fail its gate (tests the FP32 path).
     engine: auto (TensorRT where a GPU and the `gpu` extra are present, else ONNX Runtime), onnxruntime or
@@ -72,11 +79,19 @@ def optimize(
     settings = TrainSettings(arch=arch, width=width, epochs=epochs, seed=seed, teacher=teacher)
     gates = replace(GateSettings(), target_sensitivity=target_sensitivity, threshold_rule=threshold_rule, delta=delta,
                     calibration_margin=calibration_margin, int8_auc_tolerance=int8_auc_tolerance, max_batch=max_batch,
-                    gate_on_lower_bound=gate_on_lower_bound)
-    gates.rule  # a bad rule or delta fails here, before training
+                    gate_on_lower_bound=gate_on_lower_bound, calibrate_on=calibrate_on, folds=folds)
+    gates.rule  # a bad rule, delta or calibration fails here, before training
     checkpoint = train_task(split, settings)
+    oof_file = None
+    if calibrate_on == "crossfit":
+        folds_of = fold_splits(split, folds)
+        started = time.perf_counter()
+        checkpoints = [train_task(fold, settings) for fold in folds_of]
+        oof_file = out_of_fold_task(split, folds_of, checkpoints)
+        logger.info("cross-fit: %d fold models, %d out-of-fold positives, %.1f min", folds,
+                    sum(f.counts["val"]["positives"] for f in folds_of), (time.perf_counter() - started) / 60)
     export_dir = export_task(checkpoint, split, gates, engine)
-    evaluation = evaluate_task(export_dir, split, gates, force_int8_fail, engine)
+    evaluation = evaluate_task(export_dir, split, gates, force_int8_fail, engine, oof_file)
     manifest = register_task(export_dir, checkpoint, split, settings, gates, evaluation, promote)
 
     ship, test = manifest["shipping"], manifest["test"]

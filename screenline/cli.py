@@ -167,7 +167,8 @@ def _check_engine(engine: str) -> str:
 def cmd_optimize(args: argparse.Namespace) -> None:
     params = {k: v for k, v in vars(args).items() if k in ("epochs", "width", "arch", "teacher", "engine",
                                                           "target_sensitivity", "threshold_rule", "delta", "seed",
-                                                          "gate_on_lower_bound", "force_int8_fail", "promote")}
+                                                          "gate_on_lower_bound", "calibrate_on", "folds",
+                                                          "force_int8_fail", "promote")}
     run_optimize(args.lake, **params)
 
 
@@ -536,6 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-on-lower-bound", action="store_true",
                    help="promote only if the exact lower bound of held-out sensitivity (two-sided 95%%) reaches the "
                         "target, not only its point estimate")
+    p.add_argument("--calibrate-on", choices=["val", "crossfit"], default="val",
+                   help="val (default): the threshold rule on the validation split; crossfit: on the out-of-fold "
+                        "scores of --folds models trained the same way on folds of train+val (FOLDS times the "
+                        "positives, FOLDS more trainings)")
+    p.add_argument("--folds", type=int, default=5, help="crossfit: how many fold models (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-promote", dest="promote", action="store_false",
                    help="register without promoting (comparison runs)")

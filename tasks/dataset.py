@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -51,20 +52,43 @@ def make_split(lake: Lake) -> SplitRef:
     if table.num_rows == 0:
         raise ValueError(f"the lake at {lake.root} has no labelled images outside audit subsets to learn from")
     splits = [split_of(h) for h in table.column("sha256").to_pylist()]
-    labels = table.column("label").to_pylist()
-    ids = table.column("image_id").to_pylist()
+    return _written(lake.root, lake.models / "splits", table.column("image_id").to_pylist(), splits,
+                    table.column("label").to_pylist(), int(meta["channels"]))
+
+
+def _written(lake_root: Path, folder: Path, ids: list[str], splits: list[str], labels: list[int],
+             channels: int) -> SplitRef:
+    """Write an assignment once, named by its content hash; counts per split."""
     digest = hashlib.sha256()
     for image_id, split, label in zip(ids, splits, labels):
         digest.update(f"{image_id},{split},{label}\n".encode())
     sha = digest.hexdigest()
-    path = lake.models / "splits" / f"{sha[:16]}.parquet"
+    path = folder / f"{sha[:16]}.parquet"
     if not path.exists():
         write_table_atomic(path, pa.table({"image_id": ids, "split": splits, "label": pa.array(labels, pa.int8())}))
     counts = {}
     for name in SPLIT_PERCENT:
         in_split = [lab for s, lab in zip(splits, labels) if s == name]
         counts[name] = {"images": len(in_split), "positives": int(sum(in_split))}
-    return SplitRef(str(lake.root), str(path), sha, int(meta["channels"]), counts)
+    return SplitRef(str(lake_root), str(path), sha, channels, counts)
+
+
+def fold_of(image_id: str, folds: int) -> int:
+    """Cross-fitting's fold of an image, from bits of its id that neither the split nor the site halves use."""
+    return int(image_id[8:16], 16) % folds
+
+
+def fold_split(ref: SplitRef, k: int, folds: int) -> SplitRef:
+    """Cross-fitting's k-th split of `ref`: fold k of train+val is validation (the images it scores out of fold),
+    the rest of train+val trains, and the test split stays the test split, seen by no fold."""
+    if not 0 <= k < folds or folds < 2:
+        raise ValueError(f"fold {k} of {folds}: need 2 or more folds and 0 ≤ k < folds")
+    table = pq.read_table(ref.path)
+    ids = table.column("image_id").to_pylist()
+    splits = ["test" if s == "test" else "val" if fold_of(i, folds) == k else "train"
+              for i, s in zip(ids, table.column("split").to_pylist())]
+    return _written(Path(ref.lake_root), Path(ref.path).parent, ids, splits, table.column("label").to_pylist(),
+                    ref.channels)
 
 
 def load_split(ref: SplitRef, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -30,7 +30,7 @@ from prefect import get_run_logger, task
 from models.engine import Engine, OrtEngine, find_knee, scores
 from models.registry import Registry, host_fingerprint
 from tasks.caching import OutputCache, content_key
-from tasks.dataset import SplitRef, load_split
+from tasks.dataset import SplitRef, fold_split, load_split
 from tasks.ingest import IO_RETRIES
 from tasks.lake import Lake
 from tasks.metrics import auc, exact_lower_bound, positives_needed, table_at
@@ -52,11 +52,20 @@ class GateSettings:
     calibration_images: int = 512
     max_batch: int = 512
     gate_on_lower_bound: bool = False  # promote only if the exact lower bound of test sensitivity reaches the target
+    calibrate_on: str = "val"  # the threshold rule on "val" (the validation split) or "crossfit" (out-of-fold scores)
+    folds: int = 5  # crossfit: models trained the same way on folds of train+val, each scoring the fold it left out
 
     @property
     def rule(self) -> ThresholdRule:
         """How each candidate's threshold is chosen."""
+        if self.calibrate_on not in CALIBRATE_ON:
+            raise ValueError(f"calibrate_on must be one of {', '.join(CALIBRATE_ON)}, got {self.calibrate_on!r}")
+        if self.calibrate_on == "crossfit" and self.folds < 2:
+            raise ValueError(f"cross-fitting needs 2 or more folds, got {self.folds}")
         return ThresholdRule(self.threshold_rule, self.target_sensitivity, self.delta, self.calibration_margin)
+
+
+CALIBRATE_ON = ("val", "crossfit")
 
 
 @dataclass
@@ -101,6 +110,36 @@ def train_task(split: SplitRef, settings: TrainSettings) -> str:
     return str(train_model(split, settings, out.parent, log=get_run_logger().info))
 
 
+def fold_splits(split: SplitRef, folds: int) -> list[SplitRef]:
+    """Cross-fitting's splits of train+val (the test split in none of them)."""
+    return [fold_split(split, k, folds) for k in range(folds)]
+
+
+def _oof_output(inputs: dict[str, Any]) -> Path:
+    return work_dir(inputs["split"].lake_root, "crossfit", inputs["split"].sha256, inputs["checkpoints"]) / "oof.parquet"
+
+
+@task(name="out-of-fold-scores", cache_policy=OutputCache(namespace="crossfit/v1", output=_oof_output),
+      persist_result=True, **IO_RETRIES)
+def out_of_fold_task(split: SplitRef, folds: list[SplitRef], checkpoints: list[str]) -> str:
+    """Each fold model's scores of the fold it left out: as many calibration positives as train+val holds."""
+    import pyarrow as pa
+
+    from tasks.lake import write_table_atomic
+    from tasks.train import load_checkpoint, predict
+
+    out = _oof_output({"split": split, "checkpoints": checkpoints})
+    parts = []
+    for k, (fold, checkpoint) in enumerate(zip(folds, checkpoints)):
+        x, y = load_split(fold, "val")
+        parts.append(pa.table({"fold": pa.array(np.full(len(y), k), pa.int16()),
+                               "score": pa.array(predict(load_checkpoint(Path(checkpoint), split.channels), x),
+                                                 pa.float32()),
+                               "label": pa.array(y, pa.int8())}))
+    write_table_atomic(out, pa.concat_tables(parts))
+    return str(out)
+
+
 # --- export and quantize -------------------------------------------------------------------------------------------
 
 
@@ -139,7 +178,9 @@ def export_and_quantize(checkpoint: Path, split: SplitRef, gates: GateSettings, 
 
 def _export_output(inputs: dict[str, Any]) -> Path:
     engine = inputs.get("engine", "onnxruntime")
-    parts = (inputs["checkpoint"], inputs["gates"]) + (() if engine == "onnxruntime" else (engine,))
+    gates: GateSettings = inputs["gates"]  # only what export uses: a changed threshold rule re-uses the graphs
+    parts = ((inputs["checkpoint"], gates.calibration_images, [list(v) for v in gates.int8_variants])
+             + (() if engine == "onnxruntime" else (engine,)))
     return work_dir(inputs["split"].lake_root, "export", *parts) / "export.json"
 
 
@@ -178,12 +219,28 @@ def _fastest_passing(candidates: list[Candidate], engine: str) -> Candidate | No
     return max(passing, key=lambda c: c.knee["images_per_s"]) if passing else None
 
 
+def crossfit_calibration(oof_file: Path, gates: GateSettings) -> dict[str, Any]:
+    """The rule on out-of-fold scores: one threshold for every candidate, with what it rests on."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(oof_file)
+    chosen = calibrate(table.column("score").to_numpy().astype(np.float64),
+                       table.column("label").to_numpy().astype(np.int8), gates.rule).as_dict()
+    chosen["source"] = (f"out-of-fold scores of {gates.folds} models trained the same way on folds of train+val "
+                        f"(cross-fit): the guarantee is for models like the shipped one, not for it exactly; the "
+                        f"held-out test split, seen by none of them, checks it")
+    chosen["statement"] += f", cross-fit over {gates.folds} folds"
+    return chosen
+
+
 def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings,
-                        engine: str = "onnxruntime") -> dict[str, Any]:
-    """Score val with every candidate engine, calibrate its threshold, measure its knee, apply the gates; pick the
-    fastest passing candidate of `engine` (and, for TensorRT, the ONNX Runtime fallback)."""
+                        engine: str = "onnxruntime", oof_file: Path | None = None) -> dict[str, Any]:
+    """Score val with every candidate engine, calibrate its threshold (on val, or once on the out-of-fold scores of
+    `oof_file`), measure its knee, apply the gates; pick the fastest passing candidate of `engine` (and, for
+    TensorRT, the ONNX Runtime fallback)."""
     summary = json.loads((export_dir / "export.json").read_text())
     x_val, y_val = load_split(split, "val")
+    crossfit = crossfit_calibration(oof_file, gates) if oof_file is not None else None
     candidates = []
     for name, file in summary["files"].items():
         kind = summary.get("engines", {}).get(name, "onnxruntime")
@@ -191,8 +248,9 @@ def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings,
                                   split.lake_root)
         s = scores(runner, x_val)
         c = Candidate(name, file, runner.precision, kind, val_auc=auc(s, y_val))
-        calibration = calibrate(s, y_val, gates.rule)
-        c.threshold, c.calibration = calibration.threshold, calibration.as_dict()
+        c.calibration = dict(crossfit) if crossfit else {**calibrate(s, y_val, gates.rule).as_dict(),
+                                                         "source": "the validation split, scored by this engine"}
+        c.threshold = c.calibration["threshold"]
         c.val_table = table_at(s, y_val, c.threshold).as_dict()
         c.curve = operating_curve(s, y_val, shipped=c.threshold)
         c.knee = find_knee(runner, x_val[:1024], max_batch=gates.max_batch).as_dict()
@@ -358,9 +416,9 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
 
 @task(name="evaluate", **IO_RETRIES)
 def evaluate_task(export_dir: str, split: SplitRef, gates: GateSettings, force_int8_fail: bool = False,
-                  engine: str = "onnxruntime") -> dict:
+                  engine: str = "onnxruntime", oof_file: str | None = None) -> dict:
     """Scores, thresholds and knees of every candidate engine on this host."""
-    evaluation = evaluate_candidates(Path(export_dir), split, gates, engine)
+    evaluation = evaluate_candidates(Path(export_dir), split, gates, engine, Path(oof_file) if oof_file else None)
     return force_int8_failure(evaluation) if force_int8_fail else evaluation
 
 

@@ -80,6 +80,31 @@ def test_rerun_hits_the_cache_for_training_and_export(tiny_lake):
     assert "train:Cached" in states and "export-quantize:Cached" in states
 
 
+def test_cross_fitting_calibrates_every_candidate_on_out_of_fold_scores_of_train_and_val(tiny_lake):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from tasks.thresholds import ThresholdRule, calibrate
+
+    state, registry = run(tiny_lake, calibrate_on="crossfit", folds=2, promote=False)
+    states = task_states(state)
+    assert states.count("train:Completed") + states.count("train:Cached") == 3  # the shipped model and 2 folds
+    manifest = latest_manifest(registry)
+    counts = make_split(Lake(tiny_lake)).counts
+    calibration = manifest["shipping"]["calibration"]
+    assert calibration["positives"] == counts["train"]["positives"] + counts["val"]["positives"]
+    assert "cross-fit" in calibration["source"] and calibration["statement"].endswith("cross-fit over 2 folds")
+    assert manifest["gates"]["calibrate_on"] == "crossfit" and manifest["gates"]["folds"] == 2
+    # the threshold is the rule's rank on the out-of-fold scores, the same for every candidate
+    (oof_file,) = Path(tiny_lake, "models", "work").glob("crossfit-*/oof.parquet")
+    oof = pq.read_table(oof_file)
+    assert sorted(set(oof.column("fold").to_pylist())) == [0, 1]
+    expected = calibrate(oof.column("score").to_numpy().astype(np.float64), oof.column("label").to_numpy(),
+                         ThresholdRule("pac", 0.98, 0.05)).threshold
+    assert {c["threshold"] for c in manifest["candidates"]} == {expected} == {manifest["shipping"]["threshold"]}
+    assert manifest["test"]["curve"][-1]["threshold"] == expected  # the test gate judges it on the shipped engine
+
+
 def test_int8_failing_its_gate_ships_fp32_and_says_why(tiny_lake):
     _, registry = run(tiny_lake, force_int8_fail=True)
     manifest = latest_manifest(registry)

@@ -38,3 +38,23 @@ def test_distilling_from_a_bare_baseline_checkpoint(tmp_path):
     x, _ = load_split(split, "val")
     scores = predict(model, x)
     assert scores.shape == (len(x),) and np.all((scores >= 0) & (scores <= 1))
+
+
+def test_cross_fitting_folds_cover_train_and_val_once_and_never_touch_test(tmp_path):
+    import pyarrow.parquet as pq
+
+    from tasks.dataset import fold_split
+
+    split = tiny_split(tmp_path)
+    base = pq.read_table(split.path).to_pydict()
+    in_train_val = {i for i, s in zip(base["image_id"], base["split"]) if s != "test"}
+    seen = []
+    for k in range(3):
+        fold = fold_split(split, k, 3)
+        table = pq.read_table(fold.path).to_pydict()
+        assert table["image_id"] == base["image_id"] and table["label"] == base["label"]
+        assert [s == "test" for s in table["split"]] == [s == "test" for s in base["split"]]  # test stays test
+        seen += [i for i, s in zip(table["image_id"], table["split"]) if s == "val"]
+        assert fold.counts["val"]["images"] + fold.counts["train"]["images"] == len(in_train_val)
+        assert fold_split(split, k, 3).sha256 == fold.sha256  # the same fold every time
+    assert sorted(seen) == sorted(in_train_val)  # every train+val image scored out of fold exactly once
