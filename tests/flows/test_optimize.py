@@ -19,7 +19,7 @@ from tasks.samples import write_tar
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
-FAST = dict(epochs=1, max_batch=8)
+FAST = dict(epochs=1, max_batch=8, calibrate_on="val")  # one training; cross-fitting has its own test
 
 
 @pytest.fixture(scope="module")
