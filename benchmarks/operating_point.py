@@ -154,7 +154,7 @@ def crossfit_scores(pool: dict, folds: int) -> dict:
     """Out-of-fold scores of train+val from `folds` models trained the version's way: the same fold splits and
     training as `optimize --calibrate-on crossfit`, in the same work folders, so either reuses the other's models."""
     from tasks.dataset import SplitRef, load_split
-    from tasks.optimize import _train_output, fold_splits
+    from tasks.optimize import train_output, fold_splits
     from tasks.train import TrainSettings, load_checkpoint, predict, train_model
 
     manifest, lake = pool["manifest"], pool["lake"]
@@ -163,7 +163,7 @@ def crossfit_scores(pool: dict, folds: int) -> dict:
                     manifest["data"]["split_sha256"], int(lake.read_meta()["channels"]))
     scores, labels, minutes = [], [], []
     for k, fold in enumerate(fold_splits(base, folds)):
-        checkpoint = _train_output({"split": fold, "settings": settings})
+        checkpoint = train_output({"split": fold, "settings": settings})
         started = time.perf_counter()
         if not checkpoint.exists():
             log(f"cross-fit fold {k + 1}/{folds}: training on {fold.counts['train']['images']} images")

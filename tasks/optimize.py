@@ -94,17 +94,17 @@ def work_dir(lake_root: str, step: str, *parts: Any) -> Path:
 # --- train ---------------------------------------------------------------------------------------------------------
 
 
-def _train_output(inputs: dict[str, Any]) -> Path:
+def train_output(inputs: dict[str, Any]) -> Path:
     split: SplitRef = inputs["split"]
     return work_dir(split.lake_root, "train", split.sha256, inputs["settings"]) / "model.pt"
 
 
-@task(name="train", cache_policy=OutputCache(namespace="train/v1", output=_train_output), persist_result=True, **IO_RETRIES)
+@task(name="train", cache_policy=OutputCache(namespace="train/v1", output=train_output), persist_result=True, **IO_RETRIES)
 def train_task(split: SplitRef, settings: TrainSettings) -> str:
     """Train the net on the split (cached on the split's content hash and the settings)."""
     from tasks.train import train_model
 
-    out = _train_output({"split": split, "settings": settings})
+    out = train_output({"split": split, "settings": settings})
     if out.exists():
         return str(out)
     return str(train_model(split, settings, out.parent, log=get_run_logger().info))

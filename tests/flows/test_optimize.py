@@ -38,6 +38,20 @@ def run(lake: Path, **params):
     return state, registry
 
 
+def fp32_export(folder: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A registered version's FP32 graph and checkpoint laid out as export and training leave them."""
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    (export_dir / "model-fp32.onnx").write_bytes((folder / "model-fp32.onnx").read_bytes())
+    (export_dir / "export.json").write_text(json.dumps(
+        {"files": {"fp32": "model-fp32.onnx"}, "fp32_max_abs_diff_vs_torch": 0.0, "opset": 18}))
+    ckpt = tmp_path / "ckpt" / "model.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes((folder / "model.pt").read_bytes())
+    (ckpt.parent / "model.json").write_text((folder / "model.json").read_text())
+    return export_dir, ckpt
+
+
 def latest_manifest(registry: Registry) -> dict:
     return max((registry.manifest(v) for v in registry.versions()), key=lambda m: m["registered_at"])
 
@@ -119,16 +133,7 @@ def test_a_model_below_target_on_test_is_registered_not_promoted(tiny_lake, tmp_
     registry = Registry(Lake(tiny_lake))
     manifest = latest_manifest(registry)
     folder = registry.folder(manifest["version"])
-    export_dir = tmp_path / "export"
-    export_dir.mkdir()
-    for name in ("model-fp32.onnx",):
-        (export_dir / name).write_bytes((folder / name).read_bytes())
-    (export_dir / "export.json").write_text(json.dumps(
-        {"files": {"fp32": "model-fp32.onnx"}, "fp32_max_abs_diff_vs_torch": 0.0, "opset": 18}))
-    ckpt = tmp_path / "ckpt" / "model.pt"
-    ckpt.parent.mkdir()
-    ckpt.write_bytes((folder / "model.pt").read_bytes())
-    (ckpt.parent / "model.json").write_text((folder / "model.json").read_text())
+    export_dir, ckpt = fp32_export(folder, tmp_path)
     candidate = {**next(c for c in manifest["candidates"] if c["name"] == "fp32"), "threshold": 1.01}
     evaluation = {"candidates": [candidate], "ship": "fp32", "host": "test host"}
     from tasks.train import TrainSettings
@@ -137,7 +142,9 @@ def test_a_model_below_target_on_test_is_registered_not_promoted(tiny_lake, tmp_
                            evaluation)
     assert out["promoted"] is False and out["test"]["sensitivity"] == 0.0
     assert "NOT promoted" in out["promotion"] and "below the target 0.98" in out["promotion"]
-    assert registry.promoted() != out["version"] if registry.versions() else True
+    assert out["version"] in registry.versions()  # registered...
+    promoted = registry.root / "PROMOTED"
+    assert not promoted.exists() or registry.promoted() != out["version"]  # ...and never promoted
 
 
 def test_gating_on_the_lower_bound_refuses_a_test_split_too_small_to_show_the_target(tiny_lake, tmp_path):
@@ -145,15 +152,7 @@ def test_gating_on_the_lower_bound_refuses_a_test_split_too_small_to_show_the_ta
     registry = Registry(Lake(tiny_lake))
     manifest = latest_manifest(registry)
     folder = registry.folder(manifest["version"])
-    export_dir = tmp_path / "export"
-    export_dir.mkdir()
-    (export_dir / "model-fp32.onnx").write_bytes((folder / "model-fp32.onnx").read_bytes())
-    (export_dir / "export.json").write_text(json.dumps(
-        {"files": {"fp32": "model-fp32.onnx"}, "fp32_max_abs_diff_vs_torch": 0.0, "opset": 18}))
-    ckpt = tmp_path / "ckpt" / "model.pt"
-    ckpt.parent.mkdir()
-    ckpt.write_bytes((folder / "model.pt").read_bytes())
-    (ckpt.parent / "model.json").write_text((folder / "model.json").read_text())
+    export_dir, ckpt = fp32_export(folder, tmp_path)
     candidate = {**next(c for c in manifest["candidates"] if c["name"] == "fp32"), "threshold": 0.0}
     evaluation = {"candidates": [candidate], "ship": "fp32", "host": "test host"}
     from tasks.train import TrainSettings

@@ -18,7 +18,7 @@ import pytest
 from conftest import ENV
 from flows.ingest import ingest
 from flows.screen import screen
-from helpers import images, register_model, task_states
+from helpers import images, register_model, screen_plain, task_states
 from models.engine import OrtEngine
 from models.registry import ModelIntegrityError, Registry, host_fingerprint
 from tasks.lake import Lake, footer, pixel_array
@@ -84,11 +84,20 @@ def test_second_run_scores_nothing_and_a_new_model_rescores(screened):
     assert len(predictions(lake, "sn-b")["image_id"]) == 120 and len(predictions(lake, "sn-a")["image_id"]) == 120
 
 
-def test_results_join_source_and_filter(screened):
+def test_results_join_source_and_filter(screened, tmp_path):
     lake, _ = screened
-    table = query_results(str(lake), ResultsQuery(version="sn-a", positives_only=True))
-    assert set(table.column("positive").to_pylist()) <= {True}
     everything = query_results(str(lake), ResultsQuery(version="sn-a"))
+    # a copy of the lake whose model flags about half the images (sn-a's random weights at 0.5 flag none)
+    half = tmp_path / "lake"
+    shutil.copytree(lake, half)
+    median = float(np.median(everything.column("score").to_numpy()))
+    register_model(half, "sn-half", seed=1, threshold=median)
+    screen_plain(Lake(half), "sn-half")
+    scored = query_results(str(half), ResultsQuery(version="sn-half"))
+    table = query_results(str(half), ResultsQuery(version="sn-half", positives_only=True))
+    flagged = sum(scored.column("positive").to_pylist())
+    assert 0 < table.num_rows == flagged < scored.num_rows  # exactly the flagged rows, not none and not all
+    assert set(table.column("positive").to_pylist()) == {True}
     assert everything.num_rows == 120 and everything.column("source").null_count == 0
     assert query_results(str(lake), ResultsQuery(version="sn-a", since="2999-01-01")).num_rows == 0
     with pytest.raises(ValueError, match="ISO"):
