@@ -5,14 +5,18 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+from pathlib import Path
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from models.engine import resolve_engine
+from tasks.baseline import BASELINE_TRAINING, baseline_task
 from tasks.dataset import SplitRef, make_split
 from tasks.lake import Lake, lake_root
 from tasks.optimize import (GateSettings, evaluate_task, export_task, fold_splits, out_of_fold_task, register_task,
                             train_task)
+from tasks.parity import side_by_side_markdown
 from tasks.thresholds import CURVE_COLUMNS, curve_cells
 from tasks.train import TrainSettings
 
@@ -33,6 +37,31 @@ def curve_markdown(where: str, curve: list[dict]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+def parity_markdown(baseline: dict) -> str:
+    """The side-by-side with the baseline and the non-inferiority verdicts, or why there is none."""
+    if "skipped" in baseline:
+        return f"\nbaseline: {baseline['skipped']}\n\n"
+    ni = baseline["noninferiority"]
+    return ("\n## against the baseline (same split, same export, same threshold rule)\n\n"
+            + side_by_side_markdown(baseline["side_by_side"])
+            + f"\nnon-inferiority (margin {ni['margin']}), val: {ni['val']['statement']}\n\n"
+              f"held-out test: {ni['test']['statement']}\n\n")
+
+
+def parity_lines(baseline: dict) -> list[str]:
+    """The side-by-side for logs and the terminal: a line per model, then the verdicts."""
+    if "skipped" in baseline:
+        return [f"baseline: {baseline['skipped']}"]
+    from tasks.parity import SIDE_BY_SIDE_COLUMNS, side_by_side_cells
+
+    ni = baseline["noninferiority"]
+    rows = baseline["side_by_side"]
+    return ([" | ".join(SIDE_BY_SIDE_COLUMNS)] + [" | ".join(side_by_side_cells(r)) for r in rows]
+            + [f"speed-up: {rows[0]['speedup_vs_baseline']:,.0f}× the baseline's images/s",
+               f"non-inferiority (margin {ni['margin']}) on val: {ni['val']['statement']}",
+               f"on the held-out test split: {ni['test']['statement']}"])
+
+
 @flow(name="optimize")
 def optimize(
     lake: str | None = None,
@@ -40,13 +69,17 @@ def optimize(
     width: float = 1.25,
     arch: str = "screennet",
     teacher: str | None = None,
+    baseline: str | None = None,
+    baseline_arch: str | None = None,
+    spec_margin: float = 0.03,
+    distill: bool = True,
     target_sensitivity: float = 0.98,
     threshold_rule: str = "pac",
     delta: float = 0.05,
     calibration_margin: float = 0.01,
     int8_auc_tolerance: float = 0.005,
     gate_on_lower_bound: bool = False,
-    calibrate_on: str = "crossfit",
+    calibrate_on: str = "val",
     folds: int = 5,
     seed: int = 0,
     max_batch: int = 512,
@@ -57,15 +90,21 @@ def optimize(
     """Train → export (BatchNorm folded) → quantize INT8 → per-engine threshold and knee → gates → register → promote.
 
     arch: screennet (default), or the seed's resnet18 (64→224) / resnet18-native for comparison.
-    teacher: a baseline checkpoint to distil from. max_batch: top of the knee sweep (extended if the peak is there).
+    teacher: a checkpoint to distil from (without a baseline). max_batch: top of the knee sweep (extended if the peak is there).
     threshold_rule: pac (default: the highest threshold whose sensitivity on new images is ≥ target with probability
     ≥ 1 − delta, tasks/thresholds.py) or quantile (target + calibration_margin on validation, no guarantee; kept for
     comparison). gate_on_lower_bound: promote only when the exact lower bound of held-out test sensitivity (the
     two-sided 95% interval's) reaches the target, not only its point estimate.
-    calibrate_on: crossfit (default: the rule on the out-of-fold scores of `folds` models trained the same way on
-    folds of train+val: `folds` times the positives of one validation split, `folds` more trainings; the held-out
-    test gate checks the threshold on the shipped engine) or val (the rule on the validation split as each engine
-    scores it: one training, a lower threshold; what `make demo` uses to stay within its 15 minutes).
+    calibrate_on: val (default: the rule on the validation split as each engine scores it; one training) or
+    crossfit (the rule on the out-of-fold scores of `folds` models trained the same way on folds of train+val:
+    `folds` times the positives, a higher threshold with the same guarantee, `folds` more trainings: ~1 hour on
+    2 cores; the held-out test gate checks the threshold on the shipped engine).
+    baseline: the model this replaces, evaluated like a candidate on the same split (tasks/baseline.py): a
+    state_dict checkpoint (the seed's ResNet18; `baseline_arch` resnet18 with its 64→224 upsample, the default when
+    the weights cannot say, or resnet18-native), or "train" (a ResNet18 at 64×64 trained here, ~15 min on 2 cores).
+    With one, a candidate ships only if its specificity at the target sensitivity (matched, on the same images) is
+    no worse than the baseline's by more than `spec_margin`, judged by the lower end of a paired bootstrap interval,
+    on val (choosing) and on the held-out test split (promoting); and the net is distilled from it (`distill`).
     promote: False registers without promoting (comparison runs, e.g. the seed's architecture).
     force_int8_fail: make INT8 fail its gate (tests the FP32 path).
     engine: auto (TensorRT where a GPU and the `gpu` extra are present, else ONNX Runtime), onnxruntime or
@@ -77,11 +116,27 @@ def optimize(
     root = str(lake_root(lake))
     split: SplitRef = make_split(Lake.at(root))
     logger.info("split %s: %s", split.sha256[:16], split.counts)
-    settings = TrainSettings(arch=arch, width=width, epochs=epochs, seed=seed, teacher=teacher)
     gates = replace(GateSettings(), target_sensitivity=target_sensitivity, threshold_rule=threshold_rule, delta=delta,
                     calibration_margin=calibration_margin, int8_auc_tolerance=int8_auc_tolerance, max_batch=max_batch,
-                    gate_on_lower_bound=gate_on_lower_bound, calibrate_on=calibrate_on, folds=folds)
+                    gate_on_lower_bound=gate_on_lower_bound, calibrate_on=calibrate_on, folds=folds,
+                    spec_margin=spec_margin)
     gates.rule  # a bad rule, delta or calibration fails here, before training
+    baseline_dir = teacher_arch = None
+    if baseline:
+        started = time.perf_counter()
+        if baseline == "train":
+            baseline_ckpt, baseline_arch = train_task(split, BASELINE_TRAINING), None
+        else:
+            baseline_ckpt = str(Path(baseline).expanduser().resolve())
+            if not Path(baseline_ckpt).is_file():
+                raise ValueError(f"baseline checkpoint {baseline} does not exist: pass a state_dict file, or "
+                                 f"--baseline train")
+        baseline_dir = baseline_task(baseline_ckpt, baseline_arch, split, gates, baseline)
+        logger.info("baseline %s evaluated in %.1f min", baseline, (time.perf_counter() - started) / 60)
+        if distill and teacher is None:
+            teacher, teacher_arch = baseline_ckpt, baseline_arch
+    settings = TrainSettings(arch=arch, width=width, epochs=epochs, seed=seed, teacher=teacher,
+                             teacher_arch=teacher_arch)
     checkpoint = train_task(split, settings)
     oof_file = None
     if calibrate_on == "crossfit":
@@ -92,8 +147,8 @@ def optimize(
         logger.info("cross-fit: %d fold models, %d out-of-fold positives, %.1f min", folds,
                     sum(f.counts["val"]["positives"] for f in folds_of), (time.perf_counter() - started) / 60)
     export_dir = export_task(checkpoint, split, gates, engine)
-    evaluation = evaluate_task(export_dir, split, gates, force_int8_fail, engine, oof_file)
-    manifest = register_task(export_dir, checkpoint, split, settings, gates, evaluation, promote)
+    evaluation = evaluate_task(export_dir, split, gates, force_int8_fail, engine, oof_file, baseline_dir)
+    manifest = register_task(export_dir, checkpoint, split, settings, gates, evaluation, promote, baseline_dir)
 
     ship, test = manifest["shipping"], manifest["test"]
     knee = next(iter(manifest["knees"].values()))
@@ -114,6 +169,7 @@ def optimize(
             + curve_markdown("validation", next(c for c in manifest["candidates"]
                                                 if c["name"] == ship["candidate"])["curve"])
             + curve_markdown("held-out test (threshold frozen)", test["curve"])
+            + parity_markdown(manifest["baseline"])
             + f"\ntest: sensitivity {test['sensitivity']:.4f}, specificity {test['specificity']:.4f}, "
               f"AUC {test['auc']:.4f}\n\n{manifest['promotion']}\n"
         ),
@@ -121,10 +177,13 @@ def optimize(
     )
     logger.info("%s: %s; knee b=%d at %.0f images/s", manifest["version"], manifest["promotion"], knee["batch"],
                 knee["images_per_s"])
+    for line in parity_lines(manifest["baseline"]):
+        logger.info("%s", line)
     if manifest.get("fallback"):
         fb = manifest["fallback"]
         logger.info("CPU fallback %s %s, threshold %.4f: %s", fb["engine"], fb["candidate"], fb["threshold"],
                     fb["verdict"])
     if not manifest["passed_gate"]:
         raise NotPromoted(f"{manifest['version']} registered but {manifest['promotion']}")
-    return {"version": manifest["version"], "promoted": manifest["promoted"], "shipping": ship, "test": test, "knee": knee}
+    return {"version": manifest["version"], "promoted": manifest["promoted"], "shipping": ship, "test": test,
+            "knee": knee, "baseline": manifest["baseline"]}

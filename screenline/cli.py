@@ -137,7 +137,21 @@ def run_optimize(lake: str | None, **params: object) -> dict:
     )
     if test.get("curve"):
         print_curve("  operating curve on the held-out test split (threshold frozen):", test["curve"])
+    print_parity(result.get("baseline") or {})
     return result
+
+
+def print_parity(baseline: dict) -> None:
+    """The side-by-side with the baseline (or why there is none), as optimize and `models` show it."""
+    from flows.optimize import parity_lines
+
+    if not baseline:
+        return
+    lines = parity_lines(baseline)
+    print("  " + ("against the baseline, same split (specificity at the target sensitivity, each model at its "
+                  "own threshold reaching it):" if "skipped" not in baseline else lines.pop(0)))
+    for line in lines:
+        print("    " + line)
 
 
 def print_curve(title: str, curve: list[dict]) -> None:
@@ -168,6 +182,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     params = {k: v for k, v in vars(args).items() if k in ("epochs", "width", "arch", "teacher", "engine",
                                                           "target_sensitivity", "threshold_rule", "delta", "seed",
                                                           "gate_on_lower_bound", "calibrate_on", "folds",
+                                                          "baseline", "baseline_arch", "spec_margin", "distill",
                                                           "force_int8_fail", "promote")}
     run_optimize(args.lake, **params)
 
@@ -217,6 +232,7 @@ def cmd_models(args: argparse.Namespace) -> None:
             print_curve("  operating curve on validation:", candidate["curve"])
         if m.get("test", {}).get("curve"):
             print_curve("  on the held-out test split (threshold frozen):", m["test"]["curve"])
+        print_parity(m.get("baseline") or {})
 
 
 def cmd_sign(args: argparse.Namespace) -> None:
@@ -530,7 +546,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=float, default=1.25, help="width multiplier (capacity vs speed; default 1.25)")
     p.add_argument("--arch", default="screennet", choices=("screennet", "resnet18", "resnet18-native"),
                    help="screennet (default); the seed's resnet18 (64→224) or resnet18-native to compare")
-    p.add_argument("--teacher", help="a baseline checkpoint (state_dict) to distil from")
+    p.add_argument("--teacher", help="a checkpoint (state_dict) to distil from, without a baseline")
+    p.add_argument("--baseline", metavar="CKPT|train",
+                   help="the model this replaces: its state_dict checkpoint, or `train` (a ResNet18 at 64×64 trained "
+                        "here, ~15 min on 2 cores). Scored like a candidate on the same split and shown side by "
+                        "side; a candidate ships only if non-inferior to it at matched sensitivity; distilled from")
+    p.add_argument("--baseline-arch", choices=("resnet18", "resnet18-native"),
+                   help="a bare ResNet18 checkpoint's forward: resnet18 (the seed's 64→224 upsample; assumed when "
+                        "not given) or resnet18-native")
+    p.add_argument("--spec-margin", type=float, default=0.03,
+                   help="non-inferiority margin: specificity at the target sensitivity may be at most this much "
+                        "below the baseline's, judged by the paired bootstrap interval's lower end (default 0.03)")
+    p.add_argument("--no-distill", dest="distill", action="store_false",
+                   help="with --baseline: do not distil from it")
     p.add_argument("--target-sensitivity", type=float, default=0.98)
     p.add_argument("--threshold-rule", default="pac", choices=("pac", "quantile"),
                    help="pac (default): the highest threshold whose sensitivity on new images reaches the target "
@@ -540,10 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-on-lower-bound", action="store_true",
                    help="promote only if the exact lower bound of held-out sensitivity (two-sided 95%%) reaches the "
                         "target, not only its point estimate")
-    p.add_argument("--calibrate-on", choices=["crossfit", "val"], default="crossfit",
-                   help="crossfit (default): the threshold rule on the out-of-fold scores of --folds models trained "
-                        "the same way on folds of train+val (FOLDS times the positives, FOLDS more trainings); val: "
-                        "on the validation split (one training, a lower threshold)")
+    p.add_argument("--calibrate-on", choices=["val", "crossfit"], default="val",
+                   help="val (default): the threshold rule on the validation split (one training); crossfit: on the "
+                        "out-of-fold scores of --folds models trained the same way on folds of train+val (FOLDS "
+                        "times the positives, a higher threshold, FOLDS more trainings: ~1 hour on 2 cores)")
     p.add_argument("--folds", type=int, default=5, help="crossfit: how many fold models (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-promote", dest="promote", action="store_false",

@@ -34,6 +34,7 @@ from tasks.dataset import SplitRef, fold_split, load_split
 from tasks.ingest import IO_RETRIES
 from tasks.lake import Lake
 from tasks.metrics import auc, exact_lower_bound, positives_needed, table_at
+from tasks.parity import WHAT_TO_TRY, matched_specificity, noninferiority, side_by_side
 from tasks.thresholds import ThresholdRule, calibrate, operating_curve
 from tasks.train import TrainSettings
 
@@ -54,6 +55,7 @@ class GateSettings:
     gate_on_lower_bound: bool = False  # promote only if the exact lower bound of test sensitivity reaches the target
     calibrate_on: str = "val"  # the threshold rule on "val" (the validation split) or "crossfit" (out-of-fold scores)
     folds: int = 5  # crossfit: models trained the same way on folds of train+val, each scoring the fold it left out
+    spec_margin: float = 0.03  # with a baseline: specificity at the target (matched) may be at most this much lower
 
     @property
     def rule(self) -> ThresholdRule:
@@ -82,6 +84,7 @@ class Candidate:
     val_table: dict = field(default_factory=dict)
     curve: list = field(default_factory=list)  # the operating curve on val, the candidate's threshold marked
     knee: dict = field(default_factory=dict)
+    noninferiority: dict = field(default_factory=dict)  # against the baseline on val, when there is one
     passes: bool = False
     why: str = ""
 
@@ -234,12 +237,17 @@ def crossfit_calibration(oof_file: Path, gates: GateSettings) -> dict[str, Any]:
 
 
 def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings,
-                        engine: str = "onnxruntime", oof_file: Path | None = None) -> dict[str, Any]:
+                        engine: str = "onnxruntime", oof_file: Path | None = None,
+                        baseline_dir: Path | None = None) -> dict[str, Any]:
     """Score val with every candidate engine, calibrate its threshold (on val, or once on the out-of-fold scores of
-    `oof_file`), measure its knee, apply the gates; pick the fastest passing candidate of `engine` (and, for
-    TensorRT, the ONNX Runtime fallback)."""
+    `oof_file`), measure its knee, apply the gates (with `baseline_dir`, non-inferiority to the baseline at matched
+    sensitivity on val too); pick the fastest passing candidate of `engine` (and, for TensorRT, the ONNX Runtime
+    fallback)."""
+    from tasks.baseline import baseline_scores
+
     summary = json.loads((export_dir / "export.json").read_text())
     x_val, y_val = load_split(split, "val")
+    base_val = baseline_scores(baseline_dir, "val")[0] if baseline_dir is not None else None
     crossfit = crossfit_calibration(oof_file, gates) if oof_file is not None else None
     candidates = []
     for name, file in summary["files"].items():
@@ -254,6 +262,8 @@ def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings,
         c.val_table = table_at(s, y_val, c.threshold).as_dict()
         c.curve = operating_curve(s, y_val, shipped=c.threshold)
         c.knee = find_knee(runner, x_val[:1024], max_batch=gates.max_batch).as_dict()
+        if base_val is not None:
+            c.noninferiority = noninferiority(s, base_val, y_val, gates.target_sensitivity, gates.spec_margin)
         candidates.append(c)
     fp32 = next(c for c in candidates if c.name == "fp32")
     for c in candidates:
@@ -262,6 +272,8 @@ def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings,
             c.why = f"val sensitivity {sens:.4f} below target {gates.target_sensitivity}"
         elif c.precision != "fp32" and fp32.val_auc - c.val_auc > gates.int8_auc_tolerance:
             c.why = f"val AUC {c.val_auc:.4f} is more than {gates.int8_auc_tolerance} below FP32's {fp32.val_auc:.4f}"
+        elif c.noninferiority and not c.noninferiority["passes"]:
+            c.why = f"val, against the baseline: {c.noninferiority['statement']}"
         else:
             c.passes, c.why = True, "passes"
     ship = _fastest_passing(candidates, engine) or next(c for c in candidates if c.engine == engine
@@ -307,11 +319,10 @@ def write_reference_scores(folder: Path, engine: Engine, split: SplitRef, thresh
             "positive_rate": float(np.mean(s >= threshold)), "mean_score": float(np.mean(s))}
 
 
-def _gate_on_test(candidate: dict[str, Any], runner: Engine, split: SplitRef, gates: GateSettings) -> dict[str, Any]:
+def _gate_on_test(candidate: dict[str, Any], gates: GateSettings, test_scores: np.ndarray,
+                  y_test: np.ndarray) -> dict[str, Any]:
     """A shipped candidate with its held-out test figures at its frozen threshold, and whether it reaches the target:
     its point estimate, or (gate_on_lower_bound) the exact lower bound of the two-sided 95% interval."""
-    x_test, y_test = load_split(split, "test")
-    test_scores = scores(runner, x_test)
     table = table_at(test_scores, y_test, candidate["threshold"]).as_dict()  # threshold frozen before this
     positives = table["tp"] + table["fn"]
     low = exact_lower_bound(table["tp"], positives)
@@ -343,10 +354,59 @@ def _gate_on_test(candidate: dict[str, Any], runner: Engine, split: SplitRef, ga
     }
 
 
+PARITY_SCORES = "parity-scores.parquet"
+
+
+def _against_baseline(baseline_dir: Path, folder: Path, ship: dict[str, Any], runner: Engine, split: SplitRef,
+                      gates: GateSettings, ship_test: np.ndarray, y_test: np.ndarray,
+                      test: dict[str, Any]) -> tuple[dict[str, Any], bool, str]:
+    """The baseline's record for the manifest (its figures, the side-by-side, non-inferiority on val and test), and
+    the held-out verdict. Both models' val and test scores are written beside the model so every figure can be
+    recomputed."""
+    import pyarrow as pa
+
+    from tasks.baseline import baseline_scores
+    from tasks.lake import write_table_atomic
+
+    summary = json.loads((baseline_dir / "baseline.json").read_text())
+    base_val, y_val = baseline_scores(baseline_dir, "val")
+    base_test, y_base_test = baseline_scores(baseline_dir, "test")
+    if not np.array_equal(y_base_test, y_test):
+        raise ValueError(f"the baseline in {baseline_dir} was scored on other images than this split's")
+    x_val, _ = load_split(split, "val")
+    ship_val = scores(runner, x_val)
+    write_table_atomic(folder / PARITY_SCORES, pa.table({
+        "split": ["val"] * len(y_val) + ["test"] * len(y_test),
+        "label": pa.array(np.concatenate([y_val, y_test]).astype(np.int8)),
+        "candidate": pa.array(np.concatenate([ship_val, ship_test]), pa.float32()),
+        "baseline": pa.array(np.concatenate([base_val, base_test]), pa.float32())}))
+    target = gates.target_sensitivity
+    on_test = noninferiority(ship_test, base_test, y_test, target, gates.spec_margin)
+    rows = side_by_side(
+        {"name": f"{ship.get('engine', 'onnxruntime')} {ship['name']} (ships)", "val_auc": auc(ship_val, y_val),
+         "test_auc": test["auc"], "val_matched": matched_specificity(ship_val, y_val, target),
+         "test_matched": on_test["candidate_specificity"], "threshold": ship["threshold"], "test": test,
+         "knee": ship["knee"]},
+        {"name": f"baseline {summary['arch']}", "val_auc": summary["val"]["auc"], "test_auc": summary["test"]["auc"],
+         "val_matched": summary["val"]["specificity_at_target"],
+         "test_matched": summary["test"]["specificity_at_target"], "threshold": summary["threshold"],
+         "test": summary["test"], "knee": summary["knee"]},
+        target)
+    record = {**summary, "side_by_side": rows, "scores_file": PARITY_SCORES,
+              "noninferiority": {"margin": gates.spec_margin, "val": ship.get("noninferiority") or
+                                 noninferiority(ship_val, base_val, y_val, target, gates.spec_margin),
+                                 "test": on_test}}
+    verdict = (f"held-out test against the baseline: {on_test['statement']}" if on_test["passes"] else
+               f"held-out test against the baseline: {on_test['statement']}; try: {WHAT_TO_TRY}")
+    return record, on_test["passes"], verdict
+
+
 def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settings: TrainSettings,
-                     gates: GateSettings, evaluation: dict[str, Any], promote: bool = True) -> dict[str, Any]:
+                     gates: GateSettings, evaluation: dict[str, Any], promote: bool = True,
+                     baseline_dir: Path | None = None) -> dict[str, Any]:
     """Copy the graphs into lake/models/<version>/, freeze the shipping threshold, test it, write the manifest,
-    and promote when held-out test sensitivity reaches the target (and `promote`). Returns the manifest.
+    and promote when held-out test sensitivity reaches the target (and, with a baseline, the shipped engine is
+    non-inferior to it on test at matched sensitivity) and `promote`. Returns the manifest.
 
     When TensorRT ships, the ONNX Runtime fallback is tested the same way and recorded as `fallback`; CPU hosts
     screen with it only if it passed too."""
@@ -357,6 +417,8 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
     engine = ship.get("engine", "onnxruntime")
     # a TensorRT optimize registers a version of its own, so a CPU-registered version is never rewritten
     extra = () if engine == "onnxruntime" else (engine,)
+    if baseline_dir is not None:
+        extra += (json.loads((baseline_dir / "baseline.json").read_text())["checkpoint_sha256"],)
     version = "sn-" + content_key("version", split.sha256, settings, gates, checkpoint, *extra)[:12]
     folder = registry.folder(version)
     folder.mkdir(parents=True, exist_ok=True)
@@ -372,13 +434,26 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
 
     shipped_runner = runner(ship)
     reference = write_reference_scores(folder, shipped_runner, split, ship["threshold"])
-    shipping = _gate_on_test(ship, shipped_runner, split, gates)
+    x_test, y_test = load_split(split, "test")
+    ship_test = scores(shipped_runner, x_test)
+    shipping = _gate_on_test(ship, gates, ship_test, y_test)
     fallback = None
     if evaluation.get("fallback"):
-        fallback = _gate_on_test(by_name[evaluation["fallback"]], runner(by_name[evaluation["fallback"]]), split, gates)
+        fb_runner = runner(by_name[evaluation["fallback"]])
+        fallback = _gate_on_test(by_name[evaluation["fallback"]], gates, scores(fb_runner, x_test), y_test)
     passed = shipping.pop("passed_gate")
     test = shipping.pop("test")
     verdict = shipping.pop("verdict")
+    baseline = {"skipped": "no baseline given (optimize --baseline CKPT|train): the non-inferiority gate was not "
+                           "applied"}
+    if baseline_dir is not None:
+        baseline, parity_passed, parity_verdict = _against_baseline(
+            baseline_dir, folder, ship, shipped_runner, split, gates, ship_test, y_test, test)
+        if not parity_passed:
+            verdict = parity_verdict if passed else f"{verdict}; and {parity_verdict}"
+            passed = False
+        else:
+            verdict += f"; {parity_verdict}"
     promoted = passed and promote
     knees = {evaluation["host"]: ship["knee"]}
     if fallback:
@@ -400,6 +475,7 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
         "fallback": fallback,
         "test": test,
         "reference": reference,
+        "baseline": baseline,
         "promoted": promoted,
         "passed_gate": passed,
         "promotion": (
@@ -416,14 +492,17 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
 
 @task(name="evaluate", **IO_RETRIES)
 def evaluate_task(export_dir: str, split: SplitRef, gates: GateSettings, force_int8_fail: bool = False,
-                  engine: str = "onnxruntime", oof_file: str | None = None) -> dict:
+                  engine: str = "onnxruntime", oof_file: str | None = None, baseline_dir: str | None = None) -> dict:
     """Scores, thresholds and knees of every candidate engine on this host."""
-    evaluation = evaluate_candidates(Path(export_dir), split, gates, engine, Path(oof_file) if oof_file else None)
+    evaluation = evaluate_candidates(Path(export_dir), split, gates, engine, Path(oof_file) if oof_file else None,
+                                     Path(baseline_dir) if baseline_dir else None)
     return force_int8_failure(evaluation) if force_int8_fail else evaluation
 
 
 @task(name="register", **IO_RETRIES)
 def register_task(export_dir: str, checkpoint: str, split: SplitRef, settings: TrainSettings, gates: GateSettings,
-                  evaluation: dict, promote: bool = True) -> dict:
-    """Register the version, gate it on held-out test sensitivity, promote it if it passes."""
-    return register_version(Path(export_dir), Path(checkpoint), split, settings, gates, evaluation, promote)
+                  evaluation: dict, promote: bool = True, baseline_dir: str | None = None) -> dict:
+    """Register the version, gate it on held-out test sensitivity (and non-inferiority to the baseline), promote it
+    if it passes."""
+    return register_version(Path(export_dir), Path(checkpoint), split, settings, gates, evaluation, promote,
+                            Path(baseline_dir) if baseline_dir else None)

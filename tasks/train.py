@@ -1,9 +1,15 @@
-"""Training the screening net on the CPU (torch is imported inside these functions, never by screening).
+"""Training the screening net (torch is imported inside these functions, never by screening).
 
 Class imbalance: the positive class is weighted by negatives/positives in the loss, so that a threshold with high
 sensitivity still leaves useful specificity. Augmentation: horizontal flips and exposure jitter (gain, offset),
-because sites differ mostly in exposure. Optional distillation: a teacher checkpoint (the seed's baseline) adds a
-soft-target term. The best epoch by validation AUC is kept.
+because sites differ mostly in exposure; `augment="flip-exposure-shift"` adds small translations.
+Distillation (`teacher`, a baseline checkpoint): logit KD with a temperature, class-weighted like the hard loss. The
+teacher's logits are computed once per training image (un-augmented) and reused every epoch: a teacher as slow as
+the seed's 64→224 ResNet18 would otherwise cost more than the whole training on 2 cores; flips leave the teacher's
+answer unchanged and exposure jitter barely moves it, which is the trade-off taken.
+Other levers (measured in benchmarks/parity.py, README "Clinical parity"): label smoothing or focal loss, weight EMA,
+AdamW/OneCycle or SGD/cosine, epochs and width. The best epoch by validation AUC is kept (of the EMA weights when
+EMA is on).
 """
 
 from __future__ import annotations
@@ -12,12 +18,14 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from tasks.dataset import SplitRef, load_split
 from tasks.metrics import auc
+
+AUGMENTS = ("flip-exposure", "flip-exposure-shift", "none")
 
 
 @dataclass(frozen=True)
@@ -33,10 +41,27 @@ class TrainSettings:
     seed: int = 0
     threads: int = 2
     teacher: str | None = None  # a baseline checkpoint (state_dict) for distillation
-    distill_weight: float = 0.5
+    teacher_arch: str | None = None  # a bare teacher checkpoint's architecture (models/baseline.py), if given
+    distill_weight: float = 0.5  # α: (1 − α)·hard loss + α·T²·soft loss
+    temperature: float = 4.0  # T of the soft targets sigmoid(teacher logit / T)
+    loss: str = "bce"  # "bce" (class-weighted) | "focal" (γ = 2, class-weighted)
+    label_smoothing: float = 0.0
+    ema: float = 0.0  # decay of an exponential moving average of the weights; 0: off
+    optimizer: str = "adamw"  # "adamw" with a one-cycle schedule | "sgd" (Nesterov) with warm-up and cosine decay
+    augment: str = "flip-exposure"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def check(self) -> None:
+        """Fail before training on a setting no branch below handles."""
+        for name, value, allowed in (("loss", self.loss, ("bce", "focal")),
+                                     ("optimizer", self.optimizer, ("adamw", "sgd")),
+                                     ("augment", self.augment, AUGMENTS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if not 0 <= self.ema < 1 or not 0 <= self.label_smoothing < 0.5 or self.temperature <= 0:
+            raise ValueError("ema must be in [0, 1), label_smoothing in [0, 0.5), temperature > 0")
 
 
 def build_model(arch: str, channels: int, width: float = 1.0):
@@ -53,95 +78,175 @@ def build_model(arch: str, channels: int, width: float = 1.0):
 def load_checkpoint(path: Path, channels: int = 1):
     """A model from a state_dict checkpoint; weights_only, so no pickled code runs.
 
-    The architecture comes from model.json beside it (what training writes); a bare checkpoint without one is taken
-    to be the seed's baseline (ResNet18, 64→224) with `channels` input channels.
+    The architecture comes from model.json beside it (what training writes); a bare checkpoint without one is a
+    baseline (models/baseline.py infers which).
     """
     import torch
 
     meta_path = path.parent / "model.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"arch": "resnet18", "channels": channels}
+    if not meta_path.exists():
+        from models.baseline import load_baseline
+
+        return load_baseline(path).model
+    meta = json.loads(meta_path.read_text())
     model = build_model(meta["arch"], meta["channels"], meta.get("width", 1.0))
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
 
 
-def _augment(x, generator):
+def _augment(x, generator, how: str):
     import torch
 
+    if how == "none":
+        return x
     n = x.shape[0]
     flip = torch.rand(n, generator=generator) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     gain = 1.0 + (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 0.3
     offset = (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 40.0
-    return (x.float() * gain + offset).clamp_(0, 255).round_().to(torch.uint8)
+    x = (x.float() * gain + offset).clamp_(0, 255).round_().to(torch.uint8)
+    if how == "flip-exposure-shift":  # up to 4 pixels each way, edges replicated
+        dy, dx = (int(v) for v in torch.randint(-4, 5, (2,), generator=generator))
+        x = torch.nn.functional.pad(x.float(), (4, 4, 4, 4), mode="replicate")[..., 4 + dy: 68 + dy,
+                                                                                4 + dx: 68 + dx].to(torch.uint8)
+    return x
 
 
-def predict(model, pixels: np.ndarray, batch: int = 512) -> np.ndarray:
-    """Probabilities from a torch model on uint8 N×C×64×64."""
+def logits(model, pixels: np.ndarray, batch: int = 512, device: str = "cpu") -> np.ndarray:
+    """Logits from a torch model on uint8 N×C×64×64."""
     import torch
 
     model.eval()
     out = []
     with torch.inference_mode():
         for i in range(0, len(pixels), batch):
-            x = torch.from_numpy(pixels[i: i + batch]).contiguous(memory_format=torch.channels_last)
-            out.append(torch.sigmoid(model(x)).float().numpy())
+            x = torch.from_numpy(pixels[i: i + batch]).to(device).contiguous(memory_format=torch.channels_last)
+            out.append(model(x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def train_model(split: SplitRef, settings: TrainSettings, out_dir: Path, log=print) -> Path:
-    """Train on the split's train part, keep the best epoch by val AUC; writes out_dir/model.pt and model.json."""
+def predict(model, pixels: np.ndarray, batch: int = 512, device: str = "cpu") -> np.ndarray:
+    """Probabilities from a torch model on uint8 N×C×64×64."""
+    return (1.0 / (1.0 + np.exp(-logits(model, pixels, batch, device).astype(np.float64)))).astype(np.float32)
+
+
+def fit(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, settings: TrainSettings,
+        channels: int, teacher_logits: np.ndarray | None = None, device: str = "cpu",
+        log: Callable[[str], Any] = print) -> tuple[dict, dict[str, Any]]:
+    """Train on arrays and keep the best epoch by val AUC; returns (state_dict, what happened). The plain core of
+    `train_model`, which the parity benchmark also calls (on a GPU, for its ablations)."""
     import torch
     import torch.nn.functional as F
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+    settings.check()
     torch.manual_seed(settings.seed)
-    torch.set_num_threads(settings.threads)
-    x_train, y_train = load_split(split, "train")
-    x_val, y_val = load_split(split, "val")
+    if device == "cpu":
+        torch.set_num_threads(settings.threads)
     if y_train.sum() == 0 or y_train.sum() == len(y_train):
         raise ValueError("the training split needs both positives and negatives")
-    model = build_model(settings.arch, split.channels, settings.width).to(memory_format=torch.channels_last)
-    teacher = load_checkpoint(Path(settings.teacher), split.channels) if settings.teacher else None
-    pos_weight = torch.tensor(float((y_train == 0).sum()) / float(y_train.sum()))
-    steps = settings.epochs * max(1, len(x_train) // settings.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=steps, pct_start=0.2)
+    model = build_model(settings.arch, channels, settings.width).to(device).to(memory_format=torch.channels_last)
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema), use_buffers=True)
+           if settings.ema else None)
+    pos_weight = torch.tensor(float((y_train == 0).sum()) / float(y_train.sum()), device=device)
+    per_epoch = max(1, len(x_train) // settings.batch_size)
+    steps = settings.epochs * per_epoch
+    if settings.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=steps, pct_start=0.2)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9, nesterov=True,
+                                    weight_decay=settings.weight_decay)
+        warm = max(1, per_epoch)
+        schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [
+            torch.optim.lr_scheduler.LinearLR(optimizer, 0.1, 1.0, warm),
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps - warm))], [warm])
     generator = torch.Generator().manual_seed(settings.seed)
     images, labels = torch.from_numpy(x_train), torch.from_numpy(y_train).float()
+    teacher = torch.from_numpy(teacher_logits).float() if teacher_logits is not None else None
+    t, alpha = settings.temperature, settings.distill_weight
+
+    def weighted(loss_per_image, y):  # positives weighted by negatives/positives, as in the hard loss
+        return (loss_per_image * torch.where(y > 0.5, pos_weight, 1.0)).mean()
+
     best_auc, best_state, history = -1.0, None, []
     for epoch in range(settings.epochs):
         model.train()
         t0 = time.perf_counter()
         order = torch.randperm(len(images), generator=generator)
         total = 0.0
-        for i in range(len(order) // settings.batch_size):
+        for i in range(per_epoch):
             idx = order[i * settings.batch_size: (i + 1) * settings.batch_size]
-            x = _augment(images[idx], generator).contiguous(memory_format=torch.channels_last)
-            logits = model(x)
-            loss = F.binary_cross_entropy_with_logits(logits, labels[idx], pos_weight=pos_weight)
+            x = _augment(images[idx], generator, settings.augment).to(device).contiguous(
+                memory_format=torch.channels_last)
+            y = labels[idx].to(device)
+            z = model(x)
+            target = y * (1 - settings.label_smoothing) + 0.5 * settings.label_smoothing
+            if settings.loss == "focal":
+                p = torch.sigmoid(z)
+                p_true = torch.where(y > 0.5, p, 1 - p)
+                hard = weighted(F.binary_cross_entropy_with_logits(z, target, reduction="none")
+                                * (1 - p_true).pow(2), y)
+            else:
+                hard = weighted(F.binary_cross_entropy_with_logits(z, target, reduction="none"), y)
+            loss = hard
             if teacher is not None:
-                with torch.inference_mode():
-                    soft = torch.sigmoid(teacher(x))
-                loss = (1 - settings.distill_weight) * loss + settings.distill_weight * \
-                    F.binary_cross_entropy_with_logits(logits, soft.clone())
+                soft = torch.sigmoid(teacher[idx].to(device) / t)
+                kd = weighted(F.binary_cross_entropy_with_logits(z / t, soft, reduction="none"), y) * t * t
+                loss = (1 - alpha) * hard + alpha * kd
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
+            if ema is not None:
+                ema.update_parameters(model)
             total += loss.item()
-        val_auc = auc(predict(model, x_val), y_val)
-        history.append({"epoch": epoch + 1, "loss": total / max(1, len(order) // settings.batch_size),
-                        "val_auc": val_auc, "seconds": time.perf_counter() - t0})
+        judged = ema.module if ema is not None else model
+        val_auc = auc(predict(judged, x_val, device=device), y_val)
+        history.append({"epoch": epoch + 1, "loss": total / per_epoch, "val_auc": val_auc,
+                        "seconds": time.perf_counter() - t0})
         log(f"epoch {epoch + 1}/{settings.epochs}: loss {history[-1]['loss']:.4f}, val AUC {val_auc:.4f}, "
             f"{history[-1]['seconds']:.0f} s")
         if val_auc > best_auc:
             best_auc = val_auc
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in judged.state_dict().items()}
+    return best_state, {"val_auc": best_auc, "history": history}
+
+
+def teacher_logits_for(teacher: Path, x: np.ndarray, arch: str | None = None,
+                       cache: Path | None = None) -> np.ndarray:
+    """The teacher's logits on these images (the un-augmented training split), read from `cache` when written."""
+    from models.baseline import load_baseline
+
+    if cache is not None and cache.exists():
+        return np.load(cache, allow_pickle=False)
+    values = logits(load_baseline(teacher, arch).model, x, batch=64)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.tmp.npy")
+        np.save(tmp, values, allow_pickle=False)
+        tmp.replace(cache)
+    return values
+
+
+def train_model(split: SplitRef, settings: TrainSettings, out_dir: Path, log=print) -> Path:
+    """Train on the split's train part, keep the best epoch by val AUC; writes out_dir/model.pt and model.json."""
+    import torch
+
+    x_train, y_train = load_split(split, "train")
+    x_val, y_val = load_split(split, "val")
+    teacher = None
+    if settings.teacher:
+        t0 = time.perf_counter()
+        teacher = teacher_logits_for(Path(settings.teacher), x_train, settings.teacher_arch,
+                                     out_dir / "teacher-logits.npy")
+        log(f"teacher logits on {len(x_train)} training images: {time.perf_counter() - t0:.0f} s")
+    state, fitted = fit(x_train, y_train, x_val, y_val, settings, split.channels, teacher, log=log)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"arch": settings.arch, "channels": split.channels, "width": settings.width, "val_auc": best_auc,
-            "history": history, "settings": settings.as_dict(), "split": split.sha256}
+    meta = {"arch": settings.arch, "channels": split.channels, "width": settings.width, **fitted,
+            "settings": settings.as_dict(), "split": split.sha256}
     (out_dir / "model.json").write_text(json.dumps(meta, indent=2))
     tmp = out_dir / ".model.pt.tmp"
-    torch.save(best_state, tmp)
+    torch.save(state, tmp)
     tmp.replace(out_dir / "model.pt")  # written last: the checkpoint's presence means training finished
     return out_dir / "model.pt"

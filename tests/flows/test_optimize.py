@@ -85,6 +85,72 @@ def test_optimize_registers_a_version_whose_promotion_matches_its_test_gate(tiny
     engine = registry.load_engine(manifest["version"])
     assert engine.precision == ship["precision"]
     assert manifest["metrics"][ship["candidate"]]["val"]["sensitivity"] >= 0.98
+    # no baseline given: the non-inferiority gate was skipped, and the manifest says so
+    assert "non-inferiority gate was not applied" in manifest["baseline"]["skipped"]
+    assert all(not c["noninferiority"] for c in manifest["candidates"])
+
+
+def recomputed_side_by_side(folder: Path, manifest: dict) -> list[dict]:
+    """The side-by-side's score-based figures recomputed from the scores stored beside the model."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from tasks.metrics import auc, table_at
+    from tasks.parity import matched_specificity
+
+    table = pq.read_table(folder / manifest["baseline"]["scores_file"]).to_pydict()
+    split, labels = np.array(table["split"]), np.array(table["label"])
+    rows = []
+    for column, threshold in (("candidate", manifest["shipping"]["threshold"]),
+                              ("baseline", manifest["baseline"]["threshold"])):
+        s = np.array(table[column], dtype=np.float64)
+        val, test = split == "val", split == "test"
+        t = table_at(s[test], labels[test], threshold)
+        rows.append({"val_auc": auc(s[val], labels[val]), "test_auc": auc(s[test], labels[test]),
+                     "val_specificity_at_target": matched_specificity(s[val], labels[val], 0.98),
+                     "test_specificity_at_target": matched_specificity(s[test], labels[test], 0.98),
+                     "tp": t.tp, "fn": t.fn, "tn": t.tn, "fp": t.fp})
+    return rows
+
+
+def test_a_baseline_identical_to_the_candidate_passes_and_its_figures_recompute_from_the_stored_scores(tiny_lake):
+    _, registry = run(tiny_lake, force_int8_fail=True)  # FP32 ships
+    first = latest_manifest(registry)
+    checkpoint = registry.folder(first["version"]) / "model.pt"  # model.json beside it names the architecture
+    # the same training (cached, no distillation), FP32 again: the baseline's graph is the candidate's
+    state, registry = run(tiny_lake, force_int8_fail=True, baseline=str(checkpoint), distill=False)
+    manifest = latest_manifest(registry)
+    ni = manifest["baseline"]["noninferiority"]
+    for where in ("val", "test"):
+        assert ni[where]["passes"] and ni[where]["difference"] == 0.0 and ni[where]["interval"] == [0.0, 0.0]
+    assert manifest["passed_gate"] == (manifest["test"]["sensitivity"] >= 0.98)  # only sensitivity can refuse it
+    assert "against the baseline" in manifest["promotion"]
+    rows = manifest["baseline"]["side_by_side"]
+    assert [r["model"] for r in rows] == ["onnxruntime fp32 (ships)", "baseline screennet"]
+    for row, again in zip(rows, recomputed_side_by_side(registry.folder(manifest["version"]), manifest)):
+        for key in ("val_auc", "test_auc", "val_specificity_at_target", "test_specificity_at_target"):
+            assert row[key] == pytest.approx(again[key], abs=1e-12), key
+        assert {k: row["test_table"][k] for k in ("tp", "fn", "tn", "fp")} == \
+            {k: again[k] for k in ("tp", "fn", "tn", "fp")}
+    assert rows[0]["speedup_vs_baseline"] == pytest.approx(rows[0]["images_per_s"] / rows[1]["images_per_s"])
+    assert manifest["baseline"]["checkpoint_sha256"] and manifest["baseline"]["knee"]["batch1_latency_ms"] > 0
+
+
+def test_a_weak_candidate_against_a_stronger_trained_baseline_is_refused_with_the_difference(tiny_lake):
+    # `--baseline train`: a ResNet18 at 64×64 trained on the same split; the candidate is forced weak
+    state, registry = run(tiny_lake, baseline="train", epochs=1, width=0.25, force_int8_fail=True)
+    manifest = latest_manifest(registry)
+    assert state.is_failed() and not manifest["promoted"] and not manifest["passed_gate"]
+    test = manifest["baseline"]["noninferiority"]["test"]
+    assert not test["passes"] and test["interval"][0] < -0.03
+    message = str(state.result(raise_on_failure=False))
+    assert f"difference {test['difference']:+.4f}" in message
+    assert f"95% CI {test['interval'][0]:+.4f} to {test['interval'][1]:+.4f}" in message
+    assert "try:" in message and "--epochs" in message
+    assert manifest["baseline"]["arch"] == "resnet18-native" and manifest["baseline"]["source"] == "train"
+    assert manifest["training"]["settings"]["teacher"]  # distilled from it by default
+    fp32 = next(c for c in manifest["candidates"] if c["name"] == "fp32")
+    assert fp32["noninferiority"] and not fp32["passes"] and "against the baseline" in fp32["why"]
 
 
 def test_rerun_hits_the_cache_for_training_and_export(tiny_lake):
