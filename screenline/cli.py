@@ -178,7 +178,20 @@ def _check_engine(engine: str) -> str:
         raise CliError(str(exc)) from None
 
 
+def _check_baseline(baseline: str | None, arch: str | None) -> None:
+    """A baseline checkpoint that cannot be loaded safely fails in one line, before any flow starts."""
+    if baseline is None or baseline == "train":
+        return
+    from models.baseline import BaselineError, load_baseline
+
+    try:
+        load_baseline(Path(baseline), arch)
+    except BaselineError as exc:
+        raise CliError(str(exc)) from None
+
+
 def cmd_optimize(args: argparse.Namespace) -> None:
+    _check_baseline(args.baseline, args.baseline_arch)
     params = {k: v for k, v in vars(args).items() if k in ("epochs", "width", "arch", "teacher", "engine",
                                                           "target_sensitivity", "threshold_rule", "delta", "seed",
                                                           "gate_on_lower_bound", "calibrate_on", "folds",
@@ -485,10 +498,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
         f"read it with: python -c \"import pyarrow.parquet as pq; print(pq.read_table('{lake}/images').num_rows)\""
     )
     print("\n== optimize: train, export, quantize, calibrate, gate, register, promote\n"
-          "(the demo calibrates the threshold on the validation split to stay within 15 minutes; `screenline "
-          "optimize` cross-fits by default, five more trainings for a higher threshold: see README, The operating "
-          "point)")
-    run_optimize(lake, calibrate_on="val")
+          "(the threshold on the validation split; `--calibrate-on crossfit` trades ~50 more minutes for a higher "
+          "one, and `--baseline train` adds the side-by-side with a ResNet18 and its gate: see README)")
+    run_optimize(lake)
     print(f"models: {lake}/models/  (list them with `screenline models --lake {lake}`)")
     print("\n== nightly: the inbox → ingest → screen (every image in the lake, at this host's knee) → audit")
     report = run_nightly(str(samples / "inbox"), lake)

@@ -90,22 +90,33 @@ def noninferiority(candidate: np.ndarray, baseline: np.ndarray, labels: np.ndarr
     low, high = (float(v) for v in np.quantile(diffs, [0.025, 0.975]))
     difference = spec_c - spec_b
     passes = low >= -margin
+    verdict = "non-inferior" if passes else "inferior" if high < -margin else "inconclusive"
+    needed = None
+    if verdict == "inconclusive" and difference > -margin:  # the interval's half-width shrinks as 1/√positives
+        needed = math.ceil(n_pos * ((difference - low) / (difference + margin)) ** 2)
+    because = {
+        "non-inferior": f"non-inferior: the lower end {low:+.4f} ≥ −{margin}",
+        "inferior": f"NOT non-inferior: the whole interval lies below −{margin} (inferior)",
+        "inconclusive": (f"NOT non-inferior: the lower end {low:+.4f} < −{margin}; inconclusive, the interval also "
+                         f"holds −{margin} and above: "
+                         + (f"at this difference about {needed:,} positives would show it" if needed else
+                            "at this point estimate no number of positives would show it")),
+    }[verdict]
     return {
         "target_sensitivity": target, "margin": margin, "n": int(len(labels)), "positives": n_pos,
         "negatives": n_neg, "candidate_specificity": spec_c, "baseline_specificity": spec_b,
         "difference": difference, "interval": [low, high], "resamples": resamples, "seed": seed,
         "interval_kind": "paired stratified bootstrap, 95% percentile (its lower end a one-sided 97.5% bound)",
-        "passes": passes,
+        "passes": passes, "verdict": verdict, "positives_needed": needed,
         "statement": (f"specificity at {target:.0%} sensitivity (matched): {spec_c:.4f} vs the baseline's {spec_b:.4f}, "
                       f"difference {difference:+.4f} (95% CI {low:+.4f} to {high:+.4f}; {n_pos} positives, {n_neg} "
-                      f"negatives); " + (f"non-inferior: the lower end {low:+.4f} ≥ −{margin}" if passes else
-                                         f"NOT non-inferior: the lower end {low:+.4f} < −{margin}")),
+                      f"negatives); {because}"),
     }
 
 
-WHAT_TO_TRY = ("distil from the baseline (on by default with --baseline; raise --distill-weight), train longer "
-               "(--epochs), a wider net (--width); or, if the margin is a clinical choice, state a different "
-               "--spec-margin")
+WHAT_TO_TRY = ("distil from the baseline (on by default with --baseline), train longer (--epochs), a wider net "
+               "(--width); when the verdict is inconclusive, more labelled positives in the split (the interval "
+               "narrows as 1/√positives); or, if the margin is a clinical choice, state a different --spec-margin")
 
 
 SIDE_BY_SIDE_COLUMNS = ("model", "val AUC", "test AUC", "val spec @target (matched)", "test spec @target (matched)",

@@ -64,3 +64,13 @@ def test_checkpoints_that_are_not_a_resnet18_say_so(tmp_path):
         load_baseline(tmp_path / "list.pt")
     with pytest.raises(BaselineError, match="does not exist"):
         load_baseline(tmp_path / "missing.pt")
+
+
+def test_the_cli_refuses_a_pickled_baseline_in_one_line_before_any_flow_starts(tmp_path, seed_model, capsys):
+    from screenline.cli import main
+
+    path = tmp_path / "pickled.pt"
+    torch.save(seed_model, path)
+    assert main(["optimize", "--lake", str(tmp_path / "lake"), "--baseline", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("screenline: error: ") and "not a plain state_dict" in err[0]

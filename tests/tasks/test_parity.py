@@ -41,7 +41,21 @@ def test_a_weaker_candidate_is_refused_with_the_difference_and_its_interval():
     assert low < result["difference"] < high and high < 0  # clearly worse, the interval says so
     assert result["difference"] == pytest.approx(result["candidate_specificity"] - result["baseline_specificity"])
     assert f"{result['difference']:+.4f}" in result["statement"] and f"{low:+.4f}" in result["statement"]
-    assert "NOT non-inferior" in result["statement"]
+    assert "NOT non-inferior" in result["statement"] and result["verdict"] == "inferior"
+
+
+def test_too_few_positives_to_tell_is_inconclusive_and_says_how_many_would_do():
+    base, labels = scored(separation=3.0, seed=4)
+    close = base + np.random.default_rng(6).normal(size=len(base)) * 0.15  # about as good, not the same
+    result = noninferiority(close, base, labels, 0.98, margin=0.03)
+    low, high = result["interval"]
+    assert low < -0.03 < high and result["verdict"] == "inconclusive" and not result["passes"]
+    assert -0.03 < result["difference"] < 0 and result["positives_needed"] > result["positives"]
+    assert f"about {result['positives_needed']:,} positives" in result["statement"]
+    worse = base + np.random.default_rng(6).normal(size=len(base)) * 0.3  # below the margin at its point estimate
+    result = noninferiority(worse, base, labels, 0.98, margin=0.03)
+    assert result["verdict"] == "inconclusive" and result["difference"] < -0.03 and result["positives_needed"] is None
+    assert "no number of positives would show it" in result["statement"]
 
 
 def test_a_better_candidate_passes_and_a_margin_moves_the_verdict():
