@@ -126,8 +126,10 @@ def logits(model, pixels: np.ndarray, batch: int = 512, device: str = "cpu") -> 
 
 
 def predict(model, pixels: np.ndarray, batch: int = 512, device: str = "cpu") -> np.ndarray:
-    """Probabilities from a torch model on uint8 N×C×64×64."""
-    return (1.0 / (1.0 + np.exp(-logits(model, pixels, batch, device).astype(np.float64)))).astype(np.float32)
+    """Probabilities from a torch model on uint8 N×C×64×64 (float32 sigmoid, as the exported graph computes them)."""
+    import torch
+
+    return torch.sigmoid(torch.from_numpy(logits(model, pixels, batch, device))).numpy()
 
 
 def fit(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, settings: TrainSettings,
@@ -187,8 +189,8 @@ def fit(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.n
                 p_true = torch.where(y > 0.5, p, 1 - p)
                 hard = weighted(F.binary_cross_entropy_with_logits(z, target, reduction="none")
                                 * (1 - p_true).pow(2), y)
-            else:
-                hard = weighted(F.binary_cross_entropy_with_logits(z, target, reduction="none"), y)
+            else:  # the fused form: bit-for-bit the recipe's numbers before these levers existed
+                hard = F.binary_cross_entropy_with_logits(z, target, pos_weight=pos_weight)
             loss = hard
             if teacher is not None:
                 soft = torch.sigmoid(teacher[idx].to(device) / t)
