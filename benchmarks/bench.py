@@ -158,7 +158,7 @@ def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
         context["ship_graph"] = {"file": str(files[ships]), "candidate": ships,
                                  "precision": "fp32" if ships == "fp32" else "int8"}
         _write_split(lake, manifest, work)
-        model = build_model(arch["name"], 1, arch["width"])
+        model = build_model(arch["name"], 1, arch["width"], arch.get("pool", "avg"))
     else:
         from models.nets import ScreenNet, ScreenNetConfig
         from tasks.train import TrainSettings

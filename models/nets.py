@@ -6,8 +6,11 @@ layer (`Preprocess`), so an exported graph takes raw bytes.
 - `Baseline`: torchvision ResNet18 (2 classes, as the seed had it) with a bilinear 64→224 upsample in forward():
   ~1.8 GFLOPs an image. `native=True` skips the upsample (the same net at 64×64, ~12× cheaper).
 - `ScreenNet`: MobileNetV2-style. A 3×3 stride-2 stem, inverted residual blocks (1×1 expand, 3×3 depthwise,
-  1×1 project), global pool, one logit. At width 1.0 it is ~7.7 M multiply-adds (~15 MFLOPs) an image. The width
-  multiplier trades capacity for speed. `fuse()` folds every BatchNorm into its convolution for export.
+  1×1 project), a global pool, one logit. At width 1.0 it is ~7.7 M multiply-adds (~15 MFLOPs) an image. The width
+  multiplier trades capacity for speed. `pool` is how the last 4×4 feature map becomes one vector: `avg` (MobileNetV2's
+  own), `max`, or `avgmax` (both, concatenated). A finding is one small spot in an otherwise normal image, and an
+  average over the 16 positions dilutes it 16-fold where a maximum keeps it (README "Clinical parity" measures it).
+  `fold_batchnorm()` folds every BatchNorm into its convolution for export.
 
 Imports torch: only `optimize` and the benchmarks use this module.
 """
@@ -35,7 +38,7 @@ def _round(channels: float, divisor: int = 8) -> int:
 
 
 class ConvBN(nn.Sequential):
-    """Conv → BatchNorm → ReLU6 (activation optional); `fuse()` folds the BN into the conv."""
+    """Conv → BatchNorm → ReLU6 (activation optional); `fold_batchnorm()` folds the BN into the conv."""
 
     def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, act: bool = True):
         layers: list[nn.Module] = [
@@ -66,6 +69,9 @@ class InvertedResidual(nn.Module):
 STAGES = ((1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 3, 2), (4, 64, 2, 2), (4, 96, 1, 1))
 
 
+POOLS = ("avg", "max", "avgmax")
+
+
 @dataclass(frozen=True)
 class ScreenNetConfig:
     """The optimized net's shape; stored in the manifest so a version can be rebuilt."""
@@ -74,6 +80,7 @@ class ScreenNetConfig:
     width: float = 1.0
     head: int = 320
     dropout: float = 0.1
+    pool: str = "avg"  # "avg" | "max" | "avgmax"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -95,8 +102,10 @@ class ScreenNet(nn.Module):
         layers.append(ConvBN(cin, config.head, 1))
         self.preprocess = Preprocess()
         self.features = nn.Sequential(*layers)
+        if config.pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {config.pool!r}")
         self.dropout = nn.Dropout(config.dropout)
-        self.classifier = nn.Linear(config.head, 1)
+        self.classifier = nn.Linear(config.head * (2 if config.pool == "avgmax" else 1), 1)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -108,7 +117,9 @@ class ScreenNet(nn.Module):
         return self.features(self.preprocess(x))
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))).squeeze(1)
+        pooled = {"avg": lambda: F.adaptive_avg_pool2d(x, 1), "max": lambda: F.adaptive_max_pool2d(x, 1),
+                  "avgmax": lambda: torch.cat([F.adaptive_avg_pool2d(x, 1), F.adaptive_max_pool2d(x, 1)], 1)}
+        return self.classifier(self.dropout(torch.flatten(pooled[self.config.pool](), 1))).squeeze(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

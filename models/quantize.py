@@ -19,7 +19,7 @@ import onnx
 
 from models.contract import INPUT_NAME
 
-POOLS = ("GlobalAveragePool", "ReduceMean")
+POOLS = ("GlobalAveragePool", "ReduceMean", "GlobalMaxPool", "ReduceMax")
 
 FORMATS = {"u8s8": "QUInt8", "s8s8": "QInt8"}
 
@@ -40,7 +40,7 @@ def head_nodes(graph: onnx.GraphProto) -> list[str]:
     order, so they are the nodes after it in the list."""
     pools = [i for i, node in enumerate(graph.node) if node.op_type in POOLS]
     if not pools:
-        raise ValueError("no global pool (GlobalAveragePool/ReduceMean) in the graph: cannot find its head")
+        raise ValueError("no global pool (GlobalAveragePool/GlobalMaxPool/ReduceMean/ReduceMax) in the graph: cannot find its head")
     return [node.name for node in graph.node[pools[-1] + 1:]]
 
 

@@ -86,3 +86,21 @@ def test_int8_graphs_keep_the_head_in_float_so_scores_are_not_255_steps(tmp_path
     quantized, exact = scores(OrtEngine(int8, "int8"), x), scores(OrtEngine(fp32), x)
     assert len(np.unique(quantized)) > 256
     assert np.abs(quantized - exact).max() < 1e-3
+
+
+@pytest.mark.parametrize("pool", ["max", "avgmax"])
+def test_a_max_pooled_net_exports_and_its_int8_head_stays_in_float(tmp_path, pool):
+    from models.nets import ScreenNetConfig
+    from models.quantize import POOLS, head_nodes
+
+    torch.manual_seed(0)
+    net = ScreenNet(ScreenNetConfig(pool=pool)).eval()
+    fp32 = export_onnx(net, tmp_path / "f.onnx")
+    x = np.random.default_rng(4).integers(0, 256, (64, 1, 64, 64), dtype=np.uint8)
+    assert np.abs(scores(OrtEngine(fp32), x) - predict(net, x)).max() < 1e-5
+    int8 = quantize_int8(fp32, tmp_path / "q.onnx", x, "u8s8")
+    nodes = onnx.load(str(int8)).graph.node
+    assert head_nodes(onnx.load(str(fp32)).graph)  # the head was found behind the max pool
+    pool = max(i for i, n in enumerate(nodes) if n.op_type in POOLS)
+    assert any(n.op_type in POOLS and "Max" in n.op_type for n in nodes)
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in nodes[pool + 1:])  # head in float
