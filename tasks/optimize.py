@@ -460,7 +460,8 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
         knees[host_fingerprint("onnxruntime", fallback["precision"])] = by_name[fallback["candidate"]]["knee"]
     meta = json.loads((checkpoint.parent / "model.json").read_text())
     manifest = {
-        "architecture": {"name": settings.arch, "width": settings.width, "channels": split.channels},
+        "architecture": {"name": settings.arch, "width": settings.width, "pool": settings.pool,
+                         "channels": split.channels},
         "data": {"split_sha256": split.sha256, "split_file": Path(split.path).name, "counts": split.counts},
         "training": {"settings": settings.as_dict(), "history": meta["history"], "best_val_auc": meta["val_auc"]},
         "export": {"fp32_max_abs_diff_vs_torch": export["fp32_max_abs_diff_vs_torch"], "opset": export["opset"],

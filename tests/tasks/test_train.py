@@ -58,3 +58,30 @@ def test_cross_fitting_folds_cover_train_and_val_once_and_never_touch_test(tmp_p
         assert fold.counts["val"]["images"] + fold.counts["train"]["images"] == len(in_train_val)
         assert fold_split(split, k, 3).sha256 == fold.sha256  # the same fold every time
     assert sorted(seen) == sorted(in_train_val)  # every train+val image scored out of fold exactly once
+
+
+def test_augmentations_keep_the_contract_and_replay_under_their_seed():
+    from tasks.samples import generate
+    from tasks.train import AUGMENTS, _augment
+
+    x, _ = generate(64, 1.0, 3, "a", "augment")  # every image a positive
+    batch = torch.from_numpy(x[:, None])
+    for how in AUGMENTS:
+        a = _augment(batch, torch.Generator().manual_seed(5), how)
+        b = _augment(batch, torch.Generator().manual_seed(5), how)
+        assert a.dtype == torch.uint8 and a.shape == batch.shape  # the input contract, unchanged
+        assert torch.equal(a, b)  # a training run replays bit for bit from its seed
+        changed = (a != batch).flatten(1).any(1).float().mean().item()
+        assert changed == 0.0 if how == "none" else changed > 0.9
+
+
+def test_the_weight_average_lets_early_weights_fade_at_once_and_copies_integer_buffers():
+    from tasks.train import _ema_with_warmup
+
+    update = _ema_with_warmup(0.999)
+    averaged, counter = [torch.zeros(3)], torch.tensor(0)
+    for n in range(3):  # three updates towards weights of all ones
+        update(averaged + [counter], [torch.ones(3), torch.tensor(n + 1)], torch.tensor(n))
+    # decays 0.1, 2/11, 3/12: after three updates the zeros weigh 0.1 · 2/11 · 3/12 (≈ 0.5%), not 0.999³ (≈ 99.7%)
+    assert torch.allclose(averaged[0], torch.full((3,), 1 - 0.1 * 2 / 11 * 3 / 12))
+    assert counter.item() == 3  # BatchNorm's batch counter is copied, never interpolated
