@@ -272,10 +272,9 @@ def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings,
             c.why = f"val sensitivity {sens:.4f} below target {gates.target_sensitivity}"
         elif c.precision != "fp32" and fp32.val_auc - c.val_auc > gates.int8_auc_tolerance:
             c.why = f"val AUC {c.val_auc:.4f} is more than {gates.int8_auc_tolerance} below FP32's {fp32.val_auc:.4f}"
-        elif c.noninferiority and not c.noninferiority["passes"]:
-            c.why = f"val, against the baseline: {c.noninferiority['statement']}"
         else:
             c.passes, c.why = True, "passes"
+    _choose_on_noninferiority([c for c in candidates if c.passes])
     ship = _fastest_passing(candidates, engine) or next(c for c in candidates if c.engine == engine
                                                         and c.precision == "fp32")
     fallback = None
@@ -283,6 +282,24 @@ def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings,
         fallback = (_fastest_passing(candidates, "onnxruntime") or fp32).name
     return {"candidates": [asdict(c) for c in candidates], "ship": ship.name, "fallback": fallback,
             "host": host_fingerprint(engine, ship.precision)}
+
+
+def _choose_on_noninferiority(candidates: list[Candidate]) -> None:
+    """Non-inferiority to the baseline on val chooses among the candidates that passed the other gates: those shown
+    non-inferior, when any is. When none is (the same model at every precision, so usually all or none), it cannot
+    choose, and says so; the held-out test split then decides promotion. Refusing them all would only ship the
+    slowest graph of a model that the test gate refuses or promotes either way."""
+    judged = [c for c in candidates if c.noninferiority]
+    if not judged:
+        return
+    if any(c.noninferiority["passes"] for c in judged):
+        for c in judged:
+            if not c.noninferiority["passes"]:
+                c.passes, c.why = False, f"val, against the baseline: {c.noninferiority['statement']}"
+        return
+    for c in judged:
+        c.why = ("passes; no candidate was shown non-inferior to the baseline on val (so it did not choose; the "
+                 f"held-out test split decides promotion): {c.noninferiority['statement']}")
 
 
 def force_int8_failure(evaluation: dict[str, Any]) -> dict[str, Any]:
