@@ -128,7 +128,7 @@ def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
     from models.nets import macs_per_image
     from models.quantize import quantize_int8
     from tasks.samples import generate
-    from tasks.train import build_model
+    from models.nets import build_model
 
     context: dict = {"quality": False}
     pixels = generate(256 if quick else 1024, 0.1, 123, "a", "bench")[0][:, None]

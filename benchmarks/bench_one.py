@@ -32,14 +32,15 @@ def make_runner(config: dict) -> Callable[[np.ndarray], np.ndarray]:
     if runtime == "torch":
         import torch
 
-        from tasks.train import build_model, load_checkpoint
+        from models.nets import build_model
+        from tasks.train import load_checkpoint
 
         torch.set_num_threads(threads)
         if config.get("checkpoint"):
             model = load_checkpoint(Path(config["checkpoint"]))
         else:
             torch.manual_seed(0)
-            model = build_model(config["arch"], 1, config.get("width", 1.0)).eval()
+            model = build_model(config["arch"], 1, config.get("width", 1.0), config.get("pool", "avg")).eval()
 
         def run(x: np.ndarray) -> np.ndarray:
             with torch.inference_mode():

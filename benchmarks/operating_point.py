@@ -171,7 +171,7 @@ def crossfit_scores(pool: dict, folds: int) -> dict:
         timing = json.loads((checkpoint.parent / "model.json").read_text()).get("history", [])
         minutes.append(sum(e.get("seconds", 0.0) for e in timing) / 60 or (time.perf_counter() - started) / 60)
         x, y = load_split(fold, "val")
-        scores.append(predict(load_checkpoint(checkpoint, base.channels), x))
+        scores.append(predict(load_checkpoint(checkpoint), x))
         labels.append(y.astype(np.int8))
     return {"scores": np.concatenate(scores).astype(np.float64), "labels": np.concatenate(labels),
             "minutes": minutes}

@@ -119,7 +119,7 @@ def train_and_score(settings: TrainSettings, data: dict, device: str, teacher: n
     state, fitted = fit(*data["train"], *data["val"], settings, 1, teacher, device=device,
                         log=lambda line: print(line, file=sys.stderr, flush=True))
     minutes = (time.perf_counter() - t0) / 60
-    from tasks.train import build_model
+    from models.nets import build_model
 
     model = build_model(settings.arch, 1, settings.width, settings.pool)
     model.load_state_dict(state)

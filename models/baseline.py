@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.nets import build_model
+
 BASELINE_ARCHS = ("resnet18", "resnet18-native")
 
 
@@ -68,8 +70,6 @@ def _as_baseline_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def load_baseline(path: Path, arch: str | None = None) -> LoadedBaseline:
     """The baseline model (eval mode) from a checkpoint; `arch` resnet18 (64→224) or resnet18-native, else inferred
     from model.json beside the checkpoint, else the seed's resnet18 (assumed, and said so)."""
-    from tasks.train import build_model
-
     if arch is not None and arch not in BASELINE_ARCHS + ("screennet",):
         raise BaselineError(f"baseline architecture must be one of {', '.join(BASELINE_ARCHS)}, got {arch!r}")
     path = Path(path)

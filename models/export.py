@@ -15,6 +15,7 @@ from torch import nn
 
 from models.contract import IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME
 from models.nets import fold_batchnorm
+from screenline.files import atomic_path
 
 OPSET = 18
 
@@ -33,17 +34,13 @@ def export_onnx(model: nn.Module, path: Path, channels: int = 1) -> Path:
     model = fold_batchnorm(copy.deepcopy(model).eval())
     wrapped = _WithSigmoid(model).eval()
     example = torch.zeros(2, channels, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with torch.inference_mode():
+    with atomic_path(path) as tmp, torch.inference_mode():
         # torch 2.14's exporter writes weights as external data by default: one self-contained file instead.
         torch.onnx.export(
             wrapped, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             opset_version=OPSET, dynamo=True, external_data=False, verbose=False,
             dynamic_shapes=({0: torch.export.Dim("batch")},),
         )
-    graph = onnx.load(str(tmp))
-    onnx.checker.check_model(graph, full_check=True)
-    tmp.replace(path)
+        onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
     return path
 

@@ -187,3 +187,12 @@ def macs_per_image(model: nn.Module, channels: int = 1) -> int:
     for h in hooks:
         h.remove()
     return total
+
+
+def build_model(arch: str, channels: int, width: float = 1.0, pool: str = "avg") -> nn.Module:
+    """A fresh model by name."""
+    if arch == "screennet":
+        return ScreenNet(ScreenNetConfig(channels=channels, width=width, pool=pool))
+    if arch in ("resnet18", "resnet18-native"):
+        return Baseline(channels=channels, native=arch.endswith("native"))
+    raise ValueError(f"unknown architecture {arch!r}: screennet, resnet18 or resnet18-native")

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from models.contract import INPUT_NAME
+from screenline.files import atomic_path, temp_beside
 
 POOLS = ("GlobalAveragePool", "ReduceMean", "GlobalMaxPool", "ReduceMax")
 
@@ -52,19 +53,17 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, fmt: str = "u8
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    prepped = out.with_name(f".{out.stem}.pre.onnx")
-    tmp = out.with_name(f".{out.name}.tmp")
+    prepped = temp_beside(out, ".pre.onnx")
     try:
         quant_pre_process(str(fp32), str(prepped), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepped), str(tmp), _Reader(calibration), quant_format=QuantFormat.QDQ,
-            activation_type=getattr(QuantType, FORMATS[fmt]), weight_type=QuantType.QInt8,
-            per_channel=per_channel, calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=head_nodes(onnx.load(str(prepped)).graph),
-            extra_options={"ActivationSymmetric": symmetric_activations},
-        )
-        tmp.replace(out)
+        with atomic_path(out) as tmp:
+            quantize_static(
+                str(prepped), str(tmp), _Reader(calibration), quant_format=QuantFormat.QDQ,
+                activation_type=getattr(QuantType, FORMATS[fmt]), weight_type=QuantType.QInt8,
+                per_channel=per_channel, calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_exclude=head_nodes(onnx.load(str(prepped)).graph),
+                extra_options={"ActivationSymmetric": symmetric_activations},
+            )
     finally:
         prepped.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
     return out

@@ -13,7 +13,6 @@ with unless the caller says so knowingly (`allow_failed_gate`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -21,10 +20,10 @@ import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager, Protocol
 
 from models import signing
-from tasks.lake import SAFE_NAME, Lake, atomic_write_bytes, safe_name
+from screenline.files import SAFE_NAME, atomic_write_bytes, safe_name, sha256_file
 
 MANIFEST = "manifest.json"
 PROMOTED = "PROMOTED"
@@ -41,14 +40,6 @@ class ModelIntegrityError(RuntimeError):
 
 class GateFailed(RuntimeError):
     """A version (or one of its engines) did not pass its held-out gate, or records no verdict."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 SITE_POINTS = "site_operating_points"
@@ -95,11 +86,22 @@ def host_fingerprint(engine: str, precision: str) -> str:
     return f"{cpu} | {cores} cores | {engine} | {precision}"
 
 
+class LakeFolders(Protocol):
+    """What the registry needs of a lake (tasks.lake.Lake is one; models/ never imports tasks/)."""
+
+    @property
+    def models(self) -> Path: ...
+
+    def inside(self, *parts: str) -> Path: ...
+
+    def lock(self) -> ContextManager[None]: ...
+
+
 @dataclass
 class Registry:
     """The models of one lake."""
 
-    lake: Lake
+    lake: LakeFolders
 
     @property
     def root(self) -> Path:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from models.contract import IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME
+from screenline.files import atomic_path, atomic_write_bytes
 
 PRECISIONS = ("fp16", "int8", "fp32")
 """What a TensorRT candidate can be built as, fastest first on current GPUs."""
@@ -168,9 +169,8 @@ def fp16_graph(fp32: Path, out: Path) -> Path:
 
     model = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
     onnx.checker.check_model(model, full_check=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    onnx.save(model, str(tmp))
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        onnx.save(model, str(tmp))
     return out
 
 
@@ -208,10 +208,7 @@ def build_plan(onnx_path: Path, profile: Profile, channels: int, cache_file: Pat
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"TensorRT failed to build a plan for {onnx_path} (profile {profile}); see its log above")
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(f".{cache_file.name}.tmp")
-    tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    tmp.replace(cache_file)
+    atomic_write_bytes(cache_file, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(plan)
 
 

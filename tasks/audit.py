@@ -45,11 +45,12 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from models.registry import SITE_POINTS, Registry, decided_at, point_key
-from tasks.caching import OutputCache, content_key
-from tasks.ingest import IO_RETRIES
-from tasks.lake import SHARD_PATH_KEY, Lake, footer, images_digest, safe_name, shard_id_of, write_table_atomic
+from tasks.caching import IO_RETRIES, OutputCache, content_key
+from screenline.files import safe_name
+from tasks.lake import SHARD_PATH_KEY, Lake, footer, images_digest, shard_id_of, write_table_atomic
 from tasks.metrics import SIDES, Figures, claim, figures, table_at
 from tasks.predictions import RUN_KEY, State, current_files, read_current
+from tasks.report import ReportScores, write_report
 from tasks.thresholds import in_calibration_half
 
 REFERENCE_FILE = "reference-scores.parquet"
@@ -429,6 +430,16 @@ def audit_drift(plan: AuditPlan) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "audited_at"}
 
 
+def report_scores(plan: AuditPlan) -> ReportScores:
+    """The scores the report draws: the labelled images' (as figures joined them), the batch's and the reference's."""
+    labelled = labelled_scores(plan)
+    return ReportScores(subsets=np.asarray(labelled.column("subset").to_pylist(), dtype=object),
+                        labels=labelled.column("label").to_numpy(zero_copy_only=False).astype(np.int8),
+                        scores=labelled.column("score").to_numpy(zero_copy_only=False),
+                        batch=scores_of(plan, plan.batch).column("score").to_numpy(),
+                        reference=reference_scores(plan)[1])
+
+
 # --- tasks ---------------------------------------------------------------------------------------------------------
 
 
@@ -460,6 +471,4 @@ def audit_drift_task(plan: AuditPlan) -> dict[str, Any]:
       persist_result=True, **IO_RETRIES)
 def audit_report_task(plan: AuditPlan, summary: AuditSummary, drift: dict[str, Any]) -> str:
     """The HTML report; returns its path."""
-    from tasks.report import write_report
-
-    return str(write_report(plan, summary, drift))
+    return str(write_report(plan, summary, drift, report_scores(plan)))

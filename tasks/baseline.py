@@ -20,10 +20,9 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from models.engine import OrtEngine, find_knee, scores
-from models.registry import sha256_file
-from tasks.caching import OutputCache
+from screenline.files import atomic_write_bytes, sha256_file
+from tasks.caching import IO_RETRIES, OutputCache, work_dir
 from tasks.dataset import SplitRef, load_split
-from tasks.ingest import IO_RETRIES
 from tasks.lake import write_table_atomic
 from tasks.metrics import auc, table_at
 from tasks.parity import matched_specificity
@@ -77,7 +76,7 @@ def evaluate_baseline(checkpoint: Path, arch: str | None, split: SplitRef, gates
                  "specificity_at_target": matched_specificity(s_test, y_test, gates.target_sensitivity)},
         "knee": knee,
     }
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    atomic_write_bytes(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
     return summary
 
 
@@ -88,8 +87,6 @@ def baseline_scores(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _baseline_output(inputs: dict[str, Any]) -> Path:
-    from tasks.optimize import work_dir
-
     gates = inputs["gates"]
     return work_dir(inputs["split"].lake_root, "baseline", sha256_file(Path(inputs["checkpoint"])), inputs["arch"],
                     inputs["split"].sha256, gates.rule) / SUMMARY_FILE

@@ -1,4 +1,5 @@
-"""Cache policies keyed on content, never on paths of the moment or run ids.
+"""Retry and cache policies: every task's, in one place. Caches key on content, never on paths of the moment or run
+ids; retries are for transient I/O only.
 
 Prefect's default policy includes the flow run id, so it never hits across runs. These key on the task's inputs,
 which carry content hashes (split hashes, checkpoint paths named by their key, an images file's image-id digest),
@@ -14,6 +15,8 @@ from typing import Any, Callable
 
 from prefect.cache_policies import CachePolicy
 from prefect.utilities.hashing import hash_objects
+
+from tasks.lake import Lake
 
 
 @dataclass
@@ -42,3 +45,40 @@ class OutputCache(CachePolicy):
 def content_key(*parts: Any) -> str:
     """A short stable hash of JSON-able or picklable parts: names work folders so outputs are found again."""
     return (hash_objects(*parts) or "")[:16]
+
+
+def work_dir(lake_root: str, step: str, *parts: Any) -> Path:
+    """Where a step's outputs for these inputs live: lake/models/work/<step>-<content key>."""
+    return Lake.at(lake_root).work_dir(f"{step}-{content_key(step, *parts)}")
+
+
+def _retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry transient I/O failures only; a bug or bad data fails at once."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@dataclass
+class ShardContentCache(CachePolicy):
+    """Cache key: the shard's content hash, the lake and the options; never the path or the run id.
+
+    Returns no key while the shard's images file is missing from the lake, so a deleted or new lake is always
+    written, and a cached result is never trusted for data that is not there.
+    """
+
+    def compute_key(
+        self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        ref = inputs["ref"]  # a tasks.shards.ShardRef
+        lake = Lake.at(inputs["lake_root"])
+        if not lake.image_file(ref.shard_id).exists():
+            return None
+        return hash_objects("ingest-shard/v1", ref.sha256, str(lake.root), inputs["options"])
+
+
+IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_retry_on_io_error)

@@ -33,10 +33,10 @@ import pyarrow.compute as pc
 from prefect import task
 
 from models.registry import SITE_POINTS, Registry, point_key
+from screenline.files import atomic_write_bytes, safe_name
 from tasks.audit import labelled_scores, labelled_subsets, plan_audit
-from tasks.caching import content_key
-from tasks.ingest import IO_RETRIES
-from tasks.lake import Lake, atomic_write_bytes, safe_name
+from tasks.caching import IO_RETRIES, content_key
+from tasks.lake import Lake
 from tasks.metrics import claim, figures
 from tasks.thresholds import ThresholdRule, calibrate, in_calibration_half, pac_positives_needed, point
 

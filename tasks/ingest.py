@@ -26,10 +26,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 from prefect import get_run_logger, task
-from prefect.cache_policies import CachePolicy
-from prefect.utilities.hashing import hash_objects
 
 from models.contract import IMAGE_SIZE, SUPPORTED_CHANNELS
+from tasks.caching import IO_RETRIES, ShardContentCache
 from tasks.lake import (
     IMAGE_IDS_KEY,
     IMAGES_SCHEMA,
@@ -349,36 +348,6 @@ def _commit_shard(
 # --- Prefect wrappers ---------------------------------------------------------------------------------------------
 
 
-def _retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient I/O failures only; a bug or bad data fails at once."""
-    try:
-        state.result()
-    except OSError:
-        return True
-    except Exception:
-        return False
-    return False
-
-
-@dataclass
-class ShardContentCache(CachePolicy):
-    """Cache key: the shard's content hash, the lake and the options; never the path or the run id.
-
-    Returns no key while the shard's images file is missing from the lake, so a deleted or new lake is always
-    written, and a cached result is never trusted for data that is not there.
-    """
-
-    def compute_key(
-        self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
-    ) -> str | None:
-        ref: ShardRef = inputs["ref"]
-        lake = Lake.at(inputs["lake_root"])
-        if not lake.image_file(ref.shard_id).exists():
-            return None
-        return hash_objects("ingest-shard/v1", ref.sha256, str(lake.root), inputs["options"])
-
-
-IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_retry_on_io_error)
 
 
 @task(name="fingerprint-shard", **IO_RETRIES)

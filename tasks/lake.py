@@ -8,8 +8,8 @@ One root (`--lake`, default `./lake`, `SCREENLINE_LAKE` overrides) holds:
     predictions/<model_version>/<shard>.parquet  a row per image scored by that model version
     audits/ models/<version>/    written by audit and optimize
 
-Every write goes to a hidden temp file in the same folder and is renamed into place, so readers (pyarrow, pandas,
-DuckDB) only ever see whole files: pyarrow skips names starting with "." and a `*.parquet` glob skips `*.tmp`.
+Every write goes to a hidden temp file in the same folder and is renamed into place (screenline/files.py), so
+readers (pyarrow, pandas, DuckDB) only ever see whole files.
 
 Every path built from a name found in data (a shard id, a model version, a file named by a manifest) goes through
 `Lake.inside`: the name must be a plain name, and the path must stay inside the lake after symbolic links are
@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -38,6 +37,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from models.contract import IMAGE_SIZE
+from screenline.files import SAFE_NAME, UnsafePath, atomic_path, atomic_write_bytes, confined, safe_name
 
 LAKE_ENV = "SCREENLINE_LAKE"
 DEFAULT_LAKE = "lake"
@@ -96,36 +96,11 @@ IMAGE_IDS_KEY = "screenline.image_ids_sha256"
 
 SHARD_ID = re.compile(r"[0-9a-f]{16}")
 """A shard id: the first 16 hex digits of the shard's content hash (`ShardRef.shard_id`)."""
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-"""A model version, an audit id, a model file: one path component, no separators, not hidden, not `..`."""
-
-
-class UnsafePath(ValueError):
-    """A name from data that is not a plain name, or a path that would leave its folder."""
-
-
-def safe_name(name: object, what: str) -> str:
-    """`name` if it is a plain name (see SAFE_NAME); UnsafePath naming `what` otherwise."""
-    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name:
-        raise UnsafePath(f"{what} {name!r} is not a plain name (letters, digits, '.', '_', '-'; no '/' or '..'): "
-                         f"refusing to build a path from it")
-    return name
-
-
 def shard_id_of(name: object) -> str:
     """`name` if it is a shard id; UnsafePath otherwise."""
     if not isinstance(name, str) or not SHARD_ID.fullmatch(name):
         raise UnsafePath(f"{name!r} is not a shard id (16 lowercase hex digits)")
     return name
-
-
-def confined(base: Path, *parts: str) -> Path:
-    """base/parts, refused (UnsafePath) if it leaves `base` once symbolic links are resolved."""
-    path = base.joinpath(*parts)
-    resolved, root = path.resolve(), base.resolve()
-    if resolved != root and not resolved.is_relative_to(root):
-        raise UnsafePath(f"{path} resolves to {resolved}, outside {root}: refusing to follow it")
-    return path
 
 
 def image_id(sha256: str) -> str:
@@ -204,6 +179,10 @@ class Lake:
         """root/parts, refused (UnsafePath) if it leaves the lake once symbolic links are resolved."""
         return confined(self.root, *parts)
 
+    def work_dir(self, name: str) -> Path:
+        """A step's outputs (a training, an export, a baseline's evaluation), named by their inputs' content key."""
+        return self.inside("models", "work", safe_name(name, "work folder"))
+
     def image_file(self, shard_id: str) -> Path:
         return self.inside("images", f"{shard_id_of(shard_id)}.parquet")
 
@@ -267,47 +246,15 @@ class Lake:
         return {h: f"{s}/{src}" for h, s, src in zip(cols["sha256"], cols["shard_id"], cols["source"])}
 
 
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
-    try:
-        tmp.write_bytes(data)
-        _commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 @contextlib.contextmanager
 def atomic_parquet_writer(
     path: Path, schema: pa.Schema, metadata: dict[str, str] | None = None
 ) -> Iterator[pq.ParquetWriter]:
     """A zstd ParquetWriter whose file appears at `path` only if the block exits cleanly."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     if metadata:
         schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
-    tmp = _temp_name(path)
-    try:
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            yield writer
-        _commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        yield writer
 
 
 def write_table_atomic(path: Path, table: pa.Table, metadata: dict[str, str] | None = None) -> None:

@@ -29,9 +29,9 @@ from prefect import get_run_logger, task
 
 from models.engine import Engine, OrtEngine, find_knee, scores
 from models.registry import Registry, host_fingerprint
-from tasks.caching import OutputCache, content_key
+from screenline.files import atomic_write_bytes
+from tasks.caching import IO_RETRIES, OutputCache, content_key, work_dir
 from tasks.dataset import SplitRef, fold_split, load_split
-from tasks.ingest import IO_RETRIES
 from tasks.lake import Lake
 from tasks.metrics import auc, exact_lower_bound, positives_needed, table_at
 from tasks.parity import WHAT_TO_TRY, matched_specificity, noninferiority, side_by_side
@@ -89,11 +89,6 @@ class Candidate:
     why: str = ""
 
 
-def work_dir(lake_root: str, step: str, *parts: Any) -> Path:
-    """Where a step's outputs for these inputs live."""
-    return Lake.at(lake_root).models / "work" / f"{step}-{content_key(step, *parts)}"
-
-
 # --- train ---------------------------------------------------------------------------------------------------------
 
 
@@ -136,7 +131,7 @@ def out_of_fold_task(split: SplitRef, folds: list[SplitRef], checkpoints: list[s
     for k, (fold, checkpoint) in enumerate(zip(folds, checkpoints)):
         x, y = load_split(fold, "val")
         parts.append(pa.table({"fold": pa.array(np.full(len(y), k), pa.int16()),
-                               "score": pa.array(predict(load_checkpoint(Path(checkpoint), split.channels), x),
+                               "score": pa.array(predict(load_checkpoint(Path(checkpoint)), x),
                                                  pa.float32()),
                                "label": pa.array(y, pa.int8())}))
     write_table_atomic(out, pa.concat_tables(parts))
@@ -175,7 +170,7 @@ def export_and_quantize(checkpoint: Path, split: SplitRef, gates: GateSettings, 
         files["trt-fp32"] = fp32.name
         engines.update({"trt-fp16": "tensorrt", "trt-int8": "tensorrt", "trt-fp32": "tensorrt"})
     summary = {"files": files, "engines": engines, "fp32_max_abs_diff_vs_torch": parity, "opset": OPSET}
-    (out_dir / "export.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_bytes(out_dir / "export.json", json.dumps(summary, indent=2).encode())  # last: marks the export done
     return summary
 
 

@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from models.registry import decided_at
-from tasks.lake import PREDICTIONS_SCHEMA, SAFE_NAME, SHARD_ID, Lake, footer, images_digest
+from screenline.files import SAFE_NAME
+from tasks.lake import PREDICTIONS_SCHEMA, SHARD_ID, Lake, footer, images_digest
 
 IMAGES_KEY = "screenline.images_digest"  # the image-id digest of the images file that was scored
 ENGINE_KEY = "screenline.engine"

@@ -4,6 +4,9 @@ It says first whether the audit passed, then shows per subset the ROC and precis
 operating point marked, the score histograms of positives and negatives with the threshold, the figures table with
 both intervals per subset and per shard, the claim each subset's positives support, and the drift check with the
 batch's score distribution against the reference. matplotlib's object API (no pyplot): no global state, no display.
+
+It renders what the audit computed and persisted (the figures file, the drift result, the scores audit joined,
+handed over as `ReportScores`) and reads nothing else: tasks/audit.py calls it, never the other way round.
 """
 
 from __future__ import annotations
@@ -11,16 +14,31 @@ from __future__ import annotations
 import base64
 import html
 import io
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from tasks.audit import AuditPlan, AuditSummary, labelled_scores, reference_scores, scores_of
-from tasks.lake import atomic_write_bytes
+from screenline.files import atomic_write_bytes
 from tasks.metrics import bound_name, positives_needed
 from tasks.thresholds import CURVE_COLUMNS, curve_cells, operating_curve
+
+if TYPE_CHECKING:  # annotations only: the report never calls into the audit
+    from tasks.audit import AuditPlan, AuditSummary
+
+
+@dataclass(frozen=True)
+class ReportScores:
+    """The scores the audit joined: per labelled image its subset, label and score; the batch's and the drift
+    reference's scores."""
+
+    subsets: np.ndarray  # object: the subset of each labelled image
+    labels: np.ndarray  # int8
+    scores: np.ndarray  # float32, aligned with subsets and labels
+    batch: np.ndarray  # the batch's scores (drift)
+    reference: np.ndarray  # the reference's scores (drift)
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;line-height:1.4}
@@ -135,13 +153,10 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return f"<table>{head}{''.join(body)}</table>"
 
 
-def render_report(plan: AuditPlan, summary: AuditSummary, drift: dict[str, Any]) -> str:
+def render_report(plan: AuditPlan, summary: AuditSummary, drift: dict[str, Any], joined: ReportScores) -> str:
     """The report's HTML."""
     rows = pq.read_table(plan.figures_file()).to_pylist()
-    labelled = labelled_scores(plan)
-    subsets = np.asarray(labelled.column("subset").to_pylist(), dtype=object)
-    labels = labelled.column("label").to_numpy(zero_copy_only=False).astype(np.int8)
-    scores = labelled.column("score").to_numpy(zero_copy_only=False)
+    subsets, labels, scores = joined.subsets, joined.labels, joined.scores
     e = html.escape
     parts = [(f"<!doctype html><html><head><meta charset=utf-8><title>screenline audit {e(plan.audit_id)}</title>"
               f"<style>{CSS}</style></head><body><h1>Sensitivity audit</h1>"),
@@ -191,9 +206,7 @@ def render_report(plan: AuditPlan, summary: AuditSummary, drift: dict[str, Any])
             parts.append(_curves(row["subset"], scores[mask], labels[mask], row))
             if 0 < labels[mask].sum() < mask.sum():
                 parts.append(_operating_table(row["subset"], scores[mask], labels[mask], row["threshold"]))
-    _, reference = reference_scores(plan)
-    batch = scores_of(plan, plan.batch).column("score").to_numpy()
-    parts.append("<h2>Drift</h2>" + _drift_plot(batch, reference, plan.threshold, drift["reference"]))
+    parts.append("<h2>Drift</h2>" + _drift_plot(joined.batch, joined.reference, plan.threshold, drift["reference"]))
     parts.append(
         "<p class=small>Sensitivity and specificity intervals: two-sided 95%, exact (Clopper-Pearson) and Wilson "
         f"score. A subset supports the target when the {e(bound_name(0.95, plan.sided))} reaches it (with no miss "
@@ -206,8 +219,8 @@ def render_report(plan: AuditPlan, summary: AuditSummary, drift: dict[str, Any])
     return "\n".join(parts)
 
 
-def write_report(plan: AuditPlan, summary: AuditSummary, drift: dict[str, Any]) -> Path:
+def write_report(plan: AuditPlan, summary: AuditSummary, drift: dict[str, Any], joined: ReportScores) -> Path:
     """Render the report and write it atomically; returns its path."""
     path = plan.report_file()
-    atomic_write_bytes(path, render_report(plan, summary, drift).encode())
+    atomic_write_bytes(path, render_report(plan, summary, drift, joined).encode())
     return path

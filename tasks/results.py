@@ -17,7 +17,8 @@ import pyarrow.csv as pcsv
 import pyarrow.dataset as ds
 
 from models.registry import ModelNotFound, Registry
-from tasks.lake import IMAGES_SCHEMA, Lake, safe_name, write_table_atomic
+from screenline.files import atomic_path, safe_name
+from tasks.lake import IMAGES_SCHEMA, Lake, write_table_atomic
 from tasks.predictions import State, current_files
 
 
@@ -115,10 +116,8 @@ def write_results(lake_root: str | None, query: ResultsQuery, out: str | None) -
     if path.suffix == ".parquet":
         write_table_atomic(path, table)
     elif path.suffix == ".csv":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        pcsv.write_csv(table, str(tmp))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            pcsv.write_csv(table, str(tmp))
     else:
         raise ValueError(f"--out must end in .parquet or .csv, got {out}")
     return table.num_rows, str(path)

@@ -29,8 +29,7 @@ from prefect import get_run_logger, task
 
 from models.engine import Engine, default_threads, find_knee
 from models.registry import ModelIntegrityError, Registry, host_fingerprint
-from tasks.caching import OutputCache
-from tasks.ingest import IO_RETRIES
+from tasks.caching import IO_RETRIES, OutputCache
 from tasks.lake import (
     IMAGE_IDS_KEY,
     PREDICTIONS_SCHEMA,

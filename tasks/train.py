@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from screenline.files import atomic_path, atomic_write_bytes
 from tasks.dataset import SplitRef, load_split
 from tasks.metrics import auc
 
@@ -69,35 +70,15 @@ class TrainSettings:
             raise ValueError("ema must be in [0, 1), label_smoothing in [0, 0.5), temperature > 0")
 
 
-def build_model(arch: str, channels: int, width: float = 1.0, pool: str = "avg"):
-    """A fresh model by name."""
-    from models.nets import Baseline, ScreenNet, ScreenNetConfig
-
-    if arch == "screennet":
-        return ScreenNet(ScreenNetConfig(channels=channels, width=width, pool=pool))
-    if arch in ("resnet18", "resnet18-native"):
-        return Baseline(channels=channels, native=arch.endswith("native"))
-    raise ValueError(f"unknown architecture {arch!r}: screennet, resnet18 or resnet18-native")
-
-
-def load_checkpoint(path: Path, channels: int = 1):
-    """A model from a state_dict checkpoint; weights_only, so no pickled code runs.
+def load_checkpoint(path: Path):
+    """A model (eval mode) from a state_dict checkpoint, read with weights_only=True, so no pickled code runs.
 
     The architecture comes from model.json beside it (what training writes); a bare checkpoint without one is a
     baseline (models/baseline.py infers which).
     """
-    import torch
+    from models.baseline import load_baseline
 
-    meta_path = path.parent / "model.json"
-    if not meta_path.exists():
-        from models.baseline import load_baseline
-
-        return load_baseline(path).model
-    meta = json.loads(meta_path.read_text())
-    model = build_model(meta["arch"], meta["channels"], meta.get("width", 1.0), meta.get("pool", "avg"))
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model.eval()
-
+    return load_baseline(path).model
 
 def _augment(x, generator, how: str):
     import torch
@@ -200,6 +181,8 @@ def fit(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.n
         torch.set_num_threads(settings.threads)
     if y_train.sum() == 0 or y_train.sum() == len(y_train):
         raise ValueError("the training split needs both positives and negatives")
+    from models.nets import build_model
+
     model = build_model(settings.arch, channels, settings.width, settings.pool).to(device).to(memory_format=torch.channels_last)
     ema = (AveragedModel(model, multi_avg_fn=_ema_with_warmup(settings.ema), use_buffers=True)
            if settings.ema else None)
@@ -277,10 +260,8 @@ def teacher_logits_for(teacher: Path, x: np.ndarray, arch: str | None = None,
         return np.load(cache, allow_pickle=False)
     values = logits(load_baseline(teacher, arch).model, x, batch=64)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp.npy")
-        np.save(tmp, values, allow_pickle=False)
-        tmp.replace(cache)
+        with atomic_path(cache, suffix=".npy") as tmp:
+            np.save(tmp, values, allow_pickle=False)
     return values
 
 
@@ -300,8 +281,7 @@ def train_model(split: SplitRef, settings: TrainSettings, out_dir: Path, log=pri
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"arch": settings.arch, "channels": split.channels, "width": settings.width, "pool": settings.pool, **fitted,
             "settings": settings.as_dict(), "split": split.sha256}
-    (out_dir / "model.json").write_text(json.dumps(meta, indent=2))
-    tmp = out_dir / ".model.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(out_dir / "model.pt")  # written last: the checkpoint's presence means training finished
+    atomic_write_bytes(out_dir / "model.json", json.dumps(meta, indent=2).encode())
+    with atomic_path(out_dir / "model.pt") as tmp:  # written last: the checkpoint's presence means training finished
+        torch.save(state, tmp)
     return out_dir / "model.pt"

@@ -12,7 +12,8 @@ import pytest
 
 from models import signing
 from models.registry import GateFailed, ModelIntegrityError, ModelNotFound, Registry
-from tasks.lake import Lake, UnsafePath
+from screenline.files import UnsafePath
+from tasks.lake import Lake
 
 SHIPPING = {"engine": "onnxruntime", "candidate": "fp32", "precision": "fp32", "file": "model-fp32.onnx",
             "threshold": 0.25}

@@ -84,11 +84,12 @@ def test_an_applied_point_changes_the_decisions_names_itself_and_keeps_its_prove
     assert halves["verification half"]["positives"] == result.halves["verification"]["positives"]
     assert row["verdict"] == halves["verification half"]["verdict"]
 
+    from tasks.audit import report_scores
     from tasks.report import render_report
 
     plan = plan_audit(lake)
     page = render_report(plan, audit_figures(plan), {"flagged": False, "why": "-", "batch_n": 0, "reference": "-",
-                                                     "reference_n": 0})
+                                                     "reference_n": 0}, report_scores(plan))
     assert "operating point site:site; shipped threshold 0.0000" in page and "specificity at shipped" in page
     assert "judged by its other (verification) half alone" in page
 
