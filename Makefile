@@ -18,7 +18,7 @@ export SCREENLINE_INBOX ?= $(CURDIR)/inbox
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,dask]'
+	$(PY) -m pip install -q -e '.[dev,dask,optimize]'
 	@touch $@
 
 install: $(VENV)/.installed

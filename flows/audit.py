@@ -16,8 +16,12 @@ from tasks.audit import (
     AuditSummary,
     audit_drift_task,
     audit_figures_task,
+    audit_markdown,
     audit_report_task,
+    drift_artifact,
+    figures_artifact,
     plan_audit_task,
+    verdict_sentence,
 )
 from tasks.lake import lake_root
 
@@ -70,36 +74,14 @@ def audit(
     report = audit_report_task(plan, summary, drift)
     summary.report_file, summary.drift, summary.drift_file = report, drift, str(plan.drift_file())
 
-    create_table_artifact(
-        key="audit-figures",
-        table=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-                if k in ("subset", "n", "positives", "tp", "fn", "sensitivity", "sensitivity_cp_low",
-                         "sensitivity_cp_high", "sensitivity_wilson_low", "sensitivity_wilson_high", "specificity",
-                         "ppv", "npv", "auc", "verdict", "claim")} for row in summary.subsets],
-        description=f"audit {plan.audit_id}: {plan.version} at threshold {plan.threshold:.4f}; report {report}",
-    )
-    create_table_artifact(
-        key="audit-drift",
-        table=[{k: drift[k] for k in ("reference", "batch_n", "reference_n", "ks_statistic", "ks_pvalue",
-                                      "batch_positive_rate", "reference_positive_rate", "flagged", "why")}],
-        description=f"drift of {len(plan.batch)} shard(s) against the {drift['reference']} reference",
-    )
-    verdict = {
-        "failed": "FAILED: " + "; ".join(summary.failing),
-        "inconclusive": "INCONCLUSIVE (the target is not shown): " + "; ".join(summary.inconclusive),
-        "not audited": "NOT AUDITED: the lake has no labelled subsets, so sensitivity was not measured",
-        "passed": "passed: every subset's positives support the target at the exact 95% lower bound",
-    }[summary.verdict]
-    create_markdown_artifact(
-        key="audit-report",
-        markdown=(f"# Audit {plan.audit_id}\n\n**{verdict}**\n\n"
-                  + "".join(f"- **{r['subset']}** ({r['verdict']}): sensitivity {r['sensitivity']:.4f} (exact 95% CI "
-                            f"{r['sensitivity_cp_low']:.4f}–{r['sensitivity_cp_high']:.4f}), specificity "
-                            f"{r['specificity']:.4f}, {r['claim']}\n" for r in summary.subsets)
-                  + f"\n**Drift: {'FLAGGED' if drift['flagged'] else 'none'}** — {drift['why']}\n\n"
-                  f"Report: `{report}`\n"),
-        description="audit verdict, drift, and where the report is",
-    )
+    create_table_artifact(key="audit-figures", table=figures_artifact(summary),
+                          description=f"audit {plan.audit_id}: {plan.version} at threshold {plan.threshold:.4f}; "
+                                      f"report {report}")
+    create_table_artifact(key="audit-drift", table=drift_artifact(drift),
+                          description=f"drift of {len(plan.batch)} shard(s) against the {drift['reference']} reference")
+    verdict = verdict_sentence(summary)
+    create_markdown_artifact(key="audit-report", markdown=audit_markdown(plan, summary, drift, report),
+                             description="audit verdict, drift, and where the report is")
     create_link_artifact(key="audit-report-file", link=f"file://{report}", link_text="audit report (HTML)")
     for sentence in summary.weak_groups:
         logger.warning("below target in a shard subgroup: %s", sentence)

@@ -8,9 +8,9 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_table_artifact
 
 from flows.progress import gather_with_progress
-from tasks.ingest import IngestOptions, ShardSummary, fingerprint_task, ingest_shard_task, lake_channels_task
+from tasks.ingest import (IngestOptions, ShardSummary, find_shards_task, fingerprint_task, ingest_shard_task,
+                          lake_channels_task)
 from tasks.lake import lake_root
-from tasks.shards import find_shards
 
 
 @dataclass
@@ -56,7 +56,7 @@ def ingest(
     """
     logger = get_run_logger()
     root = str(lake_root(lake))
-    paths = [str(p) for p in find_shards(shards)]
+    paths = find_shards_task(shards)
     refs = fingerprint_task.map(paths)
     options = IngestOptions(lake_channels_task(root, refs, channels), resize, subset, test_subset)
     logger.info("ingesting %d shard(s) into %s (%d channel(s))", len(paths), root, options.channels)

@@ -16,8 +16,8 @@ from prefect.artifacts import create_markdown_artifact
 from flows.audit import AuditReport, audit
 from flows.ingest import IngestReport, ingest
 from flows.screen import ScreenReport, screen
-from tasks.ingest import list_inbox_task
-from tasks.lake import lake_root
+from tasks.ingest import inbox_root, list_inbox_task
+from tasks.lake import Lake, lake_root
 
 
 @dataclass
@@ -39,7 +39,7 @@ class NightlyReport:
 
 @flow(name="nightly")
 def nightly(
-    inbox: str = "inbox",
+    inbox: str | None = None,
     lake: str | None = None,
     subsets: list[str] | None = None,
     target_sensitivity: float | None = None,
@@ -48,14 +48,16 @@ def nightly(
     """Ingest every shard in `inbox`, screen the lake with the promoted model, audit the labelled subsets and the
     night's batch for drift.
 
-    inbox: the folder sites drop shards in (relative paths are from where the flow runs: the repository root for a
-    deployment). The batch checked for drift is the shards this run landed, or, when none are new, every shard in
-    the inbox. Ends Failed when the audit does (a subset below target), after the report is written; an audit that
-    cannot show the target says "inconclusive" (or "not audited") in the message, never "passed". engine: as
-    for `screen` (auto: TensorRT where this host can run it and the model has a TensorRT threshold).
+    inbox: the folder sites drop shards in (default $SCREENLINE_INBOX, else ./inbox; relative paths are from where
+    the flow runs: the repository root for a deployment). The batch checked for drift is the shards this run
+    landed, or, when none are new, every shard in the inbox. Ends Failed when the audit does (a subset below target),
+    after the report is written; an audit that cannot show the target says "inconclusive" (or "not audited") in the
+    message, never "passed". engine: as for `screen` (auto: TensorRT where this host can run it and the model has a
+    TensorRT threshold).
     """
     logger = get_run_logger()
     root = str(lake_root(lake))
+    inbox = inbox_root(inbox)
     shards = list_inbox_task(inbox)
     if not shards:
         message = f"inbox {inbox} holds no shards: nothing to ingest, screen or audit"
@@ -79,8 +81,8 @@ def nightly(
     )
     create_markdown_artifact(
         key="nightly-summary",
-        markdown=f"# Nightly\n\n{message}\n\nReport: `{audited.report}`\n\nPredictions: `{root}/predictions/"
-                 f"{scored.version}/`\n",
+        markdown=f"# Nightly\n\n{message}\n\nReport: `{audited.report}`\n\nPredictions: "
+                 f"`{Lake.at(root).predictions_dir(scored.version)}/`\n",
         description="nightly: what landed, what was scored, the audit",
     )
     logger.info("%s; report %s", message, audited.report)

@@ -12,9 +12,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from models.engine import resolve_engine
 from tasks.baseline import BASELINE_TRAINING, baseline_task
-from tasks.dataset import SplitRef, make_split
-from tasks.lake import Lake, lake_root
-from tasks.optimize import (GateSettings, evaluate_task, export_task, fold_splits, out_of_fold_task, register_task,
+from tasks.dataset import SplitRef, make_split_task
+from tasks.lake import lake_root
+from tasks.optimize import (GateSettings, evaluate_task, export_task, fold_splits_task, out_of_fold_task, register_task,
                             train_task)
 from tasks.parity import side_by_side_markdown
 from tasks.thresholds import CURVE_COLUMNS, curve_cells
@@ -62,29 +62,31 @@ def parity_lines(baseline: dict) -> list[str]:
                f"on the held-out test split: {ni['test']['statement']}"])
 
 
+_TRAIN, _GATES = TrainSettings(), GateSettings()  # the defaults, defined once there
+
+
 @flow(name="optimize")
 def optimize(
     lake: str | None = None,
-    epochs: int = 16,
-    width: float = 1.25,
-    arch: str = "screennet",
+    epochs: int = _TRAIN.epochs,
+    width: float = _TRAIN.width,
+    arch: str = _TRAIN.arch,
     teacher: str | None = None,
     baseline: str | None = None,
     baseline_arch: str | None = None,
-    spec_margin: float = 0.03,
+    spec_margin: float = _GATES.spec_margin,
     distill: bool = True,
-    target_sensitivity: float = 0.98,
-    threshold_rule: str = "pac",
-    delta: float = 0.05,
-    calibration_margin: float = 0.01,
-    int8_auc_tolerance: float = 0.005,
-    gate_on_lower_bound: bool = False,
-    calibrate_on: str = "val",
-    folds: int = 5,
-    seed: int = 0,
-    max_batch: int = 512,
+    target_sensitivity: float = _GATES.target_sensitivity,
+    threshold_rule: str = _GATES.threshold_rule,
+    delta: float = _GATES.delta,
+    calibration_margin: float = _GATES.calibration_margin,
+    int8_auc_tolerance: float = _GATES.int8_auc_tolerance,
+    gate_on_lower_bound: bool = _GATES.gate_on_lower_bound,
+    calibrate_on: str = _GATES.calibrate_on,
+    folds: int = _GATES.folds,
+    seed: int = _TRAIN.seed,
+    max_batch: int = _GATES.max_batch,
     promote: bool = True,
-    force_int8_fail: bool = False,
     engine: str = "auto",
 ) -> dict:
     """Train → export (BatchNorm folded) → quantize INT8 → per-engine threshold and knee → gates → register → promote.
@@ -106,7 +108,6 @@ def optimize(
     no worse than the baseline's by more than `spec_margin`, judged by the lower end of a paired bootstrap interval,
     on val (choosing) and on the held-out test split (promoting); and the net is distilled from it (`distill`).
     promote: False registers without promoting (comparison runs, e.g. the seed's architecture).
-    force_int8_fail: make INT8 fail its gate (tests the FP32 path).
     engine: auto (TensorRT where a GPU and the `gpu` extra are present, else ONNX Runtime), onnxruntime or
     tensorrt (fails at once, saying what is missing, on a host that cannot run it).
     Ends Failed, with the version registered, when held-out test sensitivity is below target.
@@ -114,7 +115,7 @@ def optimize(
     logger = get_run_logger()
     engine = resolve_engine(engine)
     root = str(lake_root(lake))
-    split: SplitRef = make_split(Lake.at(root))
+    split: SplitRef = make_split_task(root)
     logger.info("split %s: %s", split.sha256[:16], split.counts)
     gates = replace(GateSettings(), target_sensitivity=target_sensitivity, threshold_rule=threshold_rule, delta=delta,
                     calibration_margin=calibration_margin, int8_auc_tolerance=int8_auc_tolerance, max_batch=max_batch,
@@ -140,14 +141,14 @@ def optimize(
     checkpoint = train_task(split, settings)
     oof_file = None
     if calibrate_on == "crossfit":
-        folds_of = fold_splits(split, folds)
+        folds_of = fold_splits_task(split, folds)
         started = time.perf_counter()
         checkpoints = [train_task(fold, settings) for fold in folds_of]
         oof_file = out_of_fold_task(split, folds_of, checkpoints)
         logger.info("cross-fit: %d fold models, %d out-of-fold positives, %.1f min", folds,
                     sum(f.counts["val"]["positives"] for f in folds_of), (time.perf_counter() - started) / 60)
     export_dir = export_task(checkpoint, split, gates, engine)
-    evaluation = evaluate_task(export_dir, split, gates, force_int8_fail, engine, oof_file, baseline_dir)
+    evaluation = evaluate_task(export_dir, split, gates, engine, oof_file, baseline_dir)
     manifest = register_task(export_dir, checkpoint, split, settings, gates, evaluation, promote, baseline_dir)
 
     ship, test = manifest["shipping"], manifest["test"]

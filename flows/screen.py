@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_table_artifact
@@ -56,8 +57,9 @@ def screen(lake: str | None = None, version: str | None = None, workers: int | N
 
     engine: auto (TensorRT where this host has a GPU and the version a TensorRT threshold, else ONNX Runtime),
     onnxruntime, or tensorrt (fails at once, saying what is missing, where it cannot run).
-    workers: shard tasks running at once (default: one per core); each engine call then uses cores // workers
-    threads, so the cores are busy and not oversubscribed. Shards whose predictions by this version are current are
+    workers: shard tasks running at once (default: one per core), at most the task runner's threads (one per core
+    as deployed; `screen_on(workers)` runs it on that many); each engine call then uses cores // workers threads,
+    so the cores are busy and not oversubscribed. Shards whose predictions by this version are current are
     skipped; stale ones are scored or decided again (tasks/predictions.py).
     allow_failed_gate: screen with a version whose held-out gate failed (refused otherwise); recorded with every
     prediction it makes.
@@ -96,3 +98,20 @@ def screen(lake: str | None = None, version: str | None = None, workers: int | N
         raise RuntimeError(f"{len(report.failed)} shard(s) failed (the others were scored): "
                            + "; ".join(report.failed))
     return report
+
+
+def screen_on(workers: int | None = None, dask: str | None = None) -> Any:
+    """The screen flow with `workers` shard tasks at once: on that many threads (default one per core), or on a
+    Dask cluster through prefect-dask (extra `dask`): `local` (a LocalCluster of `workers` processes) or a
+    scheduler's address. ImportError, saying what to install, without the extra."""
+    if not dask:
+        return screen.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers or default_threads()))
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise ImportError("--dask needs the `dask` extra: pip install -e '.[dask]'") from None
+    if dask == "local":
+        return screen.with_options(task_runner=DaskTaskRunner(cluster_kwargs={
+            "n_workers": workers or default_threads(), "threads_per_worker": 1, "processes": True,
+            "dashboard_address": None}))
+    return screen.with_options(task_runner=DaskTaskRunner(address=dask))

@@ -14,14 +14,13 @@ SUPPORTED_CHANNELS = (1, 3)
 """1: grayscale (X-ray thumbnails); 3: RGB (pathology patches). A lake holds one or the other."""
 
 
-def pixel_bytes(channels: int) -> int:
-    """Bytes of one image's pixels in the lake (H×W×C uint8)."""
-    return IMAGE_SIZE * IMAGE_SIZE * channels
-
-
 PIXEL_MEAN = 127.5
 PIXEL_STD = 64.0
 """Normalisation applied inside every graph: (pixel - PIXEL_MEAN) / PIXEL_STD, the same for every channel."""
+
+TARGET_SENSITIVITY = 0.98
+"""What a shipped model promises by default: sensitivity at least this (optimize's gate, audit's and calibrate's
+target unless a manifest or the user says otherwise)."""
 
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "score"

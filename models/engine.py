@@ -165,7 +165,11 @@ def _throughput(engine: Engine, pixels: np.ndarray, batch: int, seconds: float) 
     return KneePoint(batch, batch / best, best * 1000)
 
 
-def find_knee(engine: Engine, pixels: np.ndarray, max_batch: int = 512, fraction: float = 0.95,
+MAX_BATCH = 512
+"""The top of the knee sweep (extended past it while throughput still grows, up to find_knee's `limit`)."""
+
+
+def find_knee(engine: Engine, pixels: np.ndarray, max_batch: int = MAX_BATCH, fraction: float = 0.95,
               seconds_per_point: float = 0.3, limit: int = 4096) -> Knee:
     """Sweep batch sizes 1…max_batch (powers of two) and take the smallest reaching `fraction` of the peak.
 

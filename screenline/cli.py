@@ -44,6 +44,12 @@ NOT_SHOWN = 3
 """Exit status of an audit (or a night) that could not show the sensitivity target: not a pass, not a failure."""
 
 
+def _predictions_dir(lake: str, version: str) -> Path:
+    from tasks.lake import Lake
+
+    return Lake.at(lake).predictions_dir(version)
+
+
 def _lake_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lake", help="lake root (default: $SCREENLINE_LAKE or ./lake)")
 
@@ -190,13 +196,29 @@ def _check_baseline(baseline: str | None, arch: str | None) -> None:
         raise CliError(str(exc)) from None
 
 
+OPTIMIZE_EXTRA = "torch, torchvision and onnxscript"
+
+
+def _check_optimize_extra() -> None:
+    """Training needs the `optimize` extra; a screening worker installed without it says so in one line."""
+    try:
+        import onnxscript  # noqa: F401
+        import torch  # noqa: F401
+        import torchvision  # noqa: F401
+    except ImportError as exc:
+        raise CliError(f"screenline optimize needs the `optimize` extra ({OPTIMIZE_EXTRA}; missing: {exc.name}): "
+                       f"pip install -e '.[optimize]' (this install can ingest, screen, audit and run nightly)") \
+            from None
+
+
 def cmd_optimize(args: argparse.Namespace) -> None:
+    _check_optimize_extra()
     _check_baseline(args.baseline, args.baseline_arch)
     params = {k: v for k, v in vars(args).items() if k in ("epochs", "width", "arch", "teacher", "engine",
                                                           "target_sensitivity", "threshold_rule", "delta", "seed",
                                                           "gate_on_lower_bound", "calibrate_on", "folds",
                                                           "baseline", "baseline_arch", "spec_margin", "distill",
-                                                          "force_int8_fail", "promote")}
+                                                          "promote")}
     run_optimize(args.lake, **params)
 
 
@@ -275,38 +297,18 @@ def cmd_promote(args: argparse.Namespace) -> None:
     print(f"promoted {args.version}: `screenline screen` scores with it from now on")
 
 
-def screen_flow(dask: str | None, workers: int | None):
-    """The screen flow, on threads (default) or on a Dask cluster through prefect-dask (extra `dask`)."""
-    from flows.screen import screen
-
-    if not dask:
-        return screen
-    try:
-        from prefect_dask import DaskTaskRunner
-    except ImportError:
-        raise CliError("--dask needs the `dask` extra: pip install -e '.[dask]'") from None
-    if dask == "local":
-        from models.engine import default_threads
-
-        n = workers or default_threads()
-        runner = DaskTaskRunner(cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True,
-                                                "dashboard_address": None})
-    else:
-        runner = DaskTaskRunner(address=dask)
-    return screen.with_options(task_runner=runner)
-
-
 def run_screen(lake: str | None, version: str | None = None, workers: int | None = None,
                dask: str | None = None, engine: str = "auto", allow_failed_gate: bool = False) -> "object":
     """Run the screen flow and print where the predictions are."""
     from models.registry import ModelNotFound
 
-    _check_engine(engine)
-    flow_fn = screen_flow(dask, workers)
-    if dask == "local" and workers is None:
-        from models.engine import default_threads
+    from flows.screen import screen_on
 
-        workers = default_threads()
+    _check_engine(engine)
+    try:
+        flow_fn = screen_on(workers, dask)
+    except ImportError as exc:
+        raise CliError(str(exc)) from None
     try:
         report = flow_fn(lake=lake, version=version, workers=workers, engine=engine,
                          allow_failed_gate=allow_failed_gate)
@@ -320,7 +322,7 @@ def run_screen(lake: str | None, version: str | None = None, workers: int | None
         + (f"; {report.superseded} predictions file(s) of shards no longer in the lake moved aside"
            if report.superseded else "")
         + (f"\n  warning: {report.version} {report.gate}" if report.gate != "passed" else "")
-        + f"\n  predictions: {report.lake}/predictions/{report.version}/"
+        + f"\n  predictions: {_predictions_dir(report.lake, report.version)}/"
     )
     return report
 
@@ -450,7 +452,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
           if result.applied else "not applied (pass --apply to decide with it)")
 
 
-def run_nightly(inbox: str, lake: str | None) -> "object":
+def run_nightly(inbox: str | None, lake: str | None) -> "object":
     """Run the nightly flow and say what it did and where the report is."""
     from flows.nightly import nightly
     from models.registry import ModelNotFound
@@ -464,7 +466,7 @@ def run_nightly(inbox: str, lake: str | None) -> "object":
     print(f"\nnightly: {report.message}")
     if report.audit is not None:
         _print_audit(report.audit)
-        print(f"  predictions: {report.lake}/predictions/{report.screen.version}/")
+        print(f"  predictions: {_predictions_dir(report.lake, report.screen.version)}/")
     return report
 
 
@@ -475,8 +477,9 @@ def cmd_nightly(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from tasks.lake import lake_root
+    from tasks.lake import Lake, lake_root
 
+    _check_optimize_extra()
     samples = Path(args.samples)
     if not (samples / "train").exists():
         cmd_samples(argparse.Namespace(out=str(samples), n=args.n, prevalence=0.1, seed=0, no_defects=False,
@@ -488,13 +491,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_ingest([str(samples / "train")], lake)
     print("\n== ingest: labelled hold-out subset for audits")
     run_ingest([str(samples / "holdout")], lake, subset="holdout")
-    import pyarrow.parquet as pq
-
-    images = pq.read_table(f"{lake}/images", columns=["label", "subset"])
-    rejects = pq.read_table(f"{lake}/rejects", columns=["reason"])
-    labelled = images.column("label").is_valid().to_pylist().count(True)
+    counts = Lake.at(lake).counts()
     print(
-        f"\nlake {lake}: {images.num_rows} images ({labelled} labelled), {rejects.num_rows} rejects\n"
+        f"\nlake {lake}: {counts['images']} images ({counts['labelled']} labelled), {counts['rejects']} rejects\n"
         f"read it with: python -c \"import pyarrow.parquet as pq; print(pq.read_table('{lake}/images').num_rows)\""
     )
     print("\n== optimize: train, export, quantize, calibrate, gate, register, promote\n"
@@ -505,7 +504,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print("\n== nightly: the inbox → ingest → screen (every image in the lake, at this host's knee) → audit")
     report = run_nightly(str(samples / "inbox"), lake)
     print(f"\npull predictions: screenline results --lake {lake} --out predictions.parquet  (or .csv)\n"
-          f"predictions: {lake}/predictions/{report.screen.version}/\n"
+          f"predictions: {_predictions_dir(lake, report.screen.version)}/\n"
           f"report:      {report.report}")
 
 
@@ -554,9 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
         "sensitivity reaches the target.",
     )
     _lake_arg(p)
-    p.add_argument("--epochs", type=int, default=16)
-    p.add_argument("--width", type=float, default=1.25, help="width multiplier (capacity vs speed; default 1.25)")
-    p.add_argument("--arch", default="screennet", choices=("screennet", "resnet18", "resnet18-native"),
+    # Options the flow has a default for are passed only when given (SUPPRESS), so the flow's signature (read from
+    # TrainSettings and GateSettings) is the one home of each default; the help repeats it, and a test checks it does.
+    p.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help="training epochs (default 16)")
+    p.add_argument("--width", type=float, default=argparse.SUPPRESS,
+                   help="width multiplier (capacity vs speed; default 1.25)")
+    p.add_argument("--arch", default=argparse.SUPPRESS, choices=("screennet", "resnet18", "resnet18-native"),
                    help="screennet (default); the seed's resnet18 (64→224) or resnet18-native to compare")
     p.add_argument("--teacher", help="a checkpoint (state_dict) to distil from, without a baseline")
     p.add_argument("--baseline", metavar="CKPT|train",
@@ -566,30 +568,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-arch", choices=("resnet18", "resnet18-native"),
                    help="a bare ResNet18 checkpoint's forward: resnet18 (the seed's 64→224 upsample; assumed when "
                         "not given) or resnet18-native")
-    p.add_argument("--spec-margin", type=float, default=0.03,
+    p.add_argument("--spec-margin", type=float, default=argparse.SUPPRESS,
                    help="non-inferiority margin: specificity at the target sensitivity may be at most this much "
                         "below the baseline's, judged by the paired bootstrap interval's lower end (default 0.03)")
     p.add_argument("--no-distill", dest="distill", action="store_false",
                    help="with --baseline: do not distil from it")
-    p.add_argument("--target-sensitivity", type=float, default=0.98)
-    p.add_argument("--threshold-rule", default="pac", choices=("pac", "quantile"),
+    p.add_argument("--target-sensitivity", type=float, default=argparse.SUPPRESS,
+                   help="the sensitivity every gate holds the model to (default 0.98)")
+    p.add_argument("--threshold-rule", default=argparse.SUPPRESS, choices=("pac", "quantile"),
                    help="pac (default): the highest threshold whose sensitivity on new images reaches the target "
                         "with probability ≥ 1 − delta; quantile: target + 1%% on validation, no guarantee")
-    p.add_argument("--delta", type=float, default=0.05,
+    p.add_argument("--delta", type=float, default=argparse.SUPPRESS,
                    help="pac: the chance the guarantee may fail (default 0.05: sensitivity ≥ target with 95%%)")
     p.add_argument("--gate-on-lower-bound", action="store_true",
                    help="promote only if the exact lower bound of held-out sensitivity (two-sided 95%%) reaches the "
                         "target, not only its point estimate")
-    p.add_argument("--calibrate-on", choices=["val", "crossfit"], default="val",
+    p.add_argument("--calibrate-on", choices=["val", "crossfit"], default=argparse.SUPPRESS,
                    help="val (default): the threshold rule on the validation split (one training); crossfit: on the "
                         "out-of-fold scores of --folds models trained the same way on folds of train+val (FOLDS "
                         "times the positives, a higher threshold, FOLDS more trainings: ~1 hour on 2 cores)")
-    p.add_argument("--folds", type=int, default=5, help="crossfit: how many fold models (default 5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--folds", type=int, default=argparse.SUPPRESS, help="crossfit: how many fold models (default 5)")
+    p.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="training seed (default 0)")
     p.add_argument("--no-promote", dest="promote", action="store_false",
                    help="register without promoting (comparison runs)")
     _engine_arg(p)
-    p.add_argument("--force-int8-fail", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("models", help="list registered model versions, their gate and whether they are trusted")
@@ -648,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", action="append", metavar="SHARD_ID",
                    help="shard id to check for drift (repeatable; default: the shards of the newest screen run)")
     p.add_argument("--threshold", type=float, help="decide at this threshold instead of the shipped one")
-    p.add_argument("--target-sensitivity", type=float, help="default: the model's gate (0.98)")
+    p.add_argument("--target-sensitivity", type=float, help="default: the model's gate")
     p.add_argument("--one-sided", action="store_true",
                    help="claim the target at the one-sided exact 95%% lower bound (default: the lower end of the "
                         "two-sided exact 95%% interval, a one-sided 97.5%% bound)")
@@ -672,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("nightly", help="ingest the inbox, screen, audit: what the nightly deployment runs")
     _lake_arg(p)
-    p.add_argument("--inbox", default=os.environ.get("SCREENLINE_INBOX", "inbox"),
+    p.add_argument("--inbox",
                    help="the folder sites drop shards in (default: $SCREENLINE_INBOX or ./inbox)")
     p.set_defaults(func=cmd_nightly)
 

@@ -45,9 +45,10 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from models.registry import SITE_POINTS, Registry, decided_at, point_key
-from tasks.caching import IO_RETRIES, OutputCache, content_key
 from screenline.files import safe_name
-from tasks.lake import SHARD_PATH_KEY, Lake, footer, images_digest, shard_id_of, write_table_atomic
+from tasks.caching import IO_RETRIES, OutputCache, content_key
+from tasks.lake import (DRIFT_SCHEMA, FIGURES_SCHEMA, SHARD_PATH_KEY, Lake, footer, images_digest, shard_id_of,
+                        write_table_atomic)
 from tasks.metrics import SIDES, Figures, claim, figures, table_at
 from tasks.predictions import RUN_KEY, State, current_files, read_current
 from tasks.report import ReportScores, write_report
@@ -111,13 +112,13 @@ class AuditPlan:
         return self.threshold_source == "override"
 
     def figures_file(self) -> Path:
-        return self.lake.inside("audits", "figures", f"{safe_name(self.audit_id, 'audit id')}.parquet")
+        return self.lake.figures_file(self.audit_id)
 
     def drift_file(self) -> Path:
-        return self.lake.inside("audits", "drift", f"{safe_name(self.audit_id, 'audit id')}.parquet")
+        return self.lake.drift_file(self.audit_id)
 
     def report_file(self) -> Path:
-        return self.lake.inside("audits", "reports", f"{safe_name(self.audit_id, 'audit id')}.html")
+        return self.lake.report_file(self.audit_id)
 
     def prediction_files(self) -> dict[str, Path]:
         """The predictions files the plan read, checked to be the same ones still: an audit never mixes figures from
@@ -261,24 +262,6 @@ def scores_of(plan: AuditPlan, shard_ids: list[str] | tuple[str, ...]) -> pa.Tab
 # --- figures -------------------------------------------------------------------------------------------------------
 
 
-FIGURES_SCHEMA = pa.schema([
-    pa.field("audit_id", pa.string()), pa.field("audited_at", pa.timestamp("us", tz="UTC")),
-    pa.field("subset", pa.string()), pa.field("group_kind", pa.string()), pa.field("group", pa.string()),
-    pa.field("shard_id", pa.string()),
-    *[pa.field(name, pa.int64()) for name in ("n", "positives", "negatives", "tp", "fn", "tn", "fp")],
-    *[pa.field(name, pa.float64()) for name in (
-        "sensitivity", "sensitivity_cp_low", "sensitivity_cp_high", "sensitivity_wilson_low",
-        "sensitivity_wilson_high", "specificity", "specificity_cp_low", "specificity_cp_high",
-        "specificity_wilson_low", "specificity_wilson_high", "ppv", "npv", "auc", "threshold", "target")],
-    pa.field("meets_target", pa.bool_()), pa.field("claim_supported", pa.bool_()),
-    pa.field("positives_needed", pa.int64()), pa.field("claim", pa.string()), pa.field("verdict", pa.string()),
-    pa.field("model_version", pa.string()), pa.field("engine", pa.string()), pa.field("precision", pa.string()),
-    pa.field("threshold_source", pa.string()), pa.field("operating_point", pa.string()),
-    pa.field("shipped_threshold", pa.float64()), pa.field("shipped_sensitivity", pa.float64()),
-    pa.field("shipped_specificity", pa.float64()),
-])
-
-
 def labelled_scores(plan: AuditPlan) -> pa.Table:
     """image_id, subset, shard_id, label, score, threshold, engine of every labelled image the plan audits: exactly
     one current prediction each, or AuditIncomplete saying which images are missing or doubled."""
@@ -370,17 +353,6 @@ def _thresholds(used: np.ndarray) -> str:
 # --- drift ---------------------------------------------------------------------------------------------------------
 
 
-DRIFT_SCHEMA = pa.schema([
-    pa.field("audit_id", pa.string()), pa.field("audited_at", pa.timestamp("us", tz="UTC")),
-    pa.field("reference", pa.string()), pa.field("batch_n", pa.int64()), pa.field("reference_n", pa.int64()),
-    pa.field("ks_statistic", pa.float64()), pa.field("ks_pvalue", pa.float64()),
-    pa.field("batch_positive_rate", pa.float64()), pa.field("reference_positive_rate", pa.float64()),
-    pa.field("batch_mean_score", pa.float64()), pa.field("reference_mean_score", pa.float64()),
-    pa.field("flagged", pa.bool_()), pa.field("why", pa.string()), pa.field("batch_shards", pa.list_(pa.string())),
-    pa.field("model_version", pa.string()), pa.field("threshold", pa.float64()),
-])
-
-
 def reference_scores(plan: AuditPlan) -> tuple[str, np.ndarray]:
     """The drift reference: the model's validation scores (verified against the manifest), else this version's
     scores of the lake's other shards."""
@@ -438,6 +410,44 @@ def report_scores(plan: AuditPlan) -> ReportScores:
                         scores=labelled.column("score").to_numpy(zero_copy_only=False),
                         batch=scores_of(plan, plan.batch).column("score").to_numpy(),
                         reference=reference_scores(plan)[1])
+
+
+# --- what the flow shows (artifacts) -------------------------------------------------------------------------------
+
+FIGURES_ARTIFACT_COLUMNS = ("subset", "n", "positives", "tp", "fn", "sensitivity", "sensitivity_cp_low",
+                            "sensitivity_cp_high", "sensitivity_wilson_low", "sensitivity_wilson_high", "specificity",
+                            "ppv", "npv", "auc", "verdict", "claim")
+DRIFT_ARTIFACT_COLUMNS = ("reference", "batch_n", "reference_n", "ks_statistic", "ks_pvalue", "batch_positive_rate",
+                          "reference_positive_rate", "flagged", "why")
+
+
+def figures_artifact(summary: AuditSummary) -> list[dict[str, Any]]:
+    """A row per subset, rounded for reading."""
+    return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k in FIGURES_ARTIFACT_COLUMNS}
+            for row in summary.subsets]
+
+
+def drift_artifact(drift: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{k: drift[k] for k in DRIFT_ARTIFACT_COLUMNS}]
+
+
+def verdict_sentence(summary: AuditSummary) -> str:
+    """The audit's verdict as the log and the artifacts say it; never "passed" for an audit that did not show it."""
+    return {
+        "failed": "FAILED: " + "; ".join(summary.failing),
+        "inconclusive": "INCONCLUSIVE (the target is not shown): " + "; ".join(summary.inconclusive),
+        "not audited": "NOT AUDITED: the lake has no labelled subsets, so sensitivity was not measured",
+        "passed": "passed: every subset's positives support the target at the exact 95% lower bound",
+    }[summary.verdict]
+
+
+def audit_markdown(plan: AuditPlan, summary: AuditSummary, drift: dict[str, Any], report: str) -> str:
+    """The verdict, each subset's figures and claim, the drift check and where the report is."""
+    return (f"# Audit {plan.audit_id}\n\n**{verdict_sentence(summary)}**\n\n"
+            + "".join(f"- **{r['subset']}** ({r['verdict']}): sensitivity {r['sensitivity']:.4f} (exact 95% CI "
+                      f"{r['sensitivity_cp_low']:.4f}–{r['sensitivity_cp_high']:.4f}), specificity "
+                      f"{r['specificity']:.4f}, {r['claim']}\n" for r in summary.subsets)
+            + f"\n**Drift: {'FLAGGED' if drift['flagged'] else 'none'}** — {drift['why']}\n\nReport: `{report}`\n")
 
 
 # --- tasks ---------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow.compute as pc
 from prefect import task
 
+from models.contract import TARGET_SENSITIVITY
 from models.registry import SITE_POINTS, Registry, point_key
 from screenline.files import atomic_write_bytes, safe_name
 from tasks.audit import labelled_scores, labelled_subsets, plan_audit
@@ -96,7 +97,7 @@ def site_calibration(lake: Lake, subset: str, version: str | None = None, engine
     version = pick["version"]
     manifest = registry.manifest(version)
     gates = manifest.get("gates", {})
-    rule = ThresholdRule("pac", float(gates.get("target_sensitivity", 0.98)),
+    rule = ThresholdRule("pac", float(gates.get("target_sensitivity", TARGET_SENSITIVITY)),
                          float(delta if delta is not None else gates.get("delta", 0.05)))
     plan = plan_audit(lake, version, subsets=[subset], batch=[], sided=sided)
     table = labelled_scores(plan)
@@ -166,7 +167,7 @@ def rule_needs(rule: ThresholdRule) -> int:
 
 
 def record_file(lake: Lake, calibration_id: str) -> Path:
-    return lake.inside("audits", "calibrations", f"{safe_name(calibration_id, 'calibration id')}.json")
+    return lake.calibration_file(calibration_id)
 
 
 def save(lake: Lake, result: SiteCalibration) -> SiteCalibration:

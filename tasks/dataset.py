@@ -8,6 +8,7 @@ A split is written once to `lake/models/splits/<hash>.parquet` and passed around
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,15 +18,21 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from prefect import task
+
+from tasks.caching import IO_RETRIES
 from tasks.lake import Lake, pixel_array, write_table_atomic
 
 SPLIT_PERCENT = {"train": 70, "val": 15, "test": 15}
 
 
 def split_of(sha256: str) -> str:
-    """train (70%), val (15%) or test (15%), from the first 32 bits of an image's sha256."""
+    """train, val or test in the proportions of SPLIT_PERCENT, from the first 32 bits of an image's sha256."""
     bucket = int(sha256[:8], 16) % 100
-    return "train" if bucket < SPLIT_PERCENT["train"] else "val" if bucket < 85 else "test"
+    for name, upper in zip(SPLIT_PERCENT, itertools.accumulate(SPLIT_PERCENT.values())):
+        if bucket < upper:
+            return name
+    raise AssertionError(f"SPLIT_PERCENT sums to {sum(SPLIT_PERCENT.values())}, not 100")
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,7 @@ class SplitRef:
 def make_split(lake: Lake) -> SplitRef:
     """Split the lake's labelled, non-audit images; write the assignment once, keyed by its content."""
     meta = lake.read_meta()
-    files = sorted(lake.images.glob("*.parquet")) if lake.images.exists() else []
+    files = lake.shard_files()
     if meta is None or not files:
         raise ValueError(f"the lake at {lake.root} holds no images: run `screenline ingest` (or `make demo`) first")
     table = ds.dataset([str(f) for f in files], format="parquet").to_table(
@@ -54,6 +61,12 @@ def make_split(lake: Lake) -> SplitRef:
     splits = [split_of(h) for h in table.column("sha256").to_pylist()]
     return _written(lake.root, lake.models / "splits", table.column("image_id").to_pylist(), splits,
                     table.column("label").to_pylist(), int(meta["channels"]))
+
+
+@task(name="make-split", **IO_RETRIES)
+def make_split_task(lake_root: str) -> SplitRef:
+    """The lake's split, written once (a reference to it: its file, hash and counts)."""
+    return make_split(Lake.at(lake_root))
 
 
 def _written(lake_root: Path, folder: Path, ids: list[str], splits: list[str], labels: list[int],

@@ -48,6 +48,7 @@ from tasks.shards import (
     Refusal,
     ShardRef,
     ShardUnreadable,
+    find_shards,
     fingerprint,
     inbox_shards,
     read_entries,
@@ -386,6 +387,21 @@ def ingest_shard_task(ref: ShardRef, lake_root: str, options: IngestOptions) -> 
             "shard %s: %d accepted, %d rejected (%s)", ref.path, summary.accepted, summary.rejected, summary.status
         )
     return summary
+
+
+INBOX_ENV = "SCREENLINE_INBOX"
+DEFAULT_INBOX = "inbox"
+
+
+def inbox_root(path: str | None = None) -> str:
+    """The inbox sites drop shards in: `path`, else $SCREENLINE_INBOX, else ./inbox."""
+    return path or os.environ.get(INBOX_ENV) or DEFAULT_INBOX
+
+
+@task(name="find-shards", **IO_RETRIES)
+def find_shards_task(patterns: list[str]) -> list[str]:
+    """The shards these paths and globs name (ShardNotFound for one that names none)."""
+    return [str(p) for p in find_shards(patterns)]
 
 
 @task(name="list-inbox", **IO_RETRIES)

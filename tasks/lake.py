@@ -87,6 +87,33 @@ PREDICTIONS_SCHEMA = pa.schema(
     ]
 )
 
+FIGURES_SCHEMA = pa.schema([  # audits/figures/<audit id>.parquet: a row per subset and per subset × shard
+    pa.field("audit_id", pa.string()), pa.field("audited_at", pa.timestamp("us", tz="UTC")),
+    pa.field("subset", pa.string()), pa.field("group_kind", pa.string()), pa.field("group", pa.string()),
+    pa.field("shard_id", pa.string()),
+    *[pa.field(name, pa.int64()) for name in ("n", "positives", "negatives", "tp", "fn", "tn", "fp")],
+    *[pa.field(name, pa.float64()) for name in (
+        "sensitivity", "sensitivity_cp_low", "sensitivity_cp_high", "sensitivity_wilson_low",
+        "sensitivity_wilson_high", "specificity", "specificity_cp_low", "specificity_cp_high",
+        "specificity_wilson_low", "specificity_wilson_high", "ppv", "npv", "auc", "threshold", "target")],
+    pa.field("meets_target", pa.bool_()), pa.field("claim_supported", pa.bool_()),
+    pa.field("positives_needed", pa.int64()), pa.field("claim", pa.string()), pa.field("verdict", pa.string()),
+    pa.field("model_version", pa.string()), pa.field("engine", pa.string()), pa.field("precision", pa.string()),
+    pa.field("threshold_source", pa.string()), pa.field("operating_point", pa.string()),
+    pa.field("shipped_threshold", pa.float64()), pa.field("shipped_sensitivity", pa.float64()),
+    pa.field("shipped_specificity", pa.float64()),
+])
+
+DRIFT_SCHEMA = pa.schema([  # audits/drift/<audit id>.parquet: the batch's scores against the reference
+    pa.field("audit_id", pa.string()), pa.field("audited_at", pa.timestamp("us", tz="UTC")),
+    pa.field("reference", pa.string()), pa.field("batch_n", pa.int64()), pa.field("reference_n", pa.int64()),
+    pa.field("ks_statistic", pa.float64()), pa.field("ks_pvalue", pa.float64()),
+    pa.field("batch_positive_rate", pa.float64()), pa.field("reference_positive_rate", pa.float64()),
+    pa.field("batch_mean_score", pa.float64()), pa.field("reference_mean_score", pa.float64()),
+    pa.field("flagged", pa.bool_()), pa.field("why", pa.string()), pa.field("batch_shards", pa.list_(pa.string())),
+    pa.field("model_version", pa.string()), pa.field("threshold", pa.float64()),
+])
+
 SHARD_SHA_KEY = "screenline.shard_sha256"
 """Images-file footer: the sha256 of the shard's source bytes (its identity for ingest)."""
 SHARD_PATH_KEY = "screenline.shard_path"
@@ -183,6 +210,18 @@ class Lake:
         """A step's outputs (a training, an export, a baseline's evaluation), named by their inputs' content key."""
         return self.inside("models", "work", safe_name(name, "work folder"))
 
+    def figures_file(self, audit_id: str) -> Path:
+        return self.inside("audits", "figures", f"{safe_name(audit_id, 'audit id')}.parquet")
+
+    def drift_file(self, audit_id: str) -> Path:
+        return self.inside("audits", "drift", f"{safe_name(audit_id, 'audit id')}.parquet")
+
+    def report_file(self, audit_id: str) -> Path:
+        return self.inside("audits", "reports", f"{safe_name(audit_id, 'audit id')}.html")
+
+    def calibration_file(self, calibration_id: str) -> Path:
+        return self.inside("audits", "calibrations", f"{safe_name(calibration_id, 'calibration id')}.json")
+
     def image_file(self, shard_id: str) -> Path:
         return self.inside("images", f"{shard_id_of(shard_id)}.parquet")
 
@@ -233,6 +272,14 @@ class Lake:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def counts(self) -> dict[str, int]:
+        """How many images (and of them labelled) and how many rejects the lake holds (reads two small columns)."""
+        images = ds.dataset([str(f) for f in self.shard_files()], format="parquet").to_table(columns=["label"]) \
+            if self.shard_files() else pa.table({"label": pa.array([], pa.int8())})
+        rejects = sorted(self.rejects.glob("*.parquet")) if self.rejects.is_dir() else []
+        return {"images": images.num_rows, "labelled": images.num_rows - images.column("label").null_count,
+                "rejects": sum(pq.ParquetFile(f).metadata.num_rows for f in rejects)}
 
     def image_hashes(self) -> dict[str, str]:
         """sha256 → "shard_id/source" of every image already in the lake (reads two small columns)."""

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 from prefect import get_run_logger, task
 
-from models.engine import Engine, OrtEngine, find_knee, scores
+from models.contract import TARGET_SENSITIVITY
+from models.engine import MAX_BATCH, Engine, OrtEngine, find_knee, scores
 from models.registry import Registry, host_fingerprint
 from screenline.files import atomic_write_bytes
 from tasks.caching import IO_RETRIES, OutputCache, content_key, work_dir
@@ -43,7 +44,7 @@ from tasks.train import TrainSettings
 class GateSettings:
     """What a model must reach to ship and to be promoted."""
 
-    target_sensitivity: float = 0.98
+    target_sensitivity: float = TARGET_SENSITIVITY
     threshold_rule: str = "pac"  # pac: sensitivity ≥ target with probability ≥ 1 − delta (tasks/thresholds.py)
     delta: float = 0.05
     calibration_margin: float = 0.01  # the old `quantile` rule's margin: target + margin on val, no guarantee
@@ -51,7 +52,7 @@ class GateSettings:
     # (activation format, per-channel weights): all are built and measured; the fastest that passes ships
     int8_variants: tuple[tuple[str, bool], ...] = (("u8s8", False), ("u8s8", True), ("s8s8", False), ("s8s8", True))
     calibration_images: int = 512
-    max_batch: int = 512
+    max_batch: int = MAX_BATCH
     gate_on_lower_bound: bool = False  # promote only if the exact lower bound of test sensitivity reaches the target
     calibrate_on: str = "val"  # the threshold rule on "val" (the validation split) or "crossfit" (out-of-fold scores)
     folds: int = 5  # crossfit: models trained the same way on folds of train+val, each scoring the fold it left out
@@ -108,7 +109,8 @@ def train_task(split: SplitRef, settings: TrainSettings) -> str:
     return str(train_model(split, settings, out.parent, log=get_run_logger().info))
 
 
-def fold_splits(split: SplitRef, folds: int) -> list[SplitRef]:
+@task(name="fold-splits", **IO_RETRIES)
+def fold_splits_task(split: SplitRef, folds: int) -> list[SplitRef]:
     """Cross-fitting's splits of train+val (the test split in none of them)."""
     return [fold_split(split, k, folds) for k in range(folds)]
 
@@ -138,6 +140,15 @@ def out_of_fold_task(split: SplitRef, folds: list[SplitRef], checkpoints: list[s
     return str(out)
 
 
+def architecture(checkpoint: Path, settings: TrainSettings, channels: int) -> dict[str, Any]:
+    """What rebuilds the trained net: its name and, for ScreenNet, its whole ScreenNetConfig as trained."""
+    from tasks.train import load_checkpoint
+
+    config = getattr(load_checkpoint(checkpoint), "config", None)
+    return {"name": settings.arch, "channels": channels, "width": settings.width, "pool": settings.pool,
+            **(config.as_dict() if config is not None else {})}
+
+
 # --- export and quantize -------------------------------------------------------------------------------------------
 
 
@@ -145,6 +156,8 @@ def export_and_quantize(checkpoint: Path, split: SplitRef, gates: GateSettings, 
                         engine: str = "onnxruntime") -> dict[str, Any]:
     """FP32 ONNX (BatchNorm folded) with its parity against torch, and the INT8 QDQ graphs (plus, for TensorRT, the
     FP16 graph and the symmetric INT8 graph); returns a summary."""
+    import onnx
+
     from models.export import OPSET, export_onnx
     from models.quantize import quantize_int8
     from tasks.train import load_checkpoint, predict
@@ -169,7 +182,9 @@ def export_and_quantize(checkpoint: Path, split: SplitRef, gates: GateSettings, 
         files["trt-int8"] = int8_graph(fp32, out_dir / "model-int8-trt.onnx", calibration).name
         files["trt-fp32"] = fp32.name
         engines.update({"trt-fp16": "tensorrt", "trt-int8": "tensorrt", "trt-fp32": "tensorrt"})
-    summary = {"files": files, "engines": engines, "fp32_max_abs_diff_vs_torch": parity, "opset": OPSET}
+    batchnorm_nodes = sum(n.op_type == "BatchNormalization" for n in onnx.load(str(fp32)).graph.node)
+    summary = {"files": files, "engines": engines, "fp32_max_abs_diff_vs_torch": parity, "opset": OPSET,
+               "batchnorm_nodes": batchnorm_nodes}
     atomic_write_bytes(out_dir / "export.json", json.dumps(summary, indent=2).encode())  # last: marks the export done
     return summary
 
@@ -295,22 +310,6 @@ def _choose_on_noninferiority(candidates: list[Candidate]) -> None:
     for c in judged:
         c.why = ("passes; no candidate was shown non-inferior to the baseline on val (so it did not choose; the "
                  f"held-out test split decides promotion): {c.noninferiority['statement']}")
-
-
-def force_int8_failure(evaluation: dict[str, Any]) -> dict[str, Any]:
-    """Test hook: make every INT8 candidate fail its gate, as if quantization had lost sensitivity."""
-    for c in evaluation["candidates"]:
-        if c["precision"] == "int8":
-            c["passes"], c["why"] = False, "forced to fail"
-    if evaluation.get("fallback"):
-        evaluation["fallback"] = "fp32"
-    engine = next(c["engine"] for c in evaluation["candidates"] if c["name"] == evaluation["ship"])
-    if engine == "onnxruntime":
-        evaluation["ship"] = "fp32"
-    else:
-        passing = [c for c in evaluation["candidates"] if c["engine"] == engine and c["passes"]]
-        evaluation["ship"] = max(passing, key=lambda c: c["knee"]["images_per_s"])["name"] if passing else "trt-fp32"
-    return evaluation
 
 
 # --- register, test gate, promote ----------------------------------------------------------------------------------
@@ -472,12 +471,13 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
         knees[host_fingerprint("onnxruntime", fallback["precision"])] = by_name[fallback["candidate"]]["knee"]
     meta = json.loads((checkpoint.parent / "model.json").read_text())
     manifest = {
-        "architecture": {"name": settings.arch, "width": settings.width, "pool": settings.pool,
-                         "channels": split.channels},
+        "architecture": architecture(checkpoint, settings, split.channels),
         "data": {"split_sha256": split.sha256, "split_file": Path(split.path).name, "counts": split.counts},
         "training": {"settings": settings.as_dict(), "history": meta["history"], "best_val_auc": meta["val_auc"]},
         "export": {"fp32_max_abs_diff_vs_torch": export["fp32_max_abs_diff_vs_torch"], "opset": export["opset"],
-                   "batchnorm_folded": True},
+                   # counted in the FP32 graph, not assumed (ScreenNet's are folded by fold_batchnorm, a ResNet18's
+                   # by the exporter's constant folding; an export without the count predates it)
+                   "batchnorm_folded": export["batchnorm_nodes"] == 0 if "batchnorm_nodes" in export else None},
         "gates": asdict(gates),
         "candidates": evaluation["candidates"],
         "metrics": {c["name"]: {"val_auc": c["val_auc"], "val": c["val_table"]} for c in evaluation["candidates"]},
@@ -504,12 +504,11 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
 
 
 @task(name="evaluate", **IO_RETRIES)
-def evaluate_task(export_dir: str, split: SplitRef, gates: GateSettings, force_int8_fail: bool = False,
-                  engine: str = "onnxruntime", oof_file: str | None = None, baseline_dir: str | None = None) -> dict:
+def evaluate_task(export_dir: str, split: SplitRef, gates: GateSettings, engine: str = "onnxruntime",
+                  oof_file: str | None = None, baseline_dir: str | None = None) -> dict:
     """Scores, thresholds and knees of every candidate engine on this host."""
-    evaluation = evaluate_candidates(Path(export_dir), split, gates, engine, Path(oof_file) if oof_file else None,
-                                     Path(baseline_dir) if baseline_dir else None)
-    return force_int8_failure(evaluation) if force_int8_fail else evaluation
+    return evaluate_candidates(Path(export_dir), split, gates, engine, Path(oof_file) if oof_file else None,
+                               Path(baseline_dir) if baseline_dir else None)
 
 
 @task(name="register", **IO_RETRIES)

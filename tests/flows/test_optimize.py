@@ -20,6 +20,7 @@ from tasks.samples import write_tar
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 FAST = dict(epochs=1, max_batch=8, calibrate_on="val")  # one training; cross-fitting has its own test
+NO_INT8 = dict(int8_auc_tolerance=-1.0)  # every INT8 graph fails the real AUC gate (FP32's minus its > -1): FP32 ships
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,11 @@ def test_optimize_registers_a_version_whose_promotion_matches_its_test_gate(tiny
     swept = [point[0] for point in knee["sweep"]]
     assert swept[:4] == [1, 2, 4, 8] and knee["batch"] in swept and knee["images_per_s"] > 0
     assert manifest["export"]["fp32_max_abs_diff_vs_torch"] < 1e-4
+    assert manifest["export"]["batchnorm_folded"] is True  # counted in the graph: no BatchNormalization node
+    from models.nets import ScreenNetConfig
+
+    assert {k: manifest["architecture"][k] for k in ScreenNetConfig().as_dict()} == \
+        ScreenNetConfig(channels=1, width=manifest["architecture"]["width"]).as_dict()  # all of it: rebuildable
     # the threshold with its rule, and the operating curves on validation and test, shipped point marked
     calibration = ship["calibration"]
     val_positives = make_split(Lake(tiny_lake)).counts["val"]["positives"]
@@ -87,7 +93,7 @@ def test_optimize_registers_a_version_whose_promotion_matches_its_test_gate(tiny
     assert manifest["metrics"][ship["candidate"]]["val"]["sensitivity"] >= 0.98
     # no baseline given: the non-inferiority gate was skipped, and the manifest says so
     assert "non-inferiority gate was not applied" in manifest["baseline"]["skipped"]
-    assert all(not c["noninferiority"] for c in manifest["candidates"])
+    assert manifest["candidates"] and all(not c["noninferiority"] for c in manifest["candidates"])
 
 
 def recomputed_side_by_side(folder: Path, manifest: dict) -> list[dict]:
@@ -114,11 +120,11 @@ def recomputed_side_by_side(folder: Path, manifest: dict) -> list[dict]:
 
 
 def test_a_baseline_identical_to_the_candidate_passes_and_its_figures_recompute_from_the_stored_scores(tiny_lake):
-    _, registry = run(tiny_lake, force_int8_fail=True)  # FP32 ships
+    _, registry = run(tiny_lake, **NO_INT8)  # FP32 ships
     first = latest_manifest(registry)
     checkpoint = registry.folder(first["version"]) / "model.pt"  # model.json beside it names the architecture
     # the same training (cached, no distillation), FP32 again: the baseline's graph is the candidate's
-    state, registry = run(tiny_lake, force_int8_fail=True, baseline=str(checkpoint), distill=False)
+    state, registry = run(tiny_lake, **NO_INT8, baseline=str(checkpoint), distill=False)
     manifest = latest_manifest(registry)
     ni = manifest["baseline"]["noninferiority"]
     for where in ("val", "test"):
@@ -138,7 +144,7 @@ def test_a_baseline_identical_to_the_candidate_passes_and_its_figures_recompute_
 
 def test_a_weak_candidate_against_a_stronger_trained_baseline_is_refused_with_the_difference(tiny_lake):
     # `--baseline train`: a ResNet18 at 64×64 trained on the same split; the candidate is forced weak
-    state, registry = run(tiny_lake, baseline="train", epochs=1, width=0.25, force_int8_fail=True)
+    state, registry = run(tiny_lake, baseline="train", epochs=1, width=0.25, **NO_INT8)
     manifest = latest_manifest(registry)
     assert state.is_failed() and not manifest["promoted"] and not manifest["passed_gate"]
     test = manifest["baseline"]["noninferiority"]["test"]
@@ -188,10 +194,11 @@ def test_cross_fitting_calibrates_every_candidate_on_out_of_fold_scores_of_train
 
 
 def test_int8_failing_its_gate_ships_fp32_and_says_why(tiny_lake):
-    _, registry = run(tiny_lake, force_int8_fail=True)
+    _, registry = run(tiny_lake, **NO_INT8)
     manifest = latest_manifest(registry)
     assert manifest["shipping"]["candidate"] == "fp32" and manifest["shipping"]["precision"] == "fp32"
-    assert all(c["why"] == "forced to fail" for c in manifest["candidates"] if c["precision"] == "int8")
+    int8 = [c for c in manifest["candidates"] if c["precision"] == "int8"]
+    assert len(int8) == 4 and all(not c["passes"] and "more than -1.0 below FP32's" in c["why"] for c in int8)
 
 
 def test_a_model_below_target_on_test_is_registered_not_promoted(tiny_lake, tmp_path):
@@ -241,7 +248,7 @@ def test_flow_fails_loudly_when_not_promoted(tiny_lake):
     # The old quantile rule with a negative margin calibrates for ~50% sensitivity on val: a threshold forced far too
     # high for the 0.98 target. FP32 ships (INT8 forced off).
     with pytest.raises(NotPromoted, match="below the target"):
-        optimize(lake=str(tiny_lake), threshold_rule="quantile", calibration_margin=-0.5, force_int8_fail=True,
+        optimize(lake=str(tiny_lake), threshold_rule="quantile", calibration_margin=-0.5, **NO_INT8,
                  **FAST)
 
 

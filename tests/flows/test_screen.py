@@ -269,3 +269,12 @@ def test_results_leave_out_stale_predictions_and_say_how_to_refresh_them(tmp_pat
     assert f"left out stale predictions of 1 shard(s) of sn-r (e.g. {gone.stem}: its shard is no longer in the lake)" \
         in done.stderr and "screenline screen" in done.stderr
     assert pq.read_table(tmp_path / "r.parquet").num_rows == 20
+
+
+def test_screen_on_runs_as_many_shard_tasks_at_once_as_workers_says():
+    """`screenline screen --workers N` (screen_on): N threads for the shard tasks, not the deployed default."""
+    from flows.screen import screen_on
+    from models.engine import default_threads
+
+    assert screen_on(5).task_runner._max_workers == 5  # Prefect's ThreadPoolTaskRunner keeps its size there
+    assert screen_on().task_runner._max_workers == default_threads()

@@ -24,7 +24,6 @@ from models.nets import ScreenNet
 from models.registry import GateFailed, ModelNotFound, Registry
 from models.tensorrt import Device, PlanKey, Profile, TensorRTUnavailable, plan_key, profile_for
 from tasks.lake import Lake
-from tasks.optimize import force_int8_failure
 
 WHY_NOT = tensorrt.missing()
 needs_gpu = pytest.mark.skipif(WHY_NOT is not None, reason=f"TensorRT cannot run here: {WHY_NOT}")
@@ -170,20 +169,6 @@ def test_a_cpu_version_ships_onnxruntime_everywhere(tmp_path):
     if WHY_NOT is None:  # a GPU host: TensorRT was asked for, but this version has no TensorRT threshold
         with pytest.raises(ModelNotFound, match="optimize --engine tensorrt"):
             registry.pick("sn-cpu", "tensorrt")
-
-
-def test_forcing_int8_to_fail_ships_the_fastest_passing_tensorrt_candidate_that_is_not_int8():
-    def cand(name, engine, precision, speed):
-        return {"name": name, "engine": engine, "precision": precision, "passes": True, "why": "passes",
-                "knee": {"images_per_s": speed}}
-
-    evaluation = {"ship": "trt-int8", "fallback": "int8-u8s8-per-tensor", "candidates": [
-        cand("fp32", "onnxruntime", "fp32", 1), cand("int8-u8s8-per-tensor", "onnxruntime", "int8", 2),
-        cand("trt-fp16", "tensorrt", "fp16", 50), cand("trt-int8", "tensorrt", "int8", 80),
-        cand("trt-fp32", "tensorrt", "fp32", 20)]}
-    forced = force_int8_failure(evaluation)
-    assert (forced["ship"], forced["fallback"]) == ("trt-fp16", "fp32")
-    assert [c["passes"] for c in forced["candidates"]] == [True, False, True, False, True]
 
 
 # --- on a GPU ---------------------------------------------------------------------------------------------------------
