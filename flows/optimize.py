@@ -22,7 +22,11 @@ from tasks.train import TrainSettings
 
 
 class NotPromoted(RuntimeError):
-    """The model was registered but its held-out sensitivity is below target."""
+    """The model was registered but not promoted (a held-out gate refused it); `manifest` is what was registered."""
+
+    def __init__(self, message: str, manifest: dict | None = None) -> None:
+        super().__init__(message)
+        self.manifest = manifest or {}
 
 
 def curve_markdown(where: str, curve: list[dict]) -> str:
@@ -75,7 +79,7 @@ def optimize(
     baseline: str | None = None,
     baseline_arch: str | None = None,
     spec_margin: float = _GATES.spec_margin,
-    distill: bool = True,
+    distill: bool = False,
     target_sensitivity: float = _GATES.target_sensitivity,
     threshold_rule: str = _GATES.threshold_rule,
     delta: float = _GATES.delta,
@@ -106,7 +110,8 @@ def optimize(
     the weights cannot say, or resnet18-native), or "train" (a ResNet18 at 64×64 trained here, ~15 min on 2 cores).
     With one, a candidate ships only if its specificity at the target sensitivity (matched, on the same images) is
     no worse than the baseline's by more than `spec_margin`, judged by the lower end of a paired bootstrap interval,
-    on val (choosing) and on the held-out test split (promoting); and the net is distilled from it (`distill`).
+    on val (choosing) and on the held-out test split (promoting). distill: also distil the net from it (off by
+    default: measured neutral to harmful when the baseline is not the stronger model; README: Clinical parity).
     promote: False registers without promoting (comparison runs, e.g. the seed's architecture).
     engine: auto (TensorRT where a GPU and the `gpu` extra are present, else ONNX Runtime), onnxruntime or
     tensorrt (fails at once, saying what is missing, on a host that cannot run it).
@@ -185,6 +190,6 @@ def optimize(
         logger.info("CPU fallback %s %s, threshold %.4f: %s", fb["engine"], fb["candidate"], fb["threshold"],
                     fb["verdict"])
     if not manifest["passed_gate"]:
-        raise NotPromoted(f"{manifest['version']} registered but {manifest['promotion']}")
+        raise NotPromoted(f"{manifest['version']} registered but {manifest['promotion']}", manifest)
     return {"version": manifest["version"], "promoted": manifest["promoted"], "shipping": ship, "test": test,
             "knee": knee, "baseline": manifest["baseline"]}

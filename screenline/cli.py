@@ -128,6 +128,7 @@ def run_optimize(lake: str | None, **params: object) -> dict:
     try:
         result = optimize(lake=lake, **params)
     except NotPromoted as exc:
+        print_parity(exc.manifest.get("baseline") or {})  # the side-by-side that refused it, then the one line
         raise CliError(str(exc)) from None
     except ValueError as exc:
         raise CliError(str(exc)) from None
@@ -564,15 +565,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", metavar="CKPT|train",
                    help="the model this replaces: its state_dict checkpoint, or `train` (a ResNet18 at 64×64 trained "
                         "here, ~15 min on 2 cores). Scored like a candidate on the same split and shown side by "
-                        "side; a candidate ships only if non-inferior to it at matched sensitivity; distilled from")
+                        "side; a candidate ships only if non-inferior to it at matched sensitivity")
     p.add_argument("--baseline-arch", choices=("resnet18", "resnet18-native"),
                    help="a bare ResNet18 checkpoint's forward: resnet18 (the seed's 64→224 upsample; assumed when "
                         "not given) or resnet18-native")
     p.add_argument("--spec-margin", type=float, default=argparse.SUPPRESS,
                    help="non-inferiority margin: specificity at the target sensitivity may be at most this much "
                         "below the baseline's, judged by the paired bootstrap interval's lower end (default 0.03)")
-    p.add_argument("--no-distill", dest="distill", action="store_false",
-                   help="with --baseline: do not distil from it")
+    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                   help="with --baseline: also distil the net from it (default off: measured neutral to harmful "
+                        "unless the baseline is the stronger model; see README)")
     p.add_argument("--target-sensitivity", type=float, default=argparse.SUPPRESS,
                    help="the sensitivity every gate holds the model to (default 0.98)")
     p.add_argument("--threshold-rule", default=argparse.SUPPRESS, choices=("pac", "quantile"),

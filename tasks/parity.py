@@ -114,8 +114,8 @@ def noninferiority(candidate: np.ndarray, baseline: np.ndarray, labels: np.ndarr
     }
 
 
-WHAT_TO_TRY = ("distil from the baseline (on by default with --baseline), train longer (--epochs), a wider net "
-               "(--width); when the verdict is inconclusive, more labelled positives in the split (the interval "
+WHAT_TO_TRY = ("distil from the baseline (--distill) if it is the stronger model, train longer (--epochs), a wider "
+               "net (--width); when the verdict is inconclusive, more labelled positives in the split (the interval "
                "narrows as 1/√positives); or, if the margin is a clinical choice, state a different --spec-margin")
 
 

@@ -124,13 +124,14 @@ def test_a_baseline_identical_to_the_candidate_passes_and_its_figures_recompute_
     first = latest_manifest(registry)
     checkpoint = registry.folder(first["version"]) / "model.pt"  # model.json beside it names the architecture
     # the same training (cached, no distillation), FP32 again: the baseline's graph is the candidate's
-    state, registry = run(tiny_lake, **NO_INT8, baseline=str(checkpoint), distill=False)
+    state, registry = run(tiny_lake, **NO_INT8, baseline=str(checkpoint))
     manifest = latest_manifest(registry)
     ni = manifest["baseline"]["noninferiority"]
     for where in ("val", "test"):
         assert ni[where]["passes"] and ni[where]["difference"] == 0.0 and ni[where]["interval"] == [0.0, 0.0]
     assert manifest["passed_gate"] == (manifest["test"]["sensitivity"] >= 0.98)  # only sensitivity can refuse it
     assert "against the baseline" in manifest["promotion"]
+    assert manifest["training"]["settings"]["teacher"] is None  # a baseline is not a teacher unless --distill
     rows = manifest["baseline"]["side_by_side"]
     assert [r["model"] for r in rows] == ["onnxruntime fp32 (ships)", "baseline screennet"]
     for row, again in zip(rows, recomputed_side_by_side(registry.folder(manifest["version"]), manifest)):
@@ -144,7 +145,7 @@ def test_a_baseline_identical_to_the_candidate_passes_and_its_figures_recompute_
 
 def test_a_weak_candidate_against_a_stronger_trained_baseline_is_refused_with_the_difference(tiny_lake):
     # `--baseline train`: a ResNet18 at 64×64 trained on the same split; the candidate is forced weak
-    state, registry = run(tiny_lake, baseline="train", epochs=1, width=0.25, **NO_INT8)
+    state, registry = run(tiny_lake, baseline="train", epochs=1, width=0.25, distill=True, **NO_INT8)
     manifest = latest_manifest(registry)
     assert state.is_failed() and not manifest["promoted"] and not manifest["passed_gate"]
     test = manifest["baseline"]["noninferiority"]["test"]
@@ -154,7 +155,7 @@ def test_a_weak_candidate_against_a_stronger_trained_baseline_is_refused_with_th
     assert f"95% CI {test['interval'][0]:+.4f} to {test['interval'][1]:+.4f}" in message
     assert "try:" in message and "--epochs" in message
     assert manifest["baseline"]["arch"] == "resnet18-native" and manifest["baseline"]["source"] == "train"
-    assert manifest["training"]["settings"]["teacher"]  # distilled from it by default
+    assert manifest["training"]["settings"]["teacher"]  # distilled from it, as asked
     fp32 = next(c for c in manifest["candidates"] if c["name"] == "fp32")
     # on val it was not shown non-inferior either; with no candidate that was, val does not choose and says so
     assert fp32["noninferiority"] and not fp32["noninferiority"]["passes"]
@@ -247,9 +248,12 @@ def test_gating_on_the_lower_bound_refuses_a_test_split_too_small_to_show_the_ta
 def test_flow_fails_loudly_when_not_promoted(tiny_lake):
     # The old quantile rule with a negative margin calibrates for ~50% sensitivity on val: a threshold forced far too
     # high for the 0.98 target. FP32 ships (INT8 forced off).
-    with pytest.raises(NotPromoted, match="below the target"):
+    with pytest.raises(NotPromoted, match="below the target") as refused:
         optimize(lake=str(tiny_lake), threshold_rule="quantile", calibration_margin=-0.5, **NO_INT8,
                  **FAST)
+    # what was registered travels with the refusal (the CLI prints its side-by-side before the one-line error)
+    manifest = refused.value.manifest
+    assert manifest["passed_gate"] is False and not manifest["promoted"] and manifest["version"] in str(refused.value)
 
 
 @pytest.mark.gpu

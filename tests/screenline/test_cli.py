@@ -30,9 +30,10 @@ def test_optimize_help_states_the_flows_own_defaults_and_passes_only_what_was_gi
         value = defaults[action.dest]  # every suppressed option is a flow parameter
         stated = re.search(r"default:? ([^\s;:)]+)|^(\S+) \(default\)", action.help or "")
         assert stated, f"--{action.dest}'s help does not state its default"
-        assert (stated.group(1) or stated.group(2)) == str(value), action.dest
+        expected = ("on" if value else "off") if isinstance(value, bool) else str(value)
+        assert (stated.group(1) or stated.group(2)) == expected, action.dest
         checked.append(action.dest)
-    assert {"epochs", "width", "target_sensitivity", "spec_margin", "delta", "folds", "seed"} <= set(checked)
+    assert {"epochs", "width", "target_sensitivity", "spec_margin", "delta", "folds", "seed", "distill"} <= set(checked)
     given = vars(_subcommand("optimize").parse_args(["--epochs", "3"]))
     assert given["epochs"] == 3 and "width" not in given and "target_sensitivity" not in given
 
