@@ -203,12 +203,12 @@ OPTIMIZE_EXTRA = "torch, torchvision and onnxscript"
 def _check_optimize_extra() -> None:
     """Training needs the `optimize` extra; a screening worker installed without it says so in one line."""
     try:
-        import onnxscript  # noqa: F401
         import torch  # noqa: F401
         import torchvision  # noqa: F401
+        import onnxscript  # noqa: F401
     except ImportError as exc:
         raise CliError(f"screenline optimize needs the `optimize` extra ({OPTIMIZE_EXTRA}; missing: {exc.name}): "
-                       f"pip install -e '.[optimize]' (this install can ingest, screen, audit and run nightly)") \
+                       f"pip install '.[optimize]' in the checkout (this install can ingest, screen, audit and run nightly)") \
             from None
 
 
