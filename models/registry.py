@@ -27,6 +27,10 @@ from screenline.files import SAFE_NAME, atomic_write_bytes, safe_name, sha256_fi
 
 MANIFEST = "manifest.json"
 PROMOTED = "PROMOTED"
+MANIFEST_FORMAT = 2
+"""The manifest's layout, stamped by `register`. 1 (no `format` field): each candidate's validation figures and
+threshold also copied into `metrics` and `thresholds`; 2: stored once, in `candidates`. Older formats load; a newer
+one is refused (ManifestTooNew) rather than half-read."""
 
 
 class ModelNotFound(LookupError):
@@ -36,6 +40,10 @@ class ModelNotFound(LookupError):
 class ModelIntegrityError(RuntimeError):
     """A model file does not match its manifest hash, or a manifest or the promoted pointer is not vouched for by a
     trusted signature: it was changed after registration."""
+
+
+class ManifestTooNew(RuntimeError):
+    """A manifest written by a newer screenline, in a layout this one does not know."""
 
 
 class GateFailed(RuntimeError):
@@ -159,6 +167,9 @@ class Registry:
             raise ModelIntegrityError(
                 f"the manifest of {version} is not vouched for: {exc}. Refusing it; `screenline sign {version}` on "
                 f"the host that holds the signing key after reviewing it, or re-run `screenline optimize`.") from None
+        if not isinstance(manifest.get("format", 1), int) or manifest.get("format", 1) > MANIFEST_FORMAT:
+            raise ManifestTooNew(f"the manifest of {version} has format {manifest.get('format')!r}; this screenline "
+                                 f"reads formats up to {MANIFEST_FORMAT}: upgrade screenline to use it")
         return manifest
 
     def _write(self, version: str, manifest: dict[str, Any]) -> None:
@@ -175,6 +186,7 @@ class Registry:
         folder = self.folder(version)
         manifest = {k: v for k, v in manifest.items() if k not in ("seal", "signature")}
         manifest["version"] = version
+        manifest["format"] = MANIFEST_FORMAT
         manifest.setdefault("registered_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
         manifest["files"] = {
             p.name: sha256_file(p) for p in sorted(folder.iterdir())

@@ -224,7 +224,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from models.registry import ModelIntegrityError, ModelNotFound, Registry
+    from models.registry import ManifestTooNew, ModelIntegrityError, ModelNotFound, Registry
     from tasks.lake import Lake
 
     registry = Registry(Lake.at(args.lake))
@@ -235,7 +235,7 @@ def cmd_models(args: argparse.Namespace) -> None:
         promoted = registry.promoted()
     except ModelNotFound:
         promoted = None
-    except ModelIntegrityError as exc:
+    except (ModelIntegrityError, ManifestTooNew) as exc:
         promoted = None
         print(f"warning: {exc}", file=sys.stderr)
     print(f"{'version':<16} {'promoted':<8} {'ships':<21} {'threshold':>9} {'test sens':>9} {'test AUC':>8}  "
@@ -246,8 +246,8 @@ def cmd_models(args: argparse.Namespace) -> None:
         try:
             registry.manifest(version)
             trust = "signed"
-        except ModelIntegrityError as exc:
-            trust = "UNTRUSTED"
+        except (ModelIntegrityError, ManifestTooNew) as exc:
+            trust = "UNTRUSTED" if isinstance(exc, ModelIntegrityError) else "too new"
             untrusted.append(f"{version}: {exc}")
         ship, test = m.get("shipping", {}), m.get("test", {})
         mark = "*" if version == promoted else ("no" if not m.get("promoted") else "yes")

@@ -480,9 +480,6 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
                    "batchnorm_folded": export["batchnorm_nodes"] == 0 if "batchnorm_nodes" in export else None},
         "gates": asdict(gates),
         "candidates": evaluation["candidates"],
-        "metrics": {c["name"]: {"val_auc": c["val_auc"], "val": c["val_table"]} for c in evaluation["candidates"]},
-        "thresholds": {f"{c.get('engine', 'onnxruntime')}/{c['name']}": c["threshold"]
-                       for c in evaluation["candidates"]},
         "knees": knees,
         "shipping": shipping,
         "fallback": fallback,

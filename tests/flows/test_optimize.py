@@ -66,7 +66,9 @@ def test_optimize_registers_a_version_whose_promotion_matches_its_test_gate(tiny
     if manifest["promoted"]:
         assert registry.promoted() == manifest["version"]
     ship = manifest["shipping"]
-    assert manifest["thresholds"][f"onnxruntime/{ship['candidate']}"] == ship["threshold"]
+    shipped = next(c for c in manifest["candidates"] if c["name"] == ship["candidate"])
+    assert shipped["engine"] == "onnxruntime" and shipped["threshold"] == ship["threshold"]
+    assert manifest["format"] == 2 and "thresholds" not in manifest and "metrics" not in manifest  # stored once
     assert set(manifest["files"]) >= {"model-fp32.onnx", "model-int8-u8s8-per-tensor.onnx",
                                       "model-int8-s8s8-per-channel.onnx", "model.pt"}
     knee = next(iter(manifest["knees"].values()))
@@ -90,7 +92,7 @@ def test_optimize_registers_a_version_whose_promotion_matches_its_test_gate(tiny
     # the shipped engine loads, verified, and its threshold reaches the target on val
     engine = registry.load_engine(manifest["version"])
     assert engine.precision == ship["precision"]
-    assert manifest["metrics"][ship["candidate"]]["val"]["sensitivity"] >= 0.98
+    assert shipped["val_table"]["sensitivity"] >= 0.98
     # no baseline given: the non-inferiority gate was skipped, and the manifest says so
     assert "non-inferiority gate was not applied" in manifest["baseline"]["skipped"]
     assert manifest["candidates"] and all(not c["noninferiority"] for c in manifest["candidates"])
@@ -269,7 +271,7 @@ def test_on_a_gpu_tensorrt_ships_with_its_own_threshold_and_knee_and_onnxruntime
     manifest = latest_manifest(registry)
     ship, fallback = manifest["shipping"], manifest["fallback"]
     assert ship["engine"] == "tensorrt" and ship["candidate"] in ("trt-fp16", "trt-int8", "trt-fp32")
-    assert manifest["thresholds"][f"tensorrt/{ship['candidate']}"] == ship["threshold"]
+    assert next(c for c in manifest["candidates"] if c["name"] == ship["candidate"])["threshold"] == ship["threshold"]
     assert fallback["engine"] == "onnxruntime" and "passed_gate" in fallback
     assert {"model-fp16.onnx", "model-int8-trt.onnx"} <= set(manifest["files"])
     assert host_fingerprint("tensorrt", ship["precision"]) in manifest["knees"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from models import signing
-from models.registry import GateFailed, ModelIntegrityError, ModelNotFound, Registry
+from models.registry import MANIFEST_FORMAT, GateFailed, ManifestTooNew, ModelIntegrityError, ModelNotFound, Registry
 from screenline.files import UnsafePath
 from tasks.lake import Lake
 
@@ -222,6 +222,17 @@ def test_a_threshold_that_is_not_a_probability_is_refused(registry, threshold):
     registry.sign("sn-bad")  # even a signed manifest cannot decide with it
     with pytest.raises(ModelIntegrityError, match="is not a probability"):
         registry.pick("sn-bad", allow_failed_gate=True)
+
+
+def test_manifests_carry_their_format_older_ones_load_and_a_newer_one_is_refused(registry):
+    assert registry.manifest("sn-test")["format"] == MANIFEST_FORMAT
+    edit(registry, "sn-test", lambda m: m.pop("format"))  # as registered before formats were stamped (format 1)
+    registry.sign("sn-test")
+    assert registry.pick("sn-test")["threshold"] == 0.25
+    edit(registry, "sn-test", lambda m: m.update(format=MANIFEST_FORMAT + 1))
+    registry.sign("sn-test")  # signed and sealed, so only its format can refuse it
+    with pytest.raises(ManifestTooNew, match=f"reads formats up to {MANIFEST_FORMAT}: upgrade screenline"):
+        registry.manifest("sn-test")
 
 
 def test_signing_a_reviewed_hand_change_makes_the_manifest_trusted_again(registry):
