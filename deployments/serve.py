@@ -28,6 +28,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.ingest import DEFAULT_INBOX, INBOX_ENV
+
 REPO = Path(__file__).resolve().parent.parent
 POOL = "screenline"
 HOST = "127.0.0.1"
@@ -52,7 +54,7 @@ def _env(api_url: str | None = None, extra: dict[str, str] | None = None) -> dic
     env = {**os.environ, **(extra or {})}
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.setdefault("SCREENLINE_TIMEZONE", "UTC")  # prefect.yaml's nightly schedule reads it at deploy time
-    env.setdefault("SCREENLINE_INBOX", "inbox")
+    env.setdefault(INBOX_ENV, DEFAULT_INBOX)
     env.pop("PREFECT_API_URL", None)
     if api_url:
         env["PREFECT_API_URL"] = api_url

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, ContextManager, Protocol
 
 from models import signing
+from models.engine import MAX_BATCH
 from screenline.files import SAFE_NAME, atomic_write_bytes, safe_name, sha256_file
 
 MANIFEST = "manifest.json"
@@ -347,7 +348,7 @@ class Registry:
         onnx_path = self.verified_file(version, file)
         manifest = self.manifest(version)
         channels = int(manifest["architecture"]["channels"])
-        max_batch = int(manifest.get("gates", {}).get("max_batch", 512))
+        max_batch = int(manifest.get("gates", {}).get("max_batch", MAX_BATCH))
         key = tensorrt.plan_key(manifest["files"][file], tensorrt.profile_for(knee, max_batch), precision)
         path = self.lake.inside("models", version, "plans", key.filename())
         recorded = manifest.get("plans", {}).get(key.filename())

@@ -44,6 +44,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from prefect import task
 
+from models.contract import TARGET_SENSITIVITY
 from models.registry import SITE_POINTS, Registry, decided_at, point_key
 from screenline.files import safe_name
 from tasks.caching import IO_RETRIES, OutputCache, content_key
@@ -216,7 +217,8 @@ def plan_audit(lake: Lake, version: str | None = None, subsets: list[str] | None
     version = safe_name(version, "model version") if version else registry.promoted()
     manifest = registry.manifest(version)
     ship = manifest["shipping"]
-    target = float(target if target is not None else manifest.get("gates", {}).get("target_sensitivity", 0.98))
+    target = float(target if target is not None else manifest.get("gates", {}).get("target_sensitivity",
+                                                                                      TARGET_SENSITIVITY))
     files, stale = current_files(lake, version, manifest)
     if not files and not stale:
         raise ValueError(f"no predictions by {version} in {lake.predictions_dir(version)}: run `screenline screen` "

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
+from models.contract import TARGET_SENSITIVITY
+
 RULES = ("pac", "quantile")
 CURVE_SENSITIVITIES = (0.95, 0.97, 0.98, 0.99)
 """The sensitivities the operating curve is read at."""
@@ -34,7 +36,7 @@ class ThresholdRule:
     (sensitivity target + margin on the calibration images, no guarantee)."""
 
     name: str = "pac"
-    target: float = 0.98
+    target: float = TARGET_SENSITIVITY
     delta: float = 0.05
     margin: float = 0.01  # quantile only
 
