@@ -92,6 +92,7 @@ def optimize(
     max_batch: int = _GATES.max_batch,
     promote: bool = True,
     engine: str = "auto",
+    test_subsets: list[str] | None = None,
 ) -> dict:
     """Train → export (BatchNorm folded) → quantize INT8 → per-engine threshold and knee → gates → register → promote.
 
@@ -113,6 +114,10 @@ def optimize(
     on val (choosing) and on the held-out test split (promoting). distill: also distil the net from it (off by
     default: measured neutral to harmful when the baseline is not the stronger model; README: Clinical parity).
     promote: False registers without promoting (comparison runs, e.g. the seed's architecture).
+    test_subsets: labelled audit subsets whose images join the held-out test split (a site's evaluation set enriched
+    with positives, a benchmark's official test split): every held-out gate (sensitivity at the frozen threshold,
+    non-inferiority to the baseline) then rests on their positives too. Nothing trains, chooses or calibrates on
+    them, and a model already trained on the lake is reused.
     engine: auto (TensorRT where a GPU and the `gpu` extra are present, else ONNX Runtime), onnxruntime or
     tensorrt (fails at once, saying what is missing, on a host that cannot run it).
     Ends Failed, with the version registered, when held-out test sensitivity is below target.
@@ -120,8 +125,9 @@ def optimize(
     logger = get_run_logger()
     engine = resolve_engine(engine)
     root = str(lake_root(lake))
-    split: SplitRef = make_split_task(root)
-    logger.info("split %s: %s", split.sha256[:16], split.counts)
+    split: SplitRef = make_split_task(root, tuple(test_subsets or ()))
+    logger.info("split %s: %s; held-out test: %s %s", split.sha256[:16], split.counts, split.held_out_description(),
+                split.held_out)
     gates = replace(GateSettings(), target_sensitivity=target_sensitivity, threshold_rule=threshold_rule, delta=delta,
                     calibration_margin=calibration_margin, int8_auc_tolerance=int8_auc_tolerance, max_batch=max_batch,
                     gate_on_lower_bound=gate_on_lower_bound, calibrate_on=calibrate_on, folds=folds,

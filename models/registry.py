@@ -13,6 +13,7 @@ with unless the caller says so knowingly (`allow_failed_gate`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os

@@ -92,7 +92,7 @@ def cmd_samples(args: argparse.Namespace) -> None:
         f"  holdout: {', '.join(p.name for p in made.holdout)}  (ingest with --subset holdout)\n"
         f"  inbox:   {', '.join(p.name for p in made.inbox)}  (unlabelled)\n"
         f"  extras:  {', '.join(p.name for p in made.extras)}  (a fainter site that fails an audit, a dimmer night "
-        f"that drifts)\n"
+        f"that drifts, a newer scanner for site calibration, an evaluation set for optimize --test-subset)\n"
         f"  defects: {made.defects} bad entries in {made.train[0].name}/ to show the reject path"
     )
 
@@ -137,7 +137,8 @@ def run_optimize(lake: str | None, **params: object) -> dict:
         f"\n{'promoted' if result['promoted'] else 'registered (not promoted)'} {result['version']}: "
         f"{ship['engine']} {ship['candidate']}, threshold {ship['threshold']:.4f}\n"
         f"  threshold rule: {ship.get('calibration', {}).get('statement', '?')}\n"
-        f"  held-out test: sensitivity {test['sensitivity']:.4f} (95% CI {test['sensitivity_ci95'][0]:.4f}–"
+        f"  held-out test{_held_out(test)}: sensitivity {test['sensitivity']:.4f} (95% CI "
+        f"{test['sensitivity_ci95'][0]:.4f}–"
         f"{test['sensitivity_ci95'][1]:.4f}), specificity {test['specificity']:.4f}, AUC {test['auc']:.4f}\n"
         f"  this host: knee batch {knee['batch']}, {knee['images_per_s']:,.0f} images/s, "
         f"batch-1 latency {knee['batch1_latency_ms']:.3f} ms"
@@ -146,6 +147,14 @@ def run_optimize(lake: str | None, **params: object) -> dict:
         print_curve("  operating curve on the held-out test split (threshold frozen):", test["curve"])
     print_parity(result.get("baseline") or {})
     return result
+
+
+def _held_out(test: dict) -> str:
+    """" (the test split + subset 'x': N images, P positive)" when subsets joined the held-out test split."""
+    if not test.get("parts") or len(test["parts"]) < 2:
+        return ""
+    return (f" ({test['held_out']}: " + ", ".join(f"{name} {c['images']:,} images, {c['positives']:,} positive"
+                                                 for name, c in test["parts"].items()) + ")")
 
 
 def print_parity(baseline: dict) -> None:
@@ -212,14 +221,29 @@ def _check_optimize_extra() -> None:
             from None
 
 
+def _check_test_subsets(lake: str | None, names: list[str] | None) -> None:
+    """A held-out subset the lake does not hold (or that lacks positives or negatives) fails in one line, before any
+    flow starts."""
+    if not names:
+        return
+    from tasks.dataset import held_out_images
+    from tasks.lake import Lake
+
+    try:
+        held_out_images(Lake.at(lake), names)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
 def cmd_optimize(args: argparse.Namespace) -> None:
     _check_optimize_extra()
     _check_baseline(args.baseline, args.baseline_arch)
+    _check_test_subsets(args.lake, args.test_subsets)
     params = {k: v for k, v in vars(args).items() if k in ("epochs", "width", "arch", "teacher", "engine",
                                                           "target_sensitivity", "threshold_rule", "delta", "seed",
                                                           "gate_on_lower_bound", "calibrate_on", "folds",
                                                           "baseline", "baseline_arch", "spec_margin", "distill",
-                                                          "promote")}
+                                                          "promote", "test_subsets")}
     run_optimize(args.lake, **params)
 
 
@@ -267,7 +291,7 @@ def cmd_models(args: argparse.Namespace) -> None:
         if candidate.get("curve"):
             print_curve("  operating curve on validation:", candidate["curve"])
         if m.get("test", {}).get("curve"):
-            print_curve("  on the held-out test split (threshold frozen):", m["test"]["curve"])
+            print_curve(f"  on the held-out test split{_held_out(m['test'])} (threshold frozen):", m["test"]["curve"])
         print_parity(m.get("baseline") or {})
 
 
@@ -593,6 +617,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="training seed (default 0)")
     p.add_argument("--no-promote", dest="promote", action="store_false",
                    help="register without promoting (comparison runs)")
+    p.add_argument("--test-subset", dest="test_subsets", metavar="NAME", action="append",
+                   help="a labelled audit subset (ingested with --subset NAME) whose images join the held-out test "
+                        "split, so every held-out gate rests on its positives too: a site's evaluation set, a "
+                        "benchmark's official test split. Nothing trains or calibrates on it; repeatable")
     _engine_arg(p)
     p.set_defaults(func=cmd_optimize)
 

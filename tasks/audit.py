@@ -103,6 +103,7 @@ class AuditPlan:
     shipped_threshold: float = float("nan")  # what optimize shipped, shown beside the decisions
     operating_point: str = "shipped"  # which point decides: "shipped", or "site:<subset>"
     chosen_on: str | None = None  # the subset a deciding site point was chosen on (judged by its verification half)
+    gated_on: tuple[str, ...] = ()  # subsets that were in the version's held-out test split (optimize --test-subset)
 
     @property
     def lake(self) -> Lake:
@@ -253,7 +254,8 @@ def plan_audit(lake: Lake, version: str | None = None, subsets: list[str] | None
                       asdict(drift), sided)
     return AuditPlan(str(lake.root), f"{version}-{key[:12]}", version, ship["engine"], ship["precision"], threshold,
                      source, target, tuple(wanted), tuple(batch), runs, drift, sided, float(ship["threshold"]),
-                     point_name, site["subset"] if site else None)
+                     point_name, site["subset"] if site else None,
+                     tuple(manifest.get("data", {}).get("test_subsets", ())))
 
 
 def scores_of(plan: AuditPlan, shard_ids: list[str] | tuple[str, ...]) -> pa.Table:
@@ -330,6 +332,9 @@ def audit_figures(plan: AuditPlan) -> AuditSummary:
             row.update(verdict=verification["verdict"], claim_supported=verification["claim_supported"],
                        claim=(f"judged on its verification half only (the site threshold was chosen on the other "
                               f"half): {verification['claim']}"))
+        if subset in plan.gated_on:  # it decided promotion: the audit reads it again, it does not check it afresh
+            row["claim"] = (f"not an independent check: this subset was in the held-out test split that gated "
+                            f"{plan.version}'s promotion (optimize --test-subset {subset}); {row['claim']}")
         rows += [row] + [r for r, _ in group_rows]
         summary.subsets.append(row)
         for r, g in [(row, f)] + [(r, g) for r, g in group_rows if r["group_kind"] == "shard"]:

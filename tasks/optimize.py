@@ -95,7 +95,8 @@ class Candidate:
 
 def train_output(inputs: dict[str, Any]) -> Path:
     split: SplitRef = inputs["split"]
-    return work_dir(split.lake_root, "train", split.sha256, inputs["settings"]) / "model.pt"
+    # the rows split by hash, not the held-out subsets: a model trains once whatever joins its test split
+    return work_dir(split.lake_root, "train", split.training_sha256, inputs["settings"]) / "model.pt"
 
 
 @task(name="train", cache_policy=OutputCache(namespace="train/v1", output=train_output), persist_result=True, **IO_RETRIES)
@@ -453,7 +454,7 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
         fb_runner = runner(by_name[evaluation["fallback"]])
         fallback = _gate_on_test(by_name[evaluation["fallback"]], gates, scores(fb_runner, x_test), y_test)
     passed = shipping.pop("passed_gate")
-    test = shipping.pop("test")
+    test = {**shipping.pop("test"), "held_out": split.held_out_description(), "parts": split.held_out}
     verdict = shipping.pop("verdict")
     baseline = {"skipped": "no baseline given (optimize --baseline CKPT|train): the non-inferiority gate was not "
                            "applied"}
@@ -472,7 +473,9 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
     meta = json.loads((checkpoint.parent / "model.json").read_text())
     manifest = {
         "architecture": architecture(checkpoint, settings, split.channels),
-        "data": {"split_sha256": split.sha256, "split_file": Path(split.path).name, "counts": split.counts},
+        "data": {"split_sha256": split.sha256, "split_file": Path(split.path).name, "counts": split.counts,
+                 "training_sha256": split.training_sha256, "test_subsets": list(split.test_subsets),
+                 "held_out": split.held_out},
         "training": {"settings": settings.as_dict(), "history": meta["history"], "best_val_auc": meta["val_auc"]},
         "export": {"fp32_max_abs_diff_vs_torch": export["fp32_max_abs_diff_vs_torch"], "opset": export["opset"],
                    # counted in the FP32 graph, not assumed (ScreenNet's are folded by fold_batchnorm, a ResNet18's

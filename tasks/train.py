@@ -280,7 +280,7 @@ def train_model(split: SplitRef, settings: TrainSettings, out_dir: Path, log=pri
     state, fitted = fit(x_train, y_train, x_val, y_val, settings, split.channels, teacher, log=log)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"arch": settings.arch, "channels": split.channels, "width": settings.width, "pool": settings.pool, **fitted,
-            "settings": settings.as_dict(), "split": split.sha256}
+            "settings": settings.as_dict(), "split": split.training_sha256}  # the rows it learned from
     atomic_write_bytes(out_dir / "model.json", json.dumps(meta, indent=2).encode())
     with atomic_path(out_dir / "model.pt") as tmp:  # written last: the checkpoint's presence means training finished
         torch.save(state, tmp)

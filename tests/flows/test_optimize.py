@@ -164,6 +164,35 @@ def test_a_weak_candidate_against_a_stronger_trained_baseline_is_refused_with_th
     assert "no candidate was shown non-inferior to the baseline on val" in fp32["why"]
 
 
+def test_a_held_out_subset_joins_every_test_gate_without_retraining(tiny_lake, tmp_path):
+    import shutil
+
+    lake = tmp_path / "lake"
+    shutil.copytree(tiny_lake, lake)  # the trainings cached in it are found again (keyed on content, not the path)
+    write_tar(tmp_path / "eval.tar", *images(300, "opt-eval", site="a", prevalence=0.5), prefix="ev")
+    ingest([str(tmp_path / "eval.tar")], lake=str(lake), subset="evaluation")
+    _, registry = run(lake, **NO_INT8)
+    plain = latest_manifest(registry)
+    trained = {p: p.stat().st_mtime_ns for p in (lake / "models" / "work").glob("train-*/model.pt")}
+    run(lake, **NO_INT8, test_subsets=["evaluation"])
+    joined = latest_manifest(registry)
+    assert joined["version"] != plain["version"]
+    # the same trained model, judged on more: no training ran (no new checkpoint, none rewritten)
+    assert {p: p.stat().st_mtime_ns for p in (lake / "models" / "work").glob("train-*/model.pt")} == trained
+    assert joined["files"]["model.pt"] == plain["files"]["model.pt"]
+    parts = joined["data"]["held_out"]
+    assert parts["split"] == plain["data"]["counts"]["test"] and parts["subset evaluation"]["images"] == 300
+    assert joined["data"]["test_subsets"] == ["evaluation"] and joined["test"]["held_out"] == \
+        "the test split + subset 'evaluation'"
+    test = joined["test"]
+    assert test["tp"] + test["fn"] == sum(p["positives"] for p in parts.values())
+    assert test["tp"] + test["fn"] + test["tn"] + test["fp"] == plain["test"]["tp"] + plain["test"]["fn"] + \
+        plain["test"]["tn"] + plain["test"]["fp"] + 300
+    # nothing chose or calibrated on it: validation and the threshold are what they were
+    assert joined["shipping"]["threshold"] == plain["shipping"]["threshold"]
+    assert joined["data"]["counts"]["val"] == plain["data"]["counts"]["val"]
+
+
 def test_rerun_hits_the_cache_for_training_and_export(tiny_lake):
     run(tiny_lake)
     state = optimize(lake=str(tiny_lake), return_state=True, **FAST)

@@ -144,3 +144,17 @@ def test_predictions_that_change_after_planning_are_not_audited(screened_subset)
     screen_plain(lake)  # scored again by another run: not what the plan read
     with pytest.raises(AuditIncomplete, match="changed since this audit was planned"):
         audit_figures(plan)
+
+
+def test_a_subset_that_gated_the_versions_promotion_is_audited_but_not_called_an_independent_check(screened_subset):
+    from models.registry import Registry
+
+    lake = screened_subset
+    plain = audit_figures(plan_audit(lake)).subsets[0]
+    assert "not an independent check" not in plain["claim"]
+    # as optimize --test-subset holdout records it
+    Registry(lake).update_sealed("sn-cov", lambda m: m.setdefault("data", {}).update(test_subsets=["holdout"]))
+    row = audit_figures(plan_audit(lake)).subsets[0]
+    assert row["claim"].startswith("not an independent check: this subset was in the held-out test split that "
+                                   "gated sn-cov's promotion (optimize --test-subset holdout); ")
+    assert row["claim"].endswith(plain["claim"]) and row["verdict"] == plain["verdict"] and row["n"] == 30

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -68,3 +69,42 @@ def test_cross_fitting_folds_cover_train_and_val_once_and_never_touch_test(tmp_p
     assert {i: n for i, n in held_out.items() if split[i] != "test"} == {i: 1 for i in split if split[i] != "test"}
     with pytest.raises(ValueError, match="2 or more folds"):
         fold_split(base, 0, 1)
+
+
+def test_a_held_out_subset_joins_the_test_split_only_and_never_changes_what_trains(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    write_tar(tmp_path / "train.tar", *images(120, "split-train", prevalence=0.5), prefix="t")
+    write_tar(tmp_path / "eval.tar", *images(40, "split-eval", prevalence=0.5), prefix="e")
+    land(lake, tmp_path / "train.tar")
+    land(lake, tmp_path / "eval.tar", "evaluation")
+    plain, joined = make_split(lake), make_split(lake, ["evaluation"])
+    eval_ids = set(pq.read_table(joined.path, filters=[("subset", "=", "evaluation")]).column("image_id").to_pylist())
+    assert len(eval_ids) == 40
+    rows = pq.read_table(joined.path).to_pydict()
+    assert {s for i, s in zip(rows["image_id"], rows["split"]) if i in eval_ids} == {"test"}
+    # the split's identity covers the subset (what evaluates re-runs); what trains keys on the same rows as before
+    assert joined.sha256 != plain.sha256 and joined.training_sha256 == plain.training_sha256 == plain.sha256
+    for name in ("train", "val"):
+        assert np.array_equal(load_split(joined, name)[0], load_split(plain, name)[0])
+    x, y = load_split(joined, "test")
+    assert len(y) == plain.counts["test"]["images"] + 40 == joined.counts["test"]["images"]
+    assert joined.held_out == {"split": plain.counts["test"], "subset evaluation": {"images": 40,
+                                                                                    "positives": int(y.sum()) -
+                                                                                    plain.counts["test"]["positives"]}}
+    assert joined.held_out_description() == "the test split + subset 'evaluation'"
+    # cross-fitting's folds keep the subset in test, and train on the same rows as without it
+    assert fold_split(joined, 0, 3).training_sha256 == fold_split(plain, 0, 3).training_sha256
+    assert fold_split(joined, 0, 3).counts["test"] == joined.counts["test"]
+
+
+@pytest.mark.parametrize("labels, says", [(None, "holds 0 labelled image"), ("ones", "40 positive")])
+def test_a_held_out_subset_without_positives_and_negatives_is_refused_naming_it(tmp_path, labels, says):
+    lake = Lake(tmp_path / "lake")
+    write_tar(tmp_path / "train.tar", *images(60, "split-train", prevalence=0.5), prefix="t")
+    land(lake, tmp_path / "train.tar")
+    if labels == "ones":
+        x, _ = images(40, "split-ones", prevalence=0.5)
+        write_tar(tmp_path / "ones.tar", x, np.ones(40, np.uint8), prefix="o")
+        land(lake, tmp_path / "ones.tar", "evaluation")
+    with pytest.raises(ValueError, match=f"subset 'evaluation' cannot join the held-out test split: .*{says}"):
+        make_split(lake, ["evaluation"])
