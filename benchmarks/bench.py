@@ -113,9 +113,9 @@ def latest_model(lake: Path) -> dict | None:
             "manifest": _verified(registry, version)}
 
 
-def _verified(registry, version: str) -> dict:
+def _verified(registry, version: str):
     manifest = registry.manifest(version)
-    for name in manifest["files"]:
+    for name in manifest.files:
         registry.verified_file(version, name)  # every file matches its manifest hash before anything loads it
     return manifest
 
@@ -144,17 +144,17 @@ def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
     shipped = None if quick else latest_model(lake)
     if shipped:
         folder, manifest = shipped["folder"], shipped["manifest"]
-        arch = manifest["architecture"]
+        arch = manifest.architecture
         checkpoint = str(folder / "model.pt")
         files = {name: folder / file for name, file in
-                 {c["name"]: c["file"] for c in manifest["candidates"]}.items()}
-        gates = manifest["gates"]
-        context.update(quality=True, version=shipped["version"], ships=manifest["shipping"]["candidate"],
+                 {c["name"]: c["file"] for c in manifest.candidates}.items()}
+        gates = manifest.gates
+        context.update(quality=True, version=shipped["version"], ships=manifest.shipping.candidate,
                        width=arch["width"], rule={"name": gates.get("threshold_rule", "quantile"),
                                                   "target": gates["target_sensitivity"],
                                                   "delta": gates.get("delta", 0.05),
                                                   "margin": gates.get("calibration_margin", 0.01)})
-        ships = manifest["shipping"]["candidate"]
+        ships = manifest.shipping.candidate
         context["ship_graph"] = {"file": str(files[ships]), "candidate": ships,
                                  "precision": "fp32" if ships == "fp32" else "int8"}
         _write_split(lake, manifest, work)
@@ -226,13 +226,11 @@ def _has_openvino() -> bool:
     return True
 
 
-def _write_split(lake: Path, manifest: dict, work: Path) -> None:
-    from tasks.dataset import SplitRef, load_split
+def _write_split(lake: Path, manifest, work: Path) -> None:
+    from tasks.dataset import load_split, split_of_version
     from tasks.lake import Lake
 
-    data = manifest["data"]
-    ref = SplitRef(str(lake), str(Lake(lake).models / "splits" / data["split_file"]), data["split_sha256"],
-                   manifest["architecture"]["channels"])
+    ref = split_of_version(Lake(lake), manifest.data)
     for split in ("val", "test"):
         x, y = load_split(ref, split)
         np.save(work / f"{split}.npy", x)

@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         width = TrainSettings().width
         if shipped:
             folder, manifest = shipped["folder"], shipped["manifest"]
-            graphs = {c["name"]: folder / c["file"] for c in manifest["candidates"]}
-            width = manifest["architecture"]["width"]
+            graphs = {c["name"]: folder / c["file"] for c in manifest.candidates}
+            width = manifest.architecture["width"]
             source = f"model {shipped['version']}"
         else:
             fp32 = export_onnx(ScreenNet(ScreenNetConfig(width=width)).eval(), work / "fp32.onnx")

@@ -57,22 +57,22 @@ def pool_of(lake_root: Path, version: str | None) -> dict:
     lake = Lake.at(lake_root)
     registry = Registry(lake)
     pick = registry.pick(version, "auto")
-    manifest = registry.manifest(pick["version"])
-    files, stale = current_files(lake, pick["version"], manifest)
+    manifest = registry.manifest(pick.version)
+    files, stale = current_files(lake, pick.version, manifest)
     if stale:
         log(f"{len(stale)} predictions file(s) are not current and are left out: run `screenline screen` first")
     scored = read_current(files, files, ["image_id", "score", "engine"])
     images = ds.dataset([str(p) for p in lake.shard_files()], format="parquet").to_table(
         columns=["image_id", "label", "subset"], filter=pc.field("label").is_valid())
-    split = pq.read_table(lake.models / "splits" / manifest["data"]["split_file"], columns=["image_id", "split"])
+    split = pq.read_table(lake.models / "splits" / manifest.data["split_file"], columns=["image_id", "split"])
     table = images.join(split, "image_id", join_type="left outer").join(scored, "image_id", join_type="inner")
     where = [s if s is not None else sp for s, sp in zip(table.column("subset").to_pylist(),
                                                          table.column("split").to_pylist())]
     keep = np.array([w is not None and w != "train" for w in where], dtype=bool)
     if not keep.any():
-        raise SystemExit(f"{pick['version']} has no current predictions of labelled images outside its training split "
+        raise SystemExit(f"{pick.version} has no current predictions of labelled images outside its training split "
                          f"in {lake.root}: run `screenline screen` (or `make demo`) first")
-    return {"version": pick["version"], "engine": pick["engine"], "shipped": float(pick["shipped_threshold"]),
+    return {"version": pick.version, "engine": pick.shipped.engine, "shipped": float(pick.shipped.threshold),
             "manifest": manifest, "lake": lake,
             "ids": np.array(table.column("image_id").to_pylist())[keep],
             "scores": table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)[keep],
@@ -153,16 +153,15 @@ def fixed_split(pool: dict, thresholds: dict[str, float], target: float) -> list
 def crossfit_scores(pool: dict, folds: int) -> dict:
     """Out-of-fold scores of train+val from `folds` models trained the version's way: the same fold splits and
     training as `optimize --calibrate-on crossfit`, in the same work folders, so either reuses the other's models."""
-    from tasks.dataset import SplitRef, load_split
-    from tasks.optimize import train_output, fold_splits
+    from tasks.dataset import fold_split, load_split, split_of_version
+    from tasks.optimize import train_output
     from tasks.train import TrainSettings, load_checkpoint, predict, train_model
 
     manifest, lake = pool["manifest"], pool["lake"]
-    settings = TrainSettings(**manifest["training"]["settings"])
-    base = SplitRef(str(lake.root), str(lake.models / "splits" / manifest["data"]["split_file"]),
-                    manifest["data"]["split_sha256"], int(lake.read_meta()["channels"]))
+    settings = TrainSettings(**manifest.training["settings"])
+    base = split_of_version(lake, manifest.data)
     scores, labels, minutes = [], [], []
-    for k, fold in enumerate(fold_splits(base, folds)):
+    for k, fold in enumerate(fold_split(base, k, folds) for k in range(folds)):
         checkpoint = train_output({"split": fold, "settings": settings})
         started = time.perf_counter()
         if not checkpoint.exists():
@@ -226,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     pool = pool_of(Path(args.lake), args.version)
-    target = args.target or float(pool["manifest"]["gates"]["target_sensitivity"])
+    target = args.target or pool["manifest"].target_sensitivity
     val = pool["where"] == "val"
     n_val = int(pool["labels"][val].sum())
     log(f"{pool['version']}: {len(pool['labels'])} images in the pool, {int(pool['labels'].sum())} positive; "

@@ -112,7 +112,7 @@ def measure_engine(lake: Path) -> dict:
 
     registry = Registry(Lake(lake))
     manifest = registry.manifest("sn-bench")
-    batch = next(iter(manifest["knees"].values()))["batch"]
+    batch = next(iter(manifest.knees.values()))["batch"]
     engine = registry.load_engine("sn-bench", allow_failed_gate=True)
     files = sorted((lake / "images").glob("*.parquet"))
     t0 = time.perf_counter()

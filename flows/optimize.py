@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from models.engine import resolve_engine
+from models.manifest import Manifest
 from tasks.baseline import BASELINE_TRAINING, baseline_task
 from tasks.dataset import SplitRef, make_split_task
 from tasks.lake import lake_root
@@ -24,9 +25,9 @@ from tasks.train import TrainSettings
 class NotPromoted(RuntimeError):
     """The model was registered but not promoted (a held-out gate refused it); `manifest` is what was registered."""
 
-    def __init__(self, message: str, manifest: dict | None = None) -> None:
+    def __init__(self, message: str, manifest: Manifest | None = None) -> None:
         super().__init__(message)
-        self.manifest = manifest or {}
+        self.manifest = manifest
 
 
 def curve_markdown(where: str, curve: list[dict]) -> str:
@@ -162,40 +163,39 @@ def optimize(
     evaluation = evaluate_task(export_dir, split, gates, engine, oof_file, baseline_dir)
     manifest = register_task(export_dir, checkpoint, split, settings, gates, evaluation, promote, baseline_dir)
 
-    ship, test = manifest["shipping"], manifest["test"]
-    knee = next(iter(manifest["knees"].values()))
+    ship, test = manifest.shipping, manifest.test
+    knee = next(iter(manifest.knees.values()))
     create_markdown_artifact(
         key="optimize-summary",
         markdown=(
-            f"# {manifest['version']}\n\n"
-            f"ships **{ship['engine']} {ship['candidate']}** at threshold {ship['threshold']:.4f} ({ship['why']})\n\n"
+            f"# {manifest.version}\n\n"
+            f"ships **{ship.engine} {ship.candidate}** at threshold {ship.threshold:.4f} ({ship.why})\n\n"
             f"| engine | candidate | val AUC | val sensitivity | images/s at knee | knee | gate |\n"
             f"|---|---|---|---|---|---|---|\n"
             + "".join(
                 f"| {c.get('engine', 'onnxruntime')} | {c['name']} | {c['val_auc']:.4f} | "
                 f"{c['val_table']['sensitivity']:.4f} | "
                 f"{c['knee']['images_per_s']:,.0f} | {c['knee']['batch']} | {c['why']} |\n"
-                for c in manifest["candidates"]
+                for c in manifest.candidates
             )
-            + f"\nthreshold: {ship['calibration'].get('statement', '')}\n\n"
-            + curve_markdown("validation", next(c for c in manifest["candidates"]
-                                                if c["name"] == ship["candidate"])["curve"])
-            + curve_markdown("held-out test (threshold frozen)", test["curve"])
-            + parity_markdown(manifest["baseline"])
+            + f"\nthreshold: {ship.calibration.get('statement', '')}\n\n"
+            + curve_markdown("validation", manifest.candidate(ship.candidate)["curve"])
+            + curve_markdown(f"held-out test: {test.get('held_out', 'the test split')} (threshold frozen)",
+                             test["curve"])
+            + parity_markdown(manifest.baseline)
             + f"\ntest: sensitivity {test['sensitivity']:.4f}, specificity {test['specificity']:.4f}, "
-              f"AUC {test['auc']:.4f}\n\n{manifest['promotion']}\n"
+              f"AUC {test['auc']:.4f}\n\n{manifest.promotion}\n"
         ),
         description="optimize: candidates, gates, promotion",
     )
-    logger.info("%s: %s; knee b=%d at %.0f images/s", manifest["version"], manifest["promotion"], knee["batch"],
+    logger.info("%s: %s; knee b=%d at %.0f images/s", manifest.version, manifest.promotion, knee["batch"],
                 knee["images_per_s"])
-    for line in parity_lines(manifest["baseline"]):
+    for line in parity_lines(manifest.baseline):
         logger.info("%s", line)
-    if manifest.get("fallback"):
-        fb = manifest["fallback"]
-        logger.info("CPU fallback %s %s, threshold %.4f: %s", fb["engine"], fb["candidate"], fb["threshold"],
-                    fb["verdict"])
-    if not manifest["passed_gate"]:
-        raise NotPromoted(f"{manifest['version']} registered but {manifest['promotion']}", manifest)
-    return {"version": manifest["version"], "promoted": manifest["promoted"], "shipping": ship, "test": test,
-            "knee": knee, "baseline": manifest["baseline"]}
+    if manifest.fallback:
+        fb = manifest.fallback
+        logger.info("CPU fallback %s %s, threshold %.4f: %s", fb.engine, fb.candidate, fb.threshold, fb.verdict)
+    if not manifest.passed_gate:
+        raise NotPromoted(f"{manifest.version} registered but {manifest.promotion}", manifest)
+    return {"version": manifest.version, "promoted": manifest.promoted, "shipping": ship.to_dict(), "test": test,
+            "knee": knee, "baseline": manifest.baseline}

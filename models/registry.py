@@ -1,8 +1,10 @@
 """The model registry: `lake/models/<version>/` with its files and `manifest.json`, and the promoted pointer.
 
-The manifest is the one place for a version's facts: architecture, data split hashes, training settings, metrics
-per precision, the calibrated threshold per engine/precision, the gate verdicts, the knee per host, the sha256 of
-every file, and whether it is promoted and why.
+The manifest (models/manifest.py: the one definition of its fields) is the one place for a version's facts:
+architecture, data split hashes, training settings, each candidate's figures and threshold, what ships and at
+which threshold, the gate verdicts, the knee per host, the sha256 of every file, and whether it is promoted and why.
+The registry is where manifests are written (`register`, `update_sealed`, `record`, `sign`) and read (`manifest`,
+verified, as a `Manifest`; `read_manifest`, as written, for listing and diagnosis only).
 
 What is trusted (see models/signing.py): a manifest is used only if its seal matches its content and carries a
 signature by a trusted key, and `models/PROMOTED` only if it is signed too. A model file is loaded only after its
@@ -21,18 +23,15 @@ import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ContextManager, Protocol
+from typing import Any, Callable, ContextManager, Mapping, Protocol
 
 from models import signing
 from models.engine import MAX_BATCH
+from models.manifest import MANIFEST_FORMAT, Manifest, ManifestInvalid, ManifestTooNew, Shipped
 from screenline.files import SAFE_NAME, atomic_write_bytes, safe_name, sha256_file
 
 MANIFEST = "manifest.json"
 PROMOTED = "PROMOTED"
-MANIFEST_FORMAT = 2
-"""The manifest's layout, stamped by `register`. 1 (no `format` field): each candidate's validation figures and
-threshold also copied into `metrics` and `thresholds`; 2: stored once, in `candidates`. Older formats load; a newer
-one is refused (ManifestTooNew) rather than half-read."""
 
 
 class ModelNotFound(LookupError):
@@ -44,29 +43,20 @@ class ModelIntegrityError(RuntimeError):
     trusted signature: it was changed after registration."""
 
 
-class ManifestTooNew(RuntimeError):
-    """A manifest written by a newer screenline, in a layout this one does not know."""
-
-
 class GateFailed(RuntimeError):
     """A version (or one of its engines) did not pass its held-out gate, or records no verdict."""
 
 
-SITE_POINTS = "site_operating_points"
-"""Manifest field: per "<engine>/<file>", the site operating point `screenline calibrate --apply` recorded, which
-decides instead of the shipped threshold (sealed like the rest: applying one signs the manifest again)."""
+@dataclass(frozen=True)
+class Pick:
+    """The shipped engine a host screens with: the version, the engine's record, the threshold that decides here
+    (a site operating point, else the shipped one) and what screening records about its gate."""
 
-
-def point_key(engine: str, file: str) -> str:
-    return f"{engine}/{file}"
-
-
-def decided_at(manifest: dict[str, Any], pick: dict[str, Any]) -> tuple[Any, str]:
-    """The threshold a shipped pick decides at, and the operating point's name: the site point recorded for its
-    engine and graph, else its own ("shipped")."""
-    site = manifest.get(SITE_POINTS, {}).get(point_key(pick["engine"], pick["file"]))
-    return (site["threshold"], site["name"]) if site else (pick["threshold"], "shipped")
-
+    version: str
+    shipped: Shipped
+    threshold: float
+    operating_point: str = "shipped"  # or "site:<subset>"
+    gate: str = "passed"  # or "overridden: <why>"
 
 def valid_threshold(value: Any) -> bool:
     """A decision threshold is a finite probability."""
@@ -143,9 +133,9 @@ class Registry:
             raise ModelIntegrityError(f"{path} is not a manifest (a JSON object); refusing it")
         return manifest
 
-    def manifest(self, version: str) -> dict[str, Any]:
-        """The manifest of `version`, after checking that it names this version, that its seal matches its content
-        and that a trusted key signed that seal; ModelIntegrityError saying which check failed otherwise."""
+    def _verified(self, version: str) -> dict[str, Any]:
+        """The stored manifest after checking that it names this version, that its seal matches its content and
+        that a trusted key signed that seal; ModelIntegrityError saying which check failed otherwise."""
         manifest = self.read_manifest(version)
         if manifest.get("version") != version:
             raise ModelIntegrityError(
@@ -169,10 +159,15 @@ class Registry:
             raise ModelIntegrityError(
                 f"the manifest of {version} is not vouched for: {exc}. Refusing it; `screenline sign {version}` on "
                 f"the host that holds the signing key after reviewing it, or re-run `screenline optimize`.") from None
-        if not isinstance(manifest.get("format", 1), int) or manifest.get("format", 1) > MANIFEST_FORMAT:
-            raise ManifestTooNew(f"the manifest of {version} has format {manifest.get('format')!r}; this screenline "
-                                 f"reads formats up to {MANIFEST_FORMAT}: upgrade screenline to use it")
         return manifest
+
+    def manifest(self, version: str) -> Manifest:
+        """The manifest of `version`, verified (see `_verified`) and read by its schema (models/manifest.py):
+        ManifestTooNew for a newer format, ModelIntegrityError for one that lacks what ships."""
+        try:
+            return Manifest.from_dict(self._verified(version))
+        except ManifestInvalid as exc:
+            raise ModelIntegrityError(f"{exc}; refusing it") from None
 
     def _write(self, version: str, manifest: dict[str, Any]) -> None:
         atomic_write_bytes(self.folder(version) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
@@ -183,18 +178,24 @@ class Registry:
         self._write(version, manifest)
         return manifest
 
-    def register(self, version: str, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Record the sha256 of every file in the version's folder, seal and sign the manifest, and write it."""
+    def register(self, version: str, manifest: Manifest | Mapping[str, Any]) -> Manifest:
+        """Record the sha256 of every file in the version's folder, stamp the version, format and time, seal and
+        sign the manifest, and write it."""
+        if not isinstance(manifest, Manifest):
+            try:
+                manifest = Manifest.from_dict({**manifest, "version": version})
+            except ManifestInvalid as exc:
+                raise ValueError(f"cannot register {version}: {exc}") from None
         folder = self.folder(version)
-        manifest = {k: v for k, v in manifest.items() if k not in ("seal", "signature")}
-        manifest["version"] = version
-        manifest["format"] = MANIFEST_FORMAT
-        manifest.setdefault("registered_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        manifest["files"] = {
+        manifest.version, manifest.format = version, MANIFEST_FORMAT
+        manifest.registered_at = manifest.registered_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
+        manifest.files = {
             p.name: sha256_file(p) for p in sorted(folder.iterdir())
             if p.is_file() and not p.is_symlink() and p.name != MANIFEST and not p.name.startswith(".")
         }
-        return self._seal_and_sign(version, manifest)
+        manifest.seal = manifest.signature = None
+        stored = self._seal_and_sign(version, manifest.to_dict())
+        return Manifest.from_dict(stored)
 
     def sign(self, version: str) -> tuple[str | None, dict[str, Any]]:
         """Re-seal and sign `version`'s manifest as it is now, with this host's key: for a change made by hand that
@@ -209,13 +210,14 @@ class Registry:
         with self.lake.lock():
             return previous, self._seal_and_sign(version, manifest)
 
-    def update_sealed(self, version: str, change: Any) -> dict[str, Any]:
+    def update_sealed(self, version: str, change: Callable[[Manifest], None]) -> Manifest:
         """Apply `change(manifest)` to a verified manifest and sign it again with this host's key, under the lake's
         lock: for screenline's own sealed updates (a site operating point), never for a change nobody reviewed."""
         with self.lake.lock():
             manifest = self.manifest(version)
             change(manifest)
-            return self._seal_and_sign(version, manifest)
+            manifest.seal = manifest.signature = None
+            return Manifest.from_dict(self._seal_and_sign(version, manifest.to_dict()))
 
     def record(self, version: str, field: str, key: str, value: Any) -> None:
         """Set manifest[field][key] for a host-specific, unsealed field (a knee, a TensorRT plan), under the lake's
@@ -223,15 +225,15 @@ class Registry:
         if field not in signing.UNSEALED:
             raise ValueError(f"{field!r} is sealed: only {', '.join(signing.UNSEALED)} may change after signing")
         with self.lake.lock():
-            manifest = self.manifest(version)
+            manifest = self._verified(version)  # as stored: a host fact never rewrites what is sealed
             manifest.setdefault(field, {})[key] = value
             self._write(version, manifest)
 
     def promote(self, version: str) -> None:
         """Make `version` the one screening uses: a verified version that passed its held-out gate."""
         manifest = self.manifest(version)
-        if manifest.get("passed_gate") is not True:
-            raise GateFailed(f"{version} did not pass its held-out gate ({manifest.get('promotion', 'no verdict')}); "
+        if manifest.passed_gate is not True:
+            raise GateFailed(f"{version} did not pass its held-out gate ({manifest.promotion or 'no verdict'}); "
                              f"it cannot be promoted")
         promoted_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         pointer = {"version": version, "promoted_at": promoted_at,
@@ -257,7 +259,7 @@ class Registry:
     def verified_file(self, version: str, name: str) -> Path:
         """The path of a model file after checking it against the (verified) manifest's sha256."""
         manifest = self.manifest(version)
-        expected = manifest.get("files", {}).get(name)
+        expected = manifest.files.get(name)
         if expected is None:
             raise ModelIntegrityError(f"{name} is not listed in the manifest of {version}; refusing to load it")
         path = self.lake.inside("models", version, safe_name(name, f"file named by the manifest of {version}"))
@@ -271,52 +273,48 @@ class Registry:
             )
         return path
 
-    def pick(self, version: str | None = None, engine: str = "auto",
-             allow_failed_gate: bool = False) -> dict[str, Any]:
-        """The shipped candidate to run here: `shipping`, or the version's ONNX Runtime `fallback` (registered by
-        an optimize that shipped TensorRT) where this host cannot run TensorRT or onnxruntime is asked for.
+    def pick(self, version: str | None = None, engine: str = "auto", allow_failed_gate: bool = False) -> Pick:
+        """The shipped engine to run here: `shipping`, or the version's ONNX Runtime `fallback` (registered by an
+        optimize that shipped TensorRT) where this host cannot run TensorRT or onnxruntime is asked for.
 
         Each has its own threshold, calibrated on that engine's scores, and its own held-out gate: shipping's
-        verdict is the manifest's `passed_gate`, the fallback's its own. A candidate whose gate failed or is not
-        recorded raises GateFailed, unless `allow_failed_gate`. The returned pick carries `gate`, what screening
-        records about it."""
+        verdict is the manifest's `passed_gate`, the fallback's its own. An engine whose gate failed or is not
+        recorded raises GateFailed, unless `allow_failed_gate`; the pick's `gate` is what screening records."""
         from models.engine import resolve_engine
 
         version = safe_name(version, "model version") if version else self.promoted()
         manifest = self.manifest(version)
-        shipping = {**manifest["shipping"], "passed_gate": manifest.get("passed_gate"),
-                    "verdict": manifest.get("promotion", "")}
-        picks = [shipping, *([manifest["fallback"]] if manifest.get("fallback") else [])]
         runnable = ["tensorrt", "onnxruntime"] if resolve_engine(engine) == "tensorrt" else ["onnxruntime"]
         wanted = runnable if engine == "auto" else [engine]
         for name in wanted:
-            for pick in picks:
-                if pick["engine"] != name:
+            for shipped in manifest.picks:
+                if shipped.engine != name:
                     continue
-                threshold, point = decided_at(manifest, pick)
-                pick = {**pick, "shipped_threshold": pick["threshold"], "threshold": threshold,
-                        "operating_point": point}
-                return {**pick, "version": version, "gate": self._gate(version, pick, allow_failed_gate)}
+                threshold, point = manifest.decided_at(shipped)
+                passed, verdict = ((manifest.passed_gate, manifest.promotion) if shipped is manifest.shipping
+                                   else (shipped.passed_gate, shipped.verdict))
+                return Pick(version, shipped, threshold, point,
+                            self._gate(version, shipped.engine, threshold, passed, verdict, allow_failed_gate))
         if wanted == ["tensorrt"]:
             raise ModelNotFound(f"{version} has no TensorRT threshold (it was optimized without a GPU): run "
                                 f"`screenline optimize --engine tensorrt` on a GPU host, or screen with onnxruntime")
-        raise ModelNotFound(f"{version} ships {manifest['shipping']['engine']} only, which this host cannot run: "
+        raise ModelNotFound(f"{version} ships {manifest.shipping.engine} only, which this host cannot run: "
                             f"run `screenline optimize --engine onnxruntime` to register a CPU engine")
 
     @staticmethod
-    def _gate(version: str, pick: dict[str, Any], allow_failed_gate: bool) -> str:
+    def _gate(version: str, engine: str, threshold: Any, passed: bool | None, verdict: str | None,
+              allow_failed_gate: bool) -> str:
         """"passed", or what screening records when a failed (or unrecorded) gate is knowingly overridden."""
-        if not valid_threshold(pick.get("threshold")):
-            raise ModelIntegrityError(f"{version}'s {pick['engine']} threshold {pick.get('threshold')!r} is not a "
-                                      f"probability in [0, 1]; refusing to decide with it")
-        passed = pick.get("passed_gate")
+        if not valid_threshold(threshold):
+            raise ModelIntegrityError(f"{version}'s {engine} threshold {threshold!r} is not a probability in [0, 1]; "
+                                      f"refusing to decide with it")
         if passed is True:
             return "passed"
-        why = (f"did not pass its held-out sensitivity gate ({pick.get('verdict') or 'no reason recorded'})"
+        why = (f"did not pass its held-out sensitivity gate ({verdict or 'no reason recorded'})"
                if passed is False else "records no held-out gate verdict")
         if not allow_failed_gate:
             raise GateFailed(
-                f"{version}'s {pick['engine']} engine {why}: its decisions are not known to keep the sensitivity "
+                f"{version}'s {engine} engine {why}: its decisions are not known to keep the sensitivity "
                 f"target, so screen refuses it. Screen with the promoted model, or re-run `screenline optimize`; to "
                 f"score with it anyway, knowing this, pass --allow-failed-gate (its predictions record the override).")
         return f"overridden: {why}"
@@ -324,20 +322,19 @@ class Registry:
     def load_engine(self, version: str | None = None, threads: int | None = None, engine: str = "auto",
                     allow_failed_gate: bool = False):
         """The engine to screen `version` with (default: the promoted one) on this host, its file verified first."""
-        return self.load_pick(self.pick(version, engine, allow_failed_gate), threads)
+        pick = self.pick(version, engine, allow_failed_gate)
+        return self.load_shipped(pick.version, pick.shipped, threads)
 
-    def load_pick(self, pick: dict[str, Any], threads: int | None = None):
-        """The engine for a pick (see `pick`), its file verified against the manifest first."""
+    def load_shipped(self, version: str, shipped: Shipped, threads: int | None = None):
+        """The engine for one of a version's shipped engines, its file verified against the manifest first."""
         from models.engine import OrtEngine
 
-        version = pick["version"]
-        if pick["engine"] == "tensorrt":
-            manifest = self.manifest(version)
-            knee = manifest.get("knees", {}).get(host_fingerprint("tensorrt", pick["precision"]), {}).get("batch")
-            return self.tensorrt_engine(version, pick["file"], pick["precision"], knee)
-        if pick["engine"] != "onnxruntime":
-            raise ModelNotFound(f"{version} ships engine {pick['engine']!r}, which this build cannot load")
-        return OrtEngine(self.verified_file(version, pick["file"]), pick["precision"], threads)
+        if shipped.engine == "tensorrt":
+            knee = self.manifest(version).knees.get(host_fingerprint("tensorrt", shipped.precision), {}).get("batch")
+            return self.tensorrt_engine(version, shipped.file, shipped.precision, knee)
+        if shipped.engine != "onnxruntime":
+            raise ModelNotFound(f"{version} ships engine {shipped.engine!r}, which this build cannot load")
+        return OrtEngine(self.verified_file(version, shipped.file), shipped.precision, threads)
 
     def tensorrt_engine(self, version: str, file: str, precision: str, knee: int | None = None):
         """A TensorRT engine for one of the version's graphs: its plan for this GPU, TensorRT, graph, profile
@@ -348,11 +345,11 @@ class Registry:
         tensorrt.require()
         onnx_path = self.verified_file(version, file)
         manifest = self.manifest(version)
-        channels = int(manifest["architecture"]["channels"])
-        max_batch = int(manifest.get("gates", {}).get("max_batch", MAX_BATCH))
-        key = tensorrt.plan_key(manifest["files"][file], tensorrt.profile_for(knee, max_batch), precision)
+        channels = int(manifest.architecture["channels"])
+        max_batch = int(manifest.gates.get("max_batch", MAX_BATCH))
+        key = tensorrt.plan_key(manifest.files[file], tensorrt.profile_for(knee, max_batch), precision)
         path = self.lake.inside("models", version, "plans", key.filename())
-        recorded = manifest.get("plans", {}).get(key.filename())
+        recorded = manifest.plans.get(key.filename())
         if recorded and path.is_file():
             plan = path.read_bytes()
             actual = hashlib.sha256(plan).hexdigest()

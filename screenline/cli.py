@@ -128,7 +128,7 @@ def run_optimize(lake: str | None, **params: object) -> dict:
     try:
         result = optimize(lake=lake, **params)
     except NotPromoted as exc:
-        print_parity(exc.manifest.get("baseline") or {})  # the side-by-side that refused it, then the one line
+        print_parity(exc.manifest.baseline if exc.manifest else {})  # the side-by-side that refused it, then the line
         raise CliError(str(exc)) from None
     except ValueError as exc:
         raise CliError(str(exc)) from None

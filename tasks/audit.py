@@ -44,8 +44,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from prefect import task
 
-from models.contract import TARGET_SENSITIVITY
-from models.registry import SITE_POINTS, Registry, decided_at, point_key
+from models.registry import Registry
 from screenline.files import safe_name
 from tasks.caching import IO_RETRIES, OutputCache, content_key
 from tasks.lake import (DRIFT_SCHEMA, FIGURES_SCHEMA, SHARD_PATH_KEY, Lake, footer, images_digest, shard_id_of,
@@ -217,9 +216,8 @@ def plan_audit(lake: Lake, version: str | None = None, subsets: list[str] | None
     registry = Registry(lake)
     version = safe_name(version, "model version") if version else registry.promoted()
     manifest = registry.manifest(version)
-    ship = manifest["shipping"]
-    target = float(target if target is not None else manifest.get("gates", {}).get("target_sensitivity",
-                                                                                      TARGET_SENSITIVITY))
+    ship = manifest.shipping
+    target = float(target if target is not None else manifest.target_sensitivity)
     files, stale = current_files(lake, version, manifest)
     if not files and not stale:
         raise ValueError(f"no predictions by {version} in {lake.predictions_dir(version)}: run `screenline screen` "
@@ -247,15 +245,14 @@ def plan_audit(lake: Lake, version: str | None = None, subsets: list[str] | None
     runs = tuple((s, _footer_run(files[s]), images_digest(lake.image_file(s)))
                  for s in sorted(set(subset_shards) | set(batch)))
     source = "as decided" if threshold is None else "override"
-    deciding, point_name = decided_at(manifest, ship)
-    site = manifest.get(SITE_POINTS, {}).get(point_key(ship["engine"], ship["file"]))
+    deciding, point_name = manifest.decided_at(ship)
+    site = manifest.site_point(ship)
     threshold = float(deciding if threshold is None else threshold)
-    key = content_key("audit/v3", version, manifest["seal"], threshold, source, target, wanted, batch, runs,
+    key = content_key("audit/v3", version, manifest.seal, threshold, source, target, wanted, batch, runs,
                       asdict(drift), sided)
-    return AuditPlan(str(lake.root), f"{version}-{key[:12]}", version, ship["engine"], ship["precision"], threshold,
-                     source, target, tuple(wanted), tuple(batch), runs, drift, sided, float(ship["threshold"]),
-                     point_name, site["subset"] if site else None,
-                     tuple(manifest.get("data", {}).get("test_subsets", ())))
+    return AuditPlan(str(lake.root), f"{version}-{key[:12]}", version, ship.engine, ship.precision, threshold,
+                     source, target, tuple(wanted), tuple(batch), runs, drift, sided, float(ship.threshold),
+                     point_name, site["subset"] if site else None, manifest.test_subsets)
 
 
 def scores_of(plan: AuditPlan, shard_ids: list[str] | tuple[str, ...]) -> pa.Table:
@@ -364,7 +361,7 @@ def reference_scores(plan: AuditPlan) -> tuple[str, np.ndarray]:
     """The drift reference: the model's validation scores (verified against the manifest), else this version's
     scores of the lake's other shards."""
     registry = Registry(plan.lake)
-    if REFERENCE_FILE in registry.manifest(plan.version).get("files", {}):
+    if REFERENCE_FILE in registry.manifest(plan.version).files:
         path = registry.verified_file(plan.version, REFERENCE_FILE)
         return "validation", pq.read_table(path, columns=["score"]).column("score").to_numpy()
     current, _ = current_files(plan.lake, plan.version, registry.manifest(plan.version))

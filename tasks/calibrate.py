@@ -32,8 +32,8 @@ import numpy as np
 import pyarrow.compute as pc
 from prefect import task
 
-from models.contract import TARGET_SENSITIVITY
-from models.registry import SITE_POINTS, Registry, point_key
+from models.manifest import Manifest, point_key
+from models.registry import Registry
 from screenline.files import atomic_write_bytes, safe_name
 from tasks.audit import labelled_scores, labelled_subsets, plan_audit
 from tasks.caching import IO_RETRIES, content_key
@@ -41,7 +41,6 @@ from tasks.lake import Lake
 from tasks.metrics import claim, figures
 from tasks.thresholds import ThresholdRule, calibrate, in_calibration_half, pac_positives_needed, point
 
-HISTORY = "operating_point_history"
 """Manifest field: every site point applied or reset, newest last."""
 
 
@@ -94,26 +93,26 @@ def site_calibration(lake: Lake, subset: str, version: str | None = None, engine
     claim's bound, as for audit."""
     registry = Registry(lake)
     pick = registry.pick(version, engine)
-    version = pick["version"]
+    version = pick.version
     manifest = registry.manifest(version)
-    gates = manifest.get("gates", {})
-    rule = ThresholdRule("pac", float(gates.get("target_sensitivity", TARGET_SENSITIVITY)),
-                         float(delta if delta is not None else gates.get("delta", 0.05)))
+    rule = ThresholdRule("pac", manifest.target_sensitivity,
+                         float(delta if delta is not None else manifest.gates.get("delta", 0.05)))
     plan = plan_audit(lake, version, subsets=[subset], batch=[], sided=sided)
     table = labelled_scores(plan)
     engines = set(table.column("engine").to_pylist())
-    if engines != {pick["engine"]}:
+    if engines != {pick.shipped.engine}:
         raise CalibrationRefused(f"subset {subset!r} was scored by {', '.join(sorted(engines))}, not by "
-                                 f"{pick['engine']}, which decides on this host: calibrate where it was screened")
+                                 f"{pick.shipped.engine}, which decides on this host: calibrate where it was "
+                                 f"screened")
     ids = table.column("image_id").to_pylist()
     scores = table.column("score").to_numpy(zero_copy_only=False)
     labels = table.column("label").to_numpy(zero_copy_only=False).astype(np.int8)
     first = np.array([in_calibration_half(i) for i in ids], dtype=bool)
     halves = {name: {"images": int(mask.sum()), "positives": int(labels[mask].sum())}
               for name, mask in (("calibration", first), ("verification", ~first))}
-    key = content_key("calibrate/v1", version, manifest["seal"], subset, plan.runs, asdict(rule), sided)
+    key = content_key("calibrate/v1", version, manifest.seal, subset, plan.runs, asdict(rule), sided)
     result = SiteCalibration(f"{version}-{safe_name(subset, 'subset')}-{key[:12]}", version, subset,
-                             pick["engine"], pick["file"], float(pick["shipped_threshold"]), {}, halves, {}, {},
+                             pick.shipped.engine, pick.shipped.file, float(pick.shipped.threshold), {}, halves, {}, {},
                              datetime.now(timezone.utc).isoformat(timespec="seconds"))
     if halves["calibration"]["positives"] == 0:
         result.refused = (f"the calibration half of {subset!r} holds no positives; the rule needs ≥ "
@@ -178,7 +177,7 @@ def save(lake: Lake, result: SiteCalibration) -> SiteCalibration:
     return result
 
 
-def apply(lake: Lake, result: SiteCalibration) -> dict[str, Any]:
+def apply(lake: Lake, result: SiteCalibration) -> Manifest:
     """Record the site point in the version's manifest (signed again) so that screening decides with it."""
     if result.refused:
         raise CalibrationRefused(result.refused)
@@ -195,25 +194,25 @@ def apply(lake: Lake, result: SiteCalibration) -> dict[str, Any]:
                                                                           point_record))
 
 
-def reset(lake: Lake, version: str | None = None, engine: str = "auto") -> dict[str, Any]:
+def reset(lake: Lake, version: str | None = None, engine: str = "auto") -> Manifest:
     """Remove the site point of the version's engine on this host: the shipped threshold decides again."""
     registry = Registry(lake)
     pick = registry.pick(version, engine)
-    key = point_key(pick["engine"], pick["file"])
-    return registry.update_sealed(pick["version"], lambda m: _with_point(m, key, None))
+    key = point_key(pick.shipped.engine, pick.shipped.file)
+    return registry.update_sealed(pick.version, lambda m: _with_point(m, key, None))
 
 
-def _with_point(manifest: dict[str, Any], key: str, record: dict[str, Any] | None) -> None:
-    points = manifest.setdefault(SITE_POINTS, {})
+def _with_point(manifest: Manifest, key: str, record: dict[str, Any] | None) -> None:
+    points = manifest.site_operating_points
     if record is None:
         if key not in points:
             raise CalibrationRefused(f"no site operating point for {key}: the shipped threshold decides already")
         removed = points.pop(key)
-        manifest.setdefault(HISTORY, []).append({"reset": removed["name"], "key": key,
+        manifest.operating_point_history.append({"reset": removed["name"], "key": key,
                                                  "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     else:
         points[key] = record
-        manifest.setdefault(HISTORY, []).append({"applied": record["name"], "key": key,
+        manifest.operating_point_history.append({"applied": record["name"], "key": key,
                                                  "calibration_id": record["calibration_id"],
                                                  "threshold": record["threshold"], "at": record["applied_at"]})
 

@@ -91,6 +91,13 @@ def make_split(lake: Lake, test_subsets: tuple[str, ...] | list[str] = ()) -> Sp
     return _written(lake.root, lake.models / "splits", ids, splits, labels, int(meta["channels"]), sources)
 
 
+def split_of_version(lake: Lake, data: dict) -> SplitRef:
+    """The split a registered version was made from, by its manifest's `data` record (benchmarks re-read it)."""
+    return SplitRef(str(lake.root), str(lake.models / "splits" / data["split_file"]), data["split_sha256"],
+                    int(lake.read_meta()["channels"]), data.get("counts", {}), data.get("training_sha256", ""),
+                    tuple(data.get("test_subsets", ())), data.get("held_out", {}))
+
+
 def held_out_images(lake: Lake, test_subsets: tuple[str, ...] | list[str]) -> pa.Table:
     """image_id, label, subset of the labelled images of `test_subsets`; ValueError naming a subset that is not in
     the lake or lacks positives or negatives (the held-out gates need both)."""

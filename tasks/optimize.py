@@ -29,6 +29,7 @@ from prefect import get_run_logger, task
 
 from models.contract import TARGET_SENSITIVITY
 from models.engine import MAX_BATCH, Engine, OrtEngine, find_knee, scores
+from models.manifest import Manifest, Shipped
 from models.registry import Registry, host_fingerprint
 from screenline.files import atomic_write_bytes
 from tasks.caching import IO_RETRIES, OutputCache, content_key, work_dir
@@ -415,7 +416,7 @@ def _against_baseline(baseline_dir: Path, folder: Path, ship: dict[str, Any], ru
 
 def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settings: TrainSettings,
                      gates: GateSettings, evaluation: dict[str, Any], promote: bool = True,
-                     baseline_dir: Path | None = None) -> dict[str, Any]:
+                     baseline_dir: Path | None = None) -> Manifest:
     """Copy the graphs into lake/models/<version>/, freeze the shipping threshold, test it, write the manifest,
     and promote when held-out test sensitivity reaches the target (and, with a baseline, the shipped engine is
     non-inferior to it on test at matched sensitivity) and `promote`. Returns the manifest.
@@ -471,32 +472,30 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
     if fallback:
         knees[host_fingerprint("onnxruntime", fallback["precision"])] = by_name[fallback["candidate"]]["knee"]
     meta = json.loads((checkpoint.parent / "model.json").read_text())
-    manifest = {
-        "architecture": architecture(checkpoint, settings, split.channels),
-        "data": {"split_sha256": split.sha256, "split_file": Path(split.path).name, "counts": split.counts,
-                 "training_sha256": split.training_sha256, "test_subsets": list(split.test_subsets),
-                 "held_out": split.held_out},
-        "training": {"settings": settings.as_dict(), "history": meta["history"], "best_val_auc": meta["val_auc"]},
-        "export": {"fp32_max_abs_diff_vs_torch": export["fp32_max_abs_diff_vs_torch"], "opset": export["opset"],
-                   # counted in the FP32 graph, not assumed (ScreenNet's are folded by fold_batchnorm, a ResNet18's
-                   # by the exporter's constant folding; an export without the count predates it)
-                   "batchnorm_folded": export["batchnorm_nodes"] == 0 if "batchnorm_nodes" in export else None},
-        "gates": asdict(gates),
-        "candidates": evaluation["candidates"],
-        "knees": knees,
-        "shipping": shipping,
-        "fallback": fallback,
-        "test": test,
-        "reference": reference,
-        "baseline": baseline,
-        "promoted": promoted,
-        "passed_gate": passed,
-        "promotion": (
-            verdict + ("" if promote else "; not promoted: registered for comparison only") if passed else
-            f"NOT promoted: {verdict}"
-        ),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    manifest = Manifest(
+        architecture=architecture(checkpoint, settings, split.channels),
+        data={"split_sha256": split.sha256, "split_file": Path(split.path).name, "counts": split.counts,
+              "training_sha256": split.training_sha256, "test_subsets": list(split.test_subsets),
+              "held_out": split.held_out},
+        training={"settings": settings.as_dict(), "history": meta["history"], "best_val_auc": meta["val_auc"]},
+        export={"fp32_max_abs_diff_vs_torch": export["fp32_max_abs_diff_vs_torch"], "opset": export["opset"],
+                # counted in the FP32 graph, not assumed (ScreenNet's are folded by fold_batchnorm, a ResNet18's
+                # by the exporter's constant folding; an export without the count predates it)
+                "batchnorm_folded": export["batchnorm_nodes"] == 0 if "batchnorm_nodes" in export else None},
+        gates=asdict(gates),
+        candidates=evaluation["candidates"],
+        knees=knees,
+        shipping=Shipped.from_dict(shipping, "the shipped candidate"),
+        fallback=Shipped.from_dict(fallback, "the fallback candidate") if fallback else None,
+        test=test,
+        reference=reference,
+        baseline=baseline,
+        promoted=promoted,
+        passed_gate=passed,
+        promotion=(verdict + ("" if promote else "; not promoted: registered for comparison only") if passed else
+                   f"NOT promoted: {verdict}"),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     manifest = registry.register(version, manifest)
     if promoted:
         registry.promote(version)
@@ -513,7 +512,7 @@ def evaluate_task(export_dir: str, split: SplitRef, gates: GateSettings, engine:
 
 @task(name="register", **IO_RETRIES)
 def register_task(export_dir: str, checkpoint: str, split: SplitRef, settings: TrainSettings, gates: GateSettings,
-                  evaluation: dict, promote: bool = True, baseline_dir: str | None = None) -> dict:
+                  evaluation: dict, promote: bool = True, baseline_dir: str | None = None) -> Manifest:
     """Register the version, gate it on held-out test sensitivity (and non-inferiority to the baseline), promote it
     if it passes."""
     return register_version(Path(export_dir), Path(checkpoint), split, settings, gates, evaluation, promote,

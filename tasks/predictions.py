@@ -20,13 +20,13 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from models.registry import decided_at
+from models.manifest import Manifest, Shipped
 from screenline.files import SAFE_NAME
 from tasks.lake import PREDICTIONS_SCHEMA, SHARD_ID, Lake, footer, images_digest
 
@@ -62,11 +62,11 @@ class OperatingPoint:
     name: str = "shipped"  # or "site:<subset>"
 
     @classmethod
-    def of(cls, pick: dict[str, Any], manifest: dict[str, Any]) -> "OperatingPoint":
-        """The operating point of a shipped pick (`shipping` or `fallback`) of a verified manifest: its own
+    def of(cls, shipped: Shipped, manifest: Manifest) -> "OperatingPoint":
+        """The operating point of a shipped engine (`shipping` or `fallback`) of a verified manifest: its own
         threshold, or the site point recorded for its engine and graph."""
-        threshold, name = decided_at(manifest, pick)
-        return cls(pick["engine"], pick["precision"], pick["file"], manifest["files"][pick["file"]],
+        threshold, name = manifest.decided_at(shipped)
+        return cls(shipped.engine, shipped.precision, shipped.file, manifest.files[shipped.file],
                    as_float32(threshold), name)
 
     def footer(self) -> dict[str, str]:
@@ -74,10 +74,9 @@ class OperatingPoint:
                 FILE_SHA_KEY: self.file_sha256, THRESHOLD_KEY: repr(self.threshold), POINT_KEY: self.name}
 
 
-def operating_points(manifest: dict[str, Any]) -> list[OperatingPoint]:
+def operating_points(manifest: Manifest) -> list[OperatingPoint]:
     """The operating points a version holds now: its shipped engine's and, if any, its CPU fallback's."""
-    picks = [manifest["shipping"], *([manifest["fallback"]] if manifest.get("fallback") else [])]
-    return [OperatingPoint.of(p, manifest) for p in picks]
+    return [OperatingPoint.of(p, manifest) for p in manifest.picks]
 
 
 @dataclass(frozen=True)
@@ -136,7 +135,7 @@ def prediction_files(lake: Lake, version: str) -> dict[str, Path]:
             if SHARD_ID.fullmatch(p.stem) and not p.is_symlink() and p.is_file()}
 
 
-def current_files(lake: Lake, version: str, manifest: dict[str, Any]) -> tuple[dict[str, Path], dict[str, State]]:
+def current_files(lake: Lake, version: str, manifest: Manifest) -> tuple[dict[str, Path], dict[str, State]]:
     """The current predictions files of `version` (shard_id → path), and the state of every other one."""
     points = operating_points(manifest)
     current, stale = {}, {}

@@ -102,11 +102,11 @@ def shared_engine(model: ScreenModel) -> Engine:
     with _ENGINES_LOCK:
         if key not in _ENGINES:
             registry = Registry(Lake.at(model.lake_root))
-            pick = {"version": model.version, "engine": model.engine, "precision": model.precision,
-                    "file": model.file}
-            engine = registry.load_pick(pick, model.threads)
-            if registry.manifest(model.version)["files"][model.file] != model.file_sha256:
+            manifest = registry.manifest(model.version)
+            shipped = next((s for s in manifest.picks if s.engine == model.engine and s.file == model.file), None)
+            if shipped is None or manifest.files.get(model.file) != model.file_sha256:
                 raise ModelIntegrityError(f"{model.version}'s {model.file} changed during this screen run; re-run it")
+            engine = registry.load_shipped(model.version, shipped, model.threads)
             _ENGINES[key] = engine
         return _ENGINES[key]
 
@@ -118,19 +118,19 @@ def resolve_model(lake: Lake, version: str | None, workers: int, engine: str = "
     (measured and stored in the manifest when this host has none yet). A version whose held-out gate failed is
     refused unless `allow_failed_gate` (registry.Registry.pick)."""
     registry = Registry(lake)
-    ship = registry.pick(version, engine, allow_failed_gate)
-    version = ship["version"]
-    manifest = registry.manifest(version)
-    host = host_fingerprint(ship["engine"], ship["precision"])
-    knee = manifest.get("knees", {}).get(host)
+    pick = registry.pick(version, engine, allow_failed_gate)
+    manifest = registry.manifest(pick.version)
+    shipped = pick.shipped
+    host = host_fingerprint(shipped.engine, shipped.precision)
+    knee = manifest.knees.get(host)
     threads = max(1, default_threads() // max(1, workers))
     if not _believable(knee):
-        runner = registry.load_pick(ship, threads=default_threads())
+        runner = registry.load_shipped(pick.version, shipped, threads=default_threads())
         knee = find_knee(runner, _sample_pixels(lake)).as_dict()
-        registry.record(version, "knees", host, knee)
-    return ScreenModel(str(lake.root), version, ship["engine"], ship["precision"], ship["file"],
-                       float(ship["threshold"]), int(knee["batch"]), threads, manifest["files"][ship["file"]],
-                       ship["gate"], tuple(operating_points(manifest)), ship["operating_point"])
+        registry.record(pick.version, "knees", host, knee)
+    return ScreenModel(str(lake.root), pick.version, shipped.engine, shipped.precision, shipped.file,
+                       float(pick.threshold), int(knee["batch"]), threads, manifest.files[shipped.file], pick.gate,
+                       tuple(operating_points(manifest)), pick.operating_point)
 
 
 def _believable(knee: Any) -> bool:

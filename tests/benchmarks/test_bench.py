@@ -43,7 +43,7 @@ def test_a_lake_without_a_model_gets_a_small_one_built_once_and_measured(tmp_pat
     assert fallback_lake(lake, images=900, epochs=1) == lake
     model = latest_model(lake)  # one epoch rarely passes the gate: the newest registered version is measured then
     assert model is not None and model["version"].startswith("sn-")
-    assert {c["name"] for c in model["manifest"]["candidates"]} >= {"fp32", "int8-u8s8-per-tensor"}
+    assert {c["name"] for c in model["manifest"].candidates} >= {"fp32", "int8-u8s8-per-tensor"}
     manifest = model["folder"] / "manifest.json"
     built = manifest.stat().st_mtime_ns
     fallback_lake(lake, images=900, epochs=1)  # the next bench reuses it

@@ -66,8 +66,8 @@ def test_optimize_default_runs_through_the_cli_and_registers_a_model(served):
     registry = Registry(Lake(root / "lake"))
     (version,) = registry.versions()
     manifest = registry.manifest(version)
-    assert registry.promoted() == version and manifest["test"]["sensitivity"] >= 0.98
-    assert manifest["training"]["settings"]["epochs"] == 1  # the CLI's parameter reached the flow
+    assert registry.promoted() == version and manifest.test["sensitivity"] >= 0.98
+    assert manifest.training["settings"]["epochs"] == 1  # the CLI's parameter reached the flow
     registry.load_engine(version)  # files verified against the manifest
 
 

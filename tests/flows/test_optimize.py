@@ -11,7 +11,7 @@ from flows.ingest import ingest
 from flows.optimize import NotPromoted, optimize
 from helpers import images, task_states
 from models import tensorrt
-from models.registry import Registry
+from models.registry import Manifest, Registry
 from tasks.dataset import make_split
 from tasks.lake import Lake
 from tasks.optimize import GateSettings, register_version
@@ -53,52 +53,54 @@ def fp32_export(folder: Path, tmp_path: Path) -> tuple[Path, Path]:
     return export_dir, ckpt
 
 
-def latest_manifest(registry: Registry) -> dict:
-    return max((registry.manifest(v) for v in registry.versions()), key=lambda m: m["registered_at"])
+def latest_manifest(registry: Registry) -> Manifest:
+    return max((registry.manifest(v) for v in registry.versions()), key=lambda m: m.registered_at)
 
 
 def test_optimize_registers_a_version_whose_promotion_matches_its_test_gate(tiny_lake):
     state, registry = run(tiny_lake)
     manifest = latest_manifest(registry)
-    test = manifest["test"]
-    assert manifest["promoted"] == (test["sensitivity"] >= 0.98)
-    assert state.is_completed() == manifest["promoted"]
-    if manifest["promoted"]:
-        assert registry.promoted() == manifest["version"]
-    ship = manifest["shipping"]
-    shipped = next(c for c in manifest["candidates"] if c["name"] == ship["candidate"])
-    assert shipped["engine"] == "onnxruntime" and shipped["threshold"] == ship["threshold"]
-    assert manifest["format"] == 2 and "thresholds" not in manifest and "metrics" not in manifest  # stored once
-    assert set(manifest["files"]) >= {"model-fp32.onnx", "model-int8-u8s8-per-tensor.onnx",
+    test = manifest.test
+    assert manifest.promoted == (test["sensitivity"] >= 0.98)
+    assert state.is_completed() == manifest.promoted
+    if manifest.promoted:
+        assert registry.promoted() == manifest.version
+    ship = manifest.shipping
+    shipped = next(c for c in manifest.candidates if c["name"] == ship.candidate)
+    assert shipped["engine"] == "onnxruntime" and shipped["threshold"] == ship.threshold
+    stored = registry.read_manifest(manifest.version)  # as written: each figure once, in candidates
+    assert manifest.format == stored["format"] == 2 and "thresholds" not in stored and "metrics" not in stored
+    assert manifest.extra == {}
+    assert set(manifest.files) >= {"model-fp32.onnx", "model-int8-u8s8-per-tensor.onnx",
                                       "model-int8-s8s8-per-channel.onnx", "model.pt"}
-    knee = next(iter(manifest["knees"].values()))
+    knee = next(iter(manifest.knees.values()))
     swept = [point[0] for point in knee["sweep"]]
     assert swept[:4] == [1, 2, 4, 8] and knee["batch"] in swept and knee["images_per_s"] > 0
-    assert manifest["export"]["fp32_max_abs_diff_vs_torch"] < 1e-4
-    assert manifest["export"]["batchnorm_folded"] is True  # counted in the graph: no BatchNormalization node
+    assert manifest.export["fp32_max_abs_diff_vs_torch"] < 1e-4
+    assert manifest.export["batchnorm_folded"] is True  # counted in the graph: no BatchNormalization node
     from models.nets import ScreenNetConfig
 
-    assert {k: manifest["architecture"][k] for k in ScreenNetConfig().as_dict()} == \
-        ScreenNetConfig(channels=1, width=manifest["architecture"]["width"]).as_dict()  # all of it: rebuildable
+    assert {k: manifest.architecture[k] for k in ScreenNetConfig().as_dict()} == \
+        ScreenNetConfig(channels=1, width=manifest.architecture["width"]).as_dict()  # all of it: rebuildable
     # the threshold with its rule, and the operating curves on validation and test, shipped point marked
-    calibration = ship["calibration"]
+    calibration = ship.calibration
     val_positives = make_split(Lake(tiny_lake)).counts["val"]["positives"]
     assert calibration["rule"] == "pac" and calibration["delta"] == 0.05 and calibration["positives"] == val_positives
-    assert calibration["guaranteed"] == (val_positives >= 149) and calibration["threshold"] == ship["threshold"]
-    shipped = next(c for c in manifest["candidates"] if c["name"] == ship["candidate"])
+    assert calibration["guaranteed"] == (val_positives >= 149) and calibration["threshold"] == ship.threshold
+    shipped = next(c for c in manifest.candidates if c["name"] == ship.candidate)
     assert [row["at"] for row in shipped["curve"]] == ["95%", "97%", "98%", "99%", "shipped"]
-    assert shipped["curve"][-1]["threshold"] == ship["threshold"]
-    assert [row["at"] for row in manifest["test"]["curve"]][-1] == "shipped"
+    assert shipped["curve"][-1]["threshold"] == ship.threshold
+    assert [row["at"] for row in manifest.test["curve"]][-1] == "shipped"
     # the shipped engine loads, verified, and its threshold reaches the target on val
-    engine = registry.load_engine(manifest["version"])
-    assert engine.precision == ship["precision"]
+    engine = registry.load_engine(manifest.version)
+    assert engine.precision == ship.precision
     assert shipped["val_table"]["sensitivity"] >= 0.98
     # no baseline given: the non-inferiority gate was skipped, and the manifest says so
-    assert "non-inferiority gate was not applied" in manifest["baseline"]["skipped"]
-    assert manifest["candidates"] and all(not c["noninferiority"] for c in manifest["candidates"])
+    assert "non-inferiority gate was not applied" in manifest.baseline["skipped"]
+    assert manifest.candidates and all(not c["noninferiority"] for c in manifest.candidates)
 
 
-def recomputed_side_by_side(folder: Path, manifest: dict) -> list[dict]:
+def recomputed_side_by_side(folder: Path, manifest: Manifest) -> list[dict]:
     """The side-by-side's score-based figures recomputed from the scores stored beside the model."""
     import numpy as np
     import pyarrow.parquet as pq
@@ -106,11 +108,11 @@ def recomputed_side_by_side(folder: Path, manifest: dict) -> list[dict]:
     from tasks.metrics import auc, table_at
     from tasks.parity import matched_specificity
 
-    table = pq.read_table(folder / manifest["baseline"]["scores_file"]).to_pydict()
+    table = pq.read_table(folder / manifest.baseline["scores_file"]).to_pydict()
     split, labels = np.array(table["split"]), np.array(table["label"])
     rows = []
-    for column, threshold in (("candidate", manifest["shipping"]["threshold"]),
-                              ("baseline", manifest["baseline"]["threshold"])):
+    for column, threshold in (("candidate", manifest.shipping.threshold),
+                              ("baseline", manifest.baseline["threshold"])):
         s = np.array(table[column], dtype=np.float64)
         val, test = split == "val", split == "test"
         t = table_at(s[test], labels[test], threshold)
@@ -124,41 +126,41 @@ def recomputed_side_by_side(folder: Path, manifest: dict) -> list[dict]:
 def test_a_baseline_identical_to_the_candidate_passes_and_its_figures_recompute_from_the_stored_scores(tiny_lake):
     _, registry = run(tiny_lake, **NO_INT8)  # FP32 ships
     first = latest_manifest(registry)
-    checkpoint = registry.folder(first["version"]) / "model.pt"  # model.json beside it names the architecture
+    checkpoint = registry.folder(first.version) / "model.pt"  # model.json beside it names the architecture
     # the same training (cached, no distillation), FP32 again: the baseline's graph is the candidate's
     state, registry = run(tiny_lake, **NO_INT8, baseline=str(checkpoint))
     manifest = latest_manifest(registry)
-    ni = manifest["baseline"]["noninferiority"]
+    ni = manifest.baseline["noninferiority"]
     for where in ("val", "test"):
         assert ni[where]["passes"] and ni[where]["difference"] == 0.0 and ni[where]["interval"] == [0.0, 0.0]
-    assert manifest["passed_gate"] == (manifest["test"]["sensitivity"] >= 0.98)  # only sensitivity can refuse it
-    assert "against the baseline" in manifest["promotion"]
-    assert manifest["training"]["settings"]["teacher"] is None  # a baseline is not a teacher unless --distill
-    rows = manifest["baseline"]["side_by_side"]
+    assert manifest.passed_gate == (manifest.test["sensitivity"] >= 0.98)  # only sensitivity can refuse it
+    assert "against the baseline" in manifest.promotion
+    assert manifest.training["settings"]["teacher"] is None  # a baseline is not a teacher unless --distill
+    rows = manifest.baseline["side_by_side"]
     assert [r["model"] for r in rows] == ["onnxruntime fp32 (ships)", "baseline screennet"]
-    for row, again in zip(rows, recomputed_side_by_side(registry.folder(manifest["version"]), manifest)):
+    for row, again in zip(rows, recomputed_side_by_side(registry.folder(manifest.version), manifest)):
         for key in ("val_auc", "test_auc", "val_specificity_at_target", "test_specificity_at_target"):
             assert row[key] == pytest.approx(again[key], abs=1e-12), key
         assert {k: row["test_table"][k] for k in ("tp", "fn", "tn", "fp")} == \
             {k: again[k] for k in ("tp", "fn", "tn", "fp")}
     assert rows[0]["speedup_vs_baseline"] == pytest.approx(rows[0]["images_per_s"] / rows[1]["images_per_s"])
-    assert manifest["baseline"]["checkpoint_sha256"] and manifest["baseline"]["knee"]["batch1_latency_ms"] > 0
+    assert manifest.baseline["checkpoint_sha256"] and manifest.baseline["knee"]["batch1_latency_ms"] > 0
 
 
 def test_a_weak_candidate_against_a_stronger_trained_baseline_is_refused_with_the_difference(tiny_lake):
     # `--baseline train`: a ResNet18 at 64×64 trained on the same split; the candidate is forced weak
     state, registry = run(tiny_lake, baseline="train", epochs=1, width=0.25, distill=True, **NO_INT8)
     manifest = latest_manifest(registry)
-    assert state.is_failed() and not manifest["promoted"] and not manifest["passed_gate"]
-    test = manifest["baseline"]["noninferiority"]["test"]
+    assert state.is_failed() and not manifest.promoted and not manifest.passed_gate
+    test = manifest.baseline["noninferiority"]["test"]
     assert not test["passes"] and test["interval"][0] < -0.03
     message = str(state.result(raise_on_failure=False))
     assert f"difference {test['difference']:+.4f}" in message
     assert f"95% CI {test['interval'][0]:+.4f} to {test['interval'][1]:+.4f}" in message
     assert "try:" in message and "--epochs" in message
-    assert manifest["baseline"]["arch"] == "resnet18-native" and manifest["baseline"]["source"] == "train"
-    assert manifest["training"]["settings"]["teacher"]  # distilled from it, as asked
-    fp32 = next(c for c in manifest["candidates"] if c["name"] == "fp32")
+    assert manifest.baseline["arch"] == "resnet18-native" and manifest.baseline["source"] == "train"
+    assert manifest.training["settings"]["teacher"]  # distilled from it, as asked
+    fp32 = next(c for c in manifest.candidates if c["name"] == "fp32")
     # on val it was not shown non-inferior either; with no candidate that was, val does not choose and says so
     assert fp32["noninferiority"] and not fp32["noninferiority"]["passes"]
     assert "no candidate was shown non-inferior to the baseline on val" in fp32["why"]
@@ -176,21 +178,21 @@ def test_a_held_out_subset_joins_every_test_gate_without_retraining(tiny_lake, t
     trained = {p: p.stat().st_mtime_ns for p in (lake / "models" / "work").glob("train-*/model.pt")}
     run(lake, **NO_INT8, test_subsets=["evaluation"])
     joined = latest_manifest(registry)
-    assert joined["version"] != plain["version"]
+    assert joined.version != plain.version
     # the same trained model, judged on more: no training ran (no new checkpoint, none rewritten)
     assert {p: p.stat().st_mtime_ns for p in (lake / "models" / "work").glob("train-*/model.pt")} == trained
-    assert joined["files"]["model.pt"] == plain["files"]["model.pt"]
-    parts = joined["data"]["held_out"]
-    assert parts["split"] == plain["data"]["counts"]["test"] and parts["subset evaluation"]["images"] == 300
-    assert joined["data"]["test_subsets"] == ["evaluation"] and joined["test"]["held_out"] == \
+    assert joined.files["model.pt"] == plain.files["model.pt"]
+    parts = joined.data["held_out"]
+    assert parts["split"] == plain.data["counts"]["test"] and parts["subset evaluation"]["images"] == 300
+    assert joined.data["test_subsets"] == ["evaluation"] and joined.test["held_out"] == \
         "the test split + subset 'evaluation'"
-    test = joined["test"]
+    test = joined.test
     assert test["tp"] + test["fn"] == sum(p["positives"] for p in parts.values())
-    assert test["tp"] + test["fn"] + test["tn"] + test["fp"] == plain["test"]["tp"] + plain["test"]["fn"] + \
-        plain["test"]["tn"] + plain["test"]["fp"] + 300
+    assert test["tp"] + test["fn"] + test["tn"] + test["fp"] == plain.test["tp"] + plain.test["fn"] + \
+        plain.test["tn"] + plain.test["fp"] + 300
     # nothing chose or calibrated on it: validation and the threshold are what they were
-    assert joined["shipping"]["threshold"] == plain["shipping"]["threshold"]
-    assert joined["data"]["counts"]["val"] == plain["data"]["counts"]["val"]
+    assert joined.shipping.threshold == plain.shipping.threshold
+    assert joined.data["counts"]["val"] == plain.data["counts"]["val"]
 
 
 def test_rerun_hits_the_cache_for_training_and_export(tiny_lake):
@@ -211,25 +213,25 @@ def test_cross_fitting_calibrates_every_candidate_on_out_of_fold_scores_of_train
     assert states.count("train:Completed") + states.count("train:Cached") == 3  # the shipped model and 2 folds
     manifest = latest_manifest(registry)
     counts = make_split(Lake(tiny_lake)).counts
-    calibration = manifest["shipping"]["calibration"]
+    calibration = manifest.shipping.calibration
     assert calibration["positives"] == counts["train"]["positives"] + counts["val"]["positives"]
     assert "cross-fit" in calibration["source"] and calibration["statement"].endswith("cross-fit over 2 folds")
-    assert manifest["gates"]["calibrate_on"] == "crossfit" and manifest["gates"]["folds"] == 2
+    assert manifest.gates["calibrate_on"] == "crossfit" and manifest.gates["folds"] == 2
     # the threshold is the rule's rank on the out-of-fold scores, the same for every candidate
     (oof_file,) = Path(tiny_lake, "models", "work").glob("crossfit-*/oof.parquet")
     oof = pq.read_table(oof_file)
     assert sorted(set(oof.column("fold").to_pylist())) == [0, 1]
     expected = calibrate(oof.column("score").to_numpy().astype(np.float64), oof.column("label").to_numpy(),
                          ThresholdRule("pac", 0.98, 0.05)).threshold
-    assert {c["threshold"] for c in manifest["candidates"]} == {expected} == {manifest["shipping"]["threshold"]}
-    assert manifest["test"]["curve"][-1]["threshold"] == expected  # the test gate judges it on the shipped engine
+    assert {c["threshold"] for c in manifest.candidates} == {expected} == {manifest.shipping.threshold}
+    assert manifest.test["curve"][-1]["threshold"] == expected  # the test gate judges it on the shipped engine
 
 
 def test_int8_failing_its_gate_ships_fp32_and_says_why(tiny_lake):
     _, registry = run(tiny_lake, **NO_INT8)
     manifest = latest_manifest(registry)
-    assert manifest["shipping"]["candidate"] == "fp32" and manifest["shipping"]["precision"] == "fp32"
-    int8 = [c for c in manifest["candidates"] if c["precision"] == "int8"]
+    assert manifest.shipping.candidate == "fp32" and manifest.shipping.precision == "fp32"
+    int8 = [c for c in manifest.candidates if c["precision"] == "int8"]
     assert len(int8) == 4 and all(not c["passes"] and "more than -1.0 below FP32's" in c["why"] for c in int8)
 
 
@@ -239,28 +241,28 @@ def test_a_model_below_target_on_test_is_registered_not_promoted(tiny_lake, tmp_
 
     registry = Registry(Lake(tiny_lake))
     manifest = latest_manifest(registry)
-    folder = registry.folder(manifest["version"])
+    folder = registry.folder(manifest.version)
     export_dir, ckpt = fp32_export(folder, tmp_path)
-    candidate = {**next(c for c in manifest["candidates"] if c["name"] == "fp32"), "threshold": 1.01}
+    candidate = {**next(c for c in manifest.candidates if c["name"] == "fp32"), "threshold": 1.01}
     evaluation = {"candidates": [candidate], "ship": "fp32", "host": "test host"}
     from tasks.train import TrainSettings
 
     out = register_version(export_dir, ckpt, make_split(Lake(tiny_lake)), TrainSettings(epochs=99), GateSettings(),
                            evaluation)
-    assert out["promoted"] is False and out["test"]["sensitivity"] == 0.0
-    assert "NOT promoted" in out["promotion"] and "below the target 0.98" in out["promotion"]
-    assert out["version"] in registry.versions()  # registered...
+    assert out.promoted is False and out.test["sensitivity"] == 0.0
+    assert "NOT promoted" in out.promotion and "below the target 0.98" in out.promotion
+    assert out.version in registry.versions()  # registered...
     promoted = registry.root / "PROMOTED"
-    assert not promoted.exists() or registry.promoted() != out["version"]  # ...and never promoted
+    assert not promoted.exists() or registry.promoted() != out.version  # ...and never promoted
 
 
 def test_gating_on_the_lower_bound_refuses_a_test_split_too_small_to_show_the_target(tiny_lake, tmp_path):
     """Every test positive found (threshold 0), but ~70 of them cannot show 98% at the exact lower bound."""
     registry = Registry(Lake(tiny_lake))
     manifest = latest_manifest(registry)
-    folder = registry.folder(manifest["version"])
+    folder = registry.folder(manifest.version)
     export_dir, ckpt = fp32_export(folder, tmp_path)
-    candidate = {**next(c for c in manifest["candidates"] if c["name"] == "fp32"), "threshold": 0.0}
+    candidate = {**next(c for c in manifest.candidates if c["name"] == "fp32"), "threshold": 0.0}
     evaluation = {"candidates": [candidate], "ship": "fp32", "host": "test host"}
     from tasks.train import TrainSettings
 
@@ -269,11 +271,11 @@ def test_gating_on_the_lower_bound_refuses_a_test_split_too_small_to_show_the_ta
     bound = register_version(export_dir, ckpt, split, TrainSettings(epochs=97),
                              GateSettings(gate_on_lower_bound=True), evaluation, False)
     positives = split.counts["test"]["positives"]
-    assert point["passed_gate"] and point["test"]["sensitivity"] == 1.0 and positives < 183
-    assert not bound["passed_gate"] and bound["test"]["sensitivity_lower_bound"] < 0.98
-    assert bound["test"]["positives_needed_for_bound"] == 183 and bound["test"]["gated_on"] == "lower bound"
-    assert "the exact lower bound of test sensitivity (two-sided 95%)" in bound["promotion"]
-    assert "the bound needs ≥ 183 test positives" in bound["promotion"]
+    assert point.passed_gate and point.test["sensitivity"] == 1.0 and positives < 183
+    assert not bound.passed_gate and bound.test["sensitivity_lower_bound"] < 0.98
+    assert bound.test["positives_needed_for_bound"] == 183 and bound.test["gated_on"] == "lower bound"
+    assert "the exact lower bound of test sensitivity (two-sided 95%)" in bound.promotion
+    assert "the bound needs ≥ 183 test positives" in bound.promotion
 
 
 def test_flow_fails_loudly_when_not_promoted(tiny_lake):
@@ -284,7 +286,7 @@ def test_flow_fails_loudly_when_not_promoted(tiny_lake):
                  **FAST)
     # what was registered travels with the refusal (the CLI prints its side-by-side before the one-line error)
     manifest = refused.value.manifest
-    assert manifest["passed_gate"] is False and not manifest["promoted"] and manifest["version"] in str(refused.value)
+    assert manifest.passed_gate is False and not manifest.promoted and manifest.version in str(refused.value)
 
 
 @pytest.mark.gpu
@@ -298,14 +300,14 @@ def test_on_a_gpu_tensorrt_ships_with_its_own_threshold_and_knee_and_onnxruntime
     run(tiny_lake, engine="tensorrt")
     registry = Registry(Lake(tiny_lake))
     manifest = latest_manifest(registry)
-    ship, fallback = manifest["shipping"], manifest["fallback"]
-    assert ship["engine"] == "tensorrt" and ship["candidate"] in ("trt-fp16", "trt-int8", "trt-fp32")
-    assert next(c for c in manifest["candidates"] if c["name"] == ship["candidate"])["threshold"] == ship["threshold"]
-    assert fallback["engine"] == "onnxruntime" and "passed_gate" in fallback
-    assert {"model-fp16.onnx", "model-int8-trt.onnx"} <= set(manifest["files"])
-    assert host_fingerprint("tensorrt", ship["precision"]) in manifest["knees"]
-    report = screen(lake=str(tiny_lake), version=manifest["version"], engine="tensorrt")
+    ship, fallback = manifest.shipping, manifest.fallback
+    assert ship.engine == "tensorrt" and ship.candidate in ("trt-fp16", "trt-int8", "trt-fp32")
+    assert next(c for c in manifest.candidates if c["name"] == ship.candidate)["threshold"] == ship.threshold
+    assert fallback.engine == "onnxruntime" and fallback.passed_gate is not None
+    assert {"model-fp16.onnx", "model-int8-trt.onnx"} <= set(manifest.files)
+    assert host_fingerprint("tensorrt", ship.precision) in manifest.knees
+    report = screen(lake=str(tiny_lake), version=manifest.version, engine="tensorrt")
     assert report.scored > 0
-    engines = pq.read_table(tiny_lake / "predictions" / manifest["version"], columns=["engine"]).column(0)
+    engines = pq.read_table(tiny_lake / "predictions" / manifest.version, columns=["engine"]).column(0)
     assert set(engines.to_pylist()) == {"tensorrt"}
-    assert registry.manifest(manifest["version"])["plans"]  # built once on this GPU, recorded with its hash
+    assert registry.manifest(manifest.version).plans  # built once on this GPU, recorded with its hash

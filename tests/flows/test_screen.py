@@ -108,7 +108,7 @@ def test_knee_is_measured_and_stored_when_this_host_has_none(tmp_path):
     lake = make_lake(tmp_path, shards=1, per_shard=20)
     register_model(lake, "sn-k", seed=3, knee=None)
     report = screen(lake=str(lake))
-    knees = Registry(Lake(lake)).manifest("sn-k")["knees"]
+    knees = Registry(Lake(lake)).manifest("sn-k").knees
     assert report.batch == knees[host_fingerprint("onnxruntime", "fp32")]["batch"]
 
 

@@ -56,12 +56,22 @@ def other_key(tmp_path, monkeypatch):
 
 def test_manifest_round_trips_with_file_hashes_seal_and_signature(registry):
     manifest = registry.manifest("sn-test")
-    assert manifest["version"] == "sn-test"
-    assert manifest["shipping"]["threshold"] == 0.25 and manifest["knees"] == {"host": {"batch": 16}}
-    assert set(manifest["files"]) == {"model-fp32.onnx"} and len(manifest["files"]["model-fp32.onnx"]) == 64
-    assert manifest["seal"] == signing.seal(manifest) and manifest["signature"]["key_id"]
-    assert json.loads((registry.folder("sn-test") / "manifest.json").read_text()) == manifest
+    assert manifest.version == "sn-test"
+    assert manifest.shipping.threshold == 0.25 and manifest.knees == {"host": {"batch": 16}}
+    assert set(manifest.files) == {"model-fp32.onnx"} and len(manifest.files["model-fp32.onnx"]) == 64
+    stored = json.loads((registry.folder("sn-test") / "manifest.json").read_text())
+    assert manifest.to_dict() == stored  # the schema reads back exactly what was written
+    assert manifest.seal == signing.seal(stored) and manifest.signature["key_id"]
     assert registry.versions() == ["sn-test"]
+
+
+def test_a_manifest_that_records_no_shipped_engine_is_refused_by_its_schema(registry):
+    with pytest.raises(ValueError, match="cannot register sn-empty: the manifest of sn-empty records no `shipping`"):
+        registry.register("sn-empty", {"knees": {}})
+    edit(registry, "sn-test", lambda m: m["shipping"].pop("file"))
+    registry.sign("sn-test")  # signed, so only the schema can refuse it
+    with pytest.raises(ModelIntegrityError, match="the manifest of sn-test's shipping lacks file; refusing it"):
+        registry.manifest("sn-test")
 
 
 def test_a_tampered_file_is_refused_with_a_clear_error(registry):
@@ -100,7 +110,7 @@ def test_a_manifest_from_before_signing_is_refused_until_signed(registry):
     with pytest.raises(ModelIntegrityError, match="is not signed .*registered before screenline signed"):
         registry.manifest("sn-test")
     registry.sign("sn-test")
-    assert registry.pick("sn-test")["gate"] == "passed"
+    assert registry.pick("sn-test").gate == "passed"
 
 
 def test_a_manifest_signed_by_a_key_that_is_not_trusted_is_refused(registry, other_key):
@@ -203,7 +213,7 @@ def test_a_version_whose_gate_failed_is_refused_unless_overridden_knowingly(regi
     with pytest.raises(GateFailed):
         registry.load_engine("sn-failed")
     pick = registry.pick("sn-failed", allow_failed_gate=True)
-    assert pick["gate"].startswith("overridden: did not pass") and pick["threshold"] == 0.25
+    assert pick.gate.startswith("overridden: did not pass") and pick.threshold == 0.25
     with pytest.raises(GateFailed, match="cannot be promoted"):
         registry.promote("sn-failed")
 
@@ -212,7 +222,7 @@ def test_a_version_that_records_no_gate_verdict_is_not_taken_as_passed(registry)
     make_version(registry, "sn-unknown", passed_gate=None)
     with pytest.raises(GateFailed, match="records no held-out gate verdict"):
         registry.pick("sn-unknown")
-    assert registry.pick("sn-unknown", allow_failed_gate=True)["gate"] == "overridden: records no held-out gate verdict"
+    assert registry.pick("sn-unknown", allow_failed_gate=True).gate == "overridden: records no held-out gate verdict"
 
 
 @pytest.mark.parametrize("threshold", [float("nan"), 1.5, -0.1, "0.3", None])
@@ -225,10 +235,14 @@ def test_a_threshold_that_is_not_a_probability_is_refused(registry, threshold):
 
 
 def test_manifests_carry_their_format_older_ones_load_and_a_newer_one_is_refused(registry):
-    assert registry.manifest("sn-test")["format"] == MANIFEST_FORMAT
-    edit(registry, "sn-test", lambda m: m.pop("format"))  # as registered before formats were stamped (format 1)
+    assert registry.manifest("sn-test").format == MANIFEST_FORMAT
+    old = {"fp32": {"val_auc": 0.9, "threshold": 0.25}}  # format 1 also copied figures into metrics and thresholds
+    edit(registry, "sn-test", lambda m: (m.pop("format"), m.update(metrics=old, thresholds={"fp32": 0.25})))
     registry.sign("sn-test")
-    assert registry.pick("sn-test")["threshold"] == 0.25
+    manifest = registry.manifest("sn-test")
+    assert manifest.format == 1 and manifest.extra == {"metrics": old, "thresholds": {"fp32": 0.25}}
+    assert registry.pick("sn-test").threshold == 0.25
+    assert manifest.to_dict() == {**registry.read_manifest("sn-test"), "format": 1}  # kept as written, format named
     edit(registry, "sn-test", lambda m: m.update(format=MANIFEST_FORMAT + 1))
     registry.sign("sn-test")  # signed and sealed, so only its format can refuse it
     with pytest.raises(ManifestTooNew, match=f"reads formats up to {MANIFEST_FORMAT}: upgrade screenline"):
@@ -240,22 +254,22 @@ def test_signing_a_reviewed_hand_change_makes_the_manifest_trusted_again(registr
     with pytest.raises(ModelIntegrityError):
         registry.manifest("sn-test")
     previous, manifest = registry.sign("sn-test")
-    assert previous != manifest["seal"] and registry.pick("sn-test")["threshold"] == 0.4
+    assert previous != manifest["seal"] and registry.pick("sn-test").threshold == 0.4
 
 
 def test_host_facts_recorded_after_signing_keep_it_trusted_and_sealed_ones_cannot_be_recorded(registry):
     registry.record("sn-test", "knees", "another host", {"batch": 32})
-    assert registry.manifest("sn-test")["knees"]["another host"] == {"batch": 32}
+    assert registry.manifest("sn-test").knees["another host"] == {"batch": 32}
     with pytest.raises(ValueError, match="sealed"):
         registry.record("sn-test", "shipping", "threshold", 0.9)
-    assert not math.isnan(registry.pick("sn-test")["threshold"])
+    assert not math.isnan(registry.pick("sn-test").threshold)
 
 
 def test_keys_live_outside_the_lake_and_the_private_key_is_private(registry):
     keys = Path(os.environ["SCREENLINE_KEYS"])
     assert not keys.is_relative_to(registry.lake.root)
     assert (keys / "signing.key").stat().st_mode & 0o077 == 0
-    key_id = registry.manifest("sn-test")["signature"]["key_id"]
+    key_id = registry.manifest("sn-test").signature["key_id"]
     assert (keys / "trusted" / f"{key_id}.pub").is_file()
 
 

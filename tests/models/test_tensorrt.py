@@ -149,11 +149,11 @@ def test_a_cpu_host_screens_a_gpu_version_with_its_own_onnxruntime_threshold(gpu
     registry = gpu_shipped_registry
     for engine in ("auto", "onnxruntime"):
         pick = registry.pick(engine=engine)
-        assert (pick["engine"], pick["threshold"], pick["version"]) == ("onnxruntime", 0.25, "sn-gpu")
+        assert (pick.shipped.engine, pick.threshold, pick.version) == ("onnxruntime", 0.25, "sn-gpu")
     with pytest.raises(TensorRTUnavailable):
         registry.pick(engine="tensorrt")
     manifest = registry.manifest("sn-gpu")
-    manifest["fallback"]["passed_gate"] = False
+    manifest.fallback.passed_gate = False
     registry.register("sn-gpu", manifest)
     with pytest.raises(GateFailed, match="did not pass its held-out sensitivity gate"):
         registry.pick(engine="auto")
@@ -164,8 +164,8 @@ def test_a_cpu_version_ships_onnxruntime_everywhere(tmp_path):
     registry.folder("sn-cpu").mkdir(parents=True)
     registry.register("sn-cpu", {"shipping": {"engine": "onnxruntime", "candidate": "fp32", "precision": "fp32",
                                               "file": "model-fp32.onnx", "threshold": 0.2}, "passed_gate": True})
-    assert registry.pick("sn-cpu", "auto")["engine"] == "onnxruntime"
-    assert registry.pick("sn-cpu", "onnxruntime")["threshold"] == 0.2
+    assert registry.pick("sn-cpu", "auto").shipped.engine == "onnxruntime"
+    assert registry.pick("sn-cpu", "onnxruntime").threshold == 0.2
     if WHY_NOT is None:  # a GPU host: TensorRT was asked for, but this version has no TensorRT threshold
         with pytest.raises(ModelNotFound, match="optimize --engine tensorrt"):
             registry.pick("sn-cpu", "tensorrt")
@@ -214,7 +214,7 @@ def test_plans_are_cached_per_key_and_a_tampered_plan_is_refused(fp32_graph, tmp
     (folder / "model-fp32.onnx").write_bytes(fp32_graph.read_bytes())
     registry.register("sn-trt", {"architecture": {"channels": 1}, "gates": {"max_batch": 32}})
     registry.tensorrt_engine("sn-trt", "model-fp32.onnx", "fp32", knee=16)
-    plans = registry.manifest("sn-trt")["plans"]
+    plans = registry.manifest("sn-trt").plans
     (name, record), = plans.items()
     assert name.startswith("trt-fp32-b1-16-32-") and record["key"]["onnx_sha256"]
     plan = folder / "plans" / name

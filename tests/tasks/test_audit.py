@@ -153,7 +153,7 @@ def test_a_subset_that_gated_the_versions_promotion_is_audited_but_not_called_an
     plain = audit_figures(plan_audit(lake)).subsets[0]
     assert "not an independent check" not in plain["claim"]
     # as optimize --test-subset holdout records it
-    Registry(lake).update_sealed("sn-cov", lambda m: m.setdefault("data", {}).update(test_subsets=["holdout"]))
+    Registry(lake).update_sealed("sn-cov", lambda m: m.data.update(test_subsets=["holdout"]))
     row = audit_figures(plan_audit(lake)).subsets[0]
     assert row["claim"].startswith("not an independent check: this subset was in the held-out test split that "
                                    "gated sn-cov's promotion (optimize --test-subset holdout); ")

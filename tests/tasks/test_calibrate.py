@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import screen_plain, site_lake
 
-from models.registry import SITE_POINTS, Registry
+from models.registry import Registry
 from tasks.audit import audit_figures, plan_audit
 from tasks.calibrate import CalibrationRefused, apply, reset, site_calibration
 from tasks.lake import Lake
@@ -52,7 +52,7 @@ def test_too_few_positives_are_refused_with_the_count_needed(tmp_path):
     assert "so the subset needs about 298 labelled positives" in result.refused
     with pytest.raises(CalibrationRefused, match="needs about 298"):
         apply(lake, result)
-    assert SITE_POINTS not in Registry(lake).manifest("sn-site")
+    assert not Registry(lake).manifest("sn-site").site_operating_points
 
 
 def test_an_applied_point_changes_the_decisions_names_itself_and_keeps_its_provenance(big, tmp_path):
@@ -64,11 +64,11 @@ def test_an_applied_point_changes_the_decisions_names_itself_and_keeps_its_prove
     result = site_calibration(lake, "site")
     apply(lake, result)
     manifest = Registry(lake).manifest("sn-site")  # still trusted: signed again
-    (point,) = manifest[SITE_POINTS].values()
+    (point,) = manifest.site_operating_points.values()
     assert point["name"] == "site:site" and point["subset"] == "site" and point["threshold"] == result.threshold
     assert point["calibration_id"] == result.calibration_id and point["halves"] == result.halves
     assert point["verification"]["sensitivity"] >= 0.98 and point["shipped_threshold"] == 0.0
-    assert manifest["operating_point_history"][-1]["applied"] == "site:site"
+    assert manifest.operating_point_history[-1]["applied"] == "site:site"
     assert set(screen_plain(lake).values()) == {"redecided"}
     after = pq.read_table(lake.predictions / "sn-site").to_pydict()
     assert set(after["operating_point"]) == {"site:site"} and set(after["threshold"]) == {np.float32(result.threshold)}
@@ -94,7 +94,8 @@ def test_an_applied_point_changes_the_decisions_names_itself_and_keeps_its_prove
     assert "judged by its other (verification) half alone" in page
 
     reset(lake)
-    assert SITE_POINTS in Registry(lake).manifest("sn-site") and not Registry(lake).manifest("sn-site")[SITE_POINTS]
+    manifest = Registry(lake).manifest("sn-site")
+    assert not manifest.site_operating_points and manifest.operating_point_history[-1]["reset"] == "site:site"
     screen_plain(lake)
     assert set(pq.read_table(lake.predictions / "sn-site").column("operating_point").to_pylist()) == {"shipped"}
 
@@ -124,4 +125,4 @@ def test_a_site_threshold_that_would_fail_another_labelled_subset_of_the_lake_is
     assert "a site threshold belongs in a lake of that site's images" in result.refused
     with pytest.raises(CalibrationRefused, match="'faint'"):
         apply(lake, result)
-    assert SITE_POINTS not in Registry(lake).manifest("sn-site")
+    assert not Registry(lake).manifest("sn-site").site_operating_points
