@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-demo: install  ## samples → ingest on a generated sample set, then a summary of the lake
+demo: install  ## samples → ingest → optimize → nightly (ingest the inbox, screen, audit) on a generated sample set
 	$(VENV)/bin/screenline demo
 
 test: install  ## the whole test suite (tiny lakes; minutes, not hours)

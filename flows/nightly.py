@@ -53,7 +53,9 @@ def nightly(
     landed, or, when none are new, every shard in the inbox. Ends Failed when the audit does (a subset below target),
     after the report is written; an audit that cannot show the target says "inconclusive" (or "not audited") in the
     message, never "passed". engine: as for `screen` (auto: TensorRT where this host can run it and the model has a
-    TensorRT threshold).
+    TensorRT threshold). A shard that cannot be read at all is a reject row and the night goes on; one that fails
+    after its retries (real I/O trouble) is left for the next run, the rest are screened and audited, and the run
+    ends Failed naming it.
     """
     logger = get_run_logger()
     root = str(lake_root(lake))
@@ -66,7 +68,7 @@ def nightly(
                                  description="nightly: empty inbox")
         return NightlyReport(inbox, root, message)
 
-    landed = ingest(shards=shards, lake=root)
+    landed = ingest(shards=shards, lake=root, fail_on_error=False)  # one bad shard must not cost the night
     new = [s.shard_id for s in landed.shards if s.status == "ingested"]
     batch = new or [s.shard_id for s in landed.shards if s.status != "refused"]
     scored = screen(lake=root, engine=engine)
@@ -86,4 +88,8 @@ def nightly(
         description="nightly: what landed, what was scored, the audit",
     )
     logger.info("%s; report %s", message, audited.report)
+    if landed.failed:
+        raise RuntimeError(f"{message}; but {len(landed.failed)} shard(s) failed after retries and were not ingested "
+                           f"(the night screened and audited the rest; a re-run retries them): "
+                           + "; ".join(landed.failed))
     return NightlyReport(inbox, root, message, shards, landed, scored, audited)

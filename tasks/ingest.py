@@ -2,7 +2,9 @@
 
 `ingest_shard` is the plain function (tests call it directly); `ingest_shard_task` is its Prefect wrapper, retried
 on I/O errors only and cached on the shard's content. A bad entry never fails its shard: it becomes a reject row
-with a reason. A shard that cannot be read at all becomes one reject row. Landing is two-phase: the shard's rows
+with a reason, whatever fails in it (a decoder's exception included); a reader that fails part-way keeps what it read
+and adds one reject row for the rest. A shard that cannot be read at all becomes one reject row. Landing is
+two-phase: the shard's rows
 stream into a temp file; then, under the lake's lock, images already in the lake are dropped as duplicates, the
 rejects file is written and the images file is renamed into place. The images file is the commit mark: a shard
 whose images file exists is done, so a re-run after kill -9 redoes exactly the shards that had not landed.
@@ -18,7 +20,7 @@ import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +53,8 @@ from tasks.shards import (
     find_shards,
     fingerprint,
     inbox_shards,
+    not_shards,
+    printable,
     read_entries,
 )
 
@@ -113,26 +117,35 @@ def parse_label(raw: object) -> int | None:
     raise Rejected("bad_label", f"label {raw!r} is not 0, 1 or empty")
 
 
+_CONVERTIBLE = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La"}
+
+
 def _to_mode(image: Image.Image, channels: int) -> Image.Image:
     if image.mode in _HIGH_BIT_MODES:  # 16-bit grayscale: keep the top 8 bits rather than clipping
         arr = np.asarray(image).astype(np.uint16) >> _HIGH_BIT_MODES[image.mode]
         image = Image.fromarray(arr.astype(np.uint8))
     elif image.mode in ("I", "F"):
         raise Rejected("unsupported_mode", f"{image.mode} (32-bit) images are not supported; export 8-bit PNG")
+    elif image.mode not in _CONVERTIBLE:
+        raise Rejected("unsupported_mode", f"{image.mode} images are not supported; export 8-bit grey or RGB PNG")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     return image.convert("L" if channels == 1 else "RGB")
+
+
+ENCODED_FORMATS = ("PNG", "JPEG")
+"""What an encoded entry may be, whatever its name says: Pillow's other decoders (TIFF, PSD, ...) are never run."""
 
 
 def _open_encoded(payload: bytes) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(payload))
+            image = Image.open(io.BytesIO(payload), formats=ENCODED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise Rejected("decompression_bomb", str(exc)) from None
     except UnidentifiedImageError:
-        raise Rejected("decode_error", f"not an image Pillow can read ({len(payload)} bytes)") from None
+        raise Rejected("decode_error", f"not a PNG or JPEG image ({len(payload):,} bytes)") from None
     except (OSError, SyntaxError, ValueError, zlib.error) as exc:
         raise Rejected("decode_error", f"{type(exc).__name__}: {exc}") from None
     width, height = image.size
@@ -151,7 +164,19 @@ def _load(image: Image.Image) -> None:
 
 
 def decode(payload: bytes | np.ndarray, channels: int, resize: bool) -> tuple[np.ndarray, bool]:
-    """An entry's pixels as uint8 H×W×C at the lake's size and channel count, and whether it was resized."""
+    """An entry's pixels as uint8 H×W×C at the lake's size and channel count, and whether it was resized; Rejected
+    for anything else, whatever the decoder raised (a bad entry is data, never the end of its shard)."""
+    try:
+        return _decode(payload, channels, resize)
+    except Rejected:
+        raise
+    except MemoryError:
+        raise Rejected("too_large", "decoding it would take more memory than this host has") from None
+    except Exception as exc:  # noqa: BLE001 (Pillow raises what it likes on hostile input)
+        raise Rejected("decode_error", f"{type(exc).__name__}: {exc}") from None
+
+
+def _decode(payload: bytes | np.ndarray, channels: int, resize: bool) -> tuple[np.ndarray, bool]:
     if isinstance(payload, np.ndarray):
         arr = payload[..., 0] if payload.ndim == 3 and payload.shape[2] == 1 else payload
         image = Image.fromarray(np.ascontiguousarray(arr))
@@ -251,10 +276,10 @@ def _rejects_table(ref: ShardRef, refusals: list[Refusal]) -> pa.Table:
     return pa.table(
         {
             "shard_id": [ref.shard_id] * len(refusals),
-            "shard": [ref.path] * len(refusals),
-            "entry": [r.entry for r in refusals],
+            "shard": [printable(ref.path)] * len(refusals),
+            "entry": [None if r.entry is None else printable(r.entry) for r in refusals],
             "reason": [r.reason for r in refusals],
-            "detail": [r.detail for r in refusals],
+            "detail": [printable(r.detail) for r in refusals],
             "rejected_at": pa.array([now] * len(refusals), pa.timestamp("us", tz="UTC")),
         },
         schema=REJECTS_SCHEMA,
@@ -273,6 +298,32 @@ def _drop_rows(tmp: Path, out: Path, drop: set[str], metadata: dict[str, str], k
             writer.write_table(pa.Table.from_batches([batch.filter(mask)], schema=IMAGES_SCHEMA))
 
 
+def _entries_or_stop(ref: ShardRef) -> Iterator[Entry | Refusal]:
+    """The shard's entries; when its reader fails part-way (a bug, or input no reader foresaw) one refusal for the
+    rest, so what was read still lands. Failing before the first entry is ShardUnreadable (one reject row for the
+    shard); OSError passes through, for the task to retry."""
+    entries, n = read_entries(ref), 0
+    while True:
+        try:
+            item = next(entries)
+        except StopIteration:
+            return
+        except OSError:
+            raise
+        except ShardUnreadable as exc:
+            if n == 0:
+                raise
+            yield Refusal(None, exc.reason, f"stopped after {n} entries: {exc.detail}")
+            return
+        except Exception as exc:  # noqa: BLE001 (bad input is data: the entries read so far still land)
+            if n == 0:
+                raise ShardUnreadable("unreadable_shard", f"{type(exc).__name__}: {exc}") from None
+            yield Refusal(None, "unreadable_shard", f"stopped after {n} entries: {type(exc).__name__}: {exc}")
+            return
+        n += 1
+        yield item
+
+
 def ingest_shard(ref: ShardRef, lake: Lake, options: IngestOptions) -> ShardSummary:
     """Validate and land one shard; a no-op when the shard's content is already in the lake."""
     if lake.image_file(ref.shard_id).exists():
@@ -284,7 +335,7 @@ def ingest_shard(ref: ShardRef, lake: Lake, options: IngestOptions) -> ShardSumm
     with atomic_parquet_writer(staging, IMAGES_SCHEMA, metadata) as writer:
         rows = _RowBuffer(writer, ref.shard_id, options.channels)
         try:
-            for item in read_entries(ref):
+            for item in _entries_or_stop(ref):
                 if isinstance(item, Refusal):
                     refusals.append(item)
                     continue
@@ -300,7 +351,7 @@ def ingest_shard(ref: ShardRef, lake: Lake, options: IngestOptions) -> ShardSumm
                     continue
                 seen[sha] = item.source
                 rows.add(item.source, label, options.subset_of(ref, item.source), pixels, resized, sha)
-        except ShardUnreadable as exc:  # readers raise it before their first entry: nothing was written yet
+        except ShardUnreadable as exc:  # raised before the first entry (_entries_or_stop): nothing was written yet
             refusals = [Refusal(None, exc.reason, exc.detail)]
             seen.clear()
             rows.rows = {k: [] for k in rows.rows}
@@ -400,8 +451,13 @@ def inbox_root(path: str | None = None) -> str:
 
 @task(name="find-shards", **IO_RETRIES)
 def find_shards_task(patterns: list[str]) -> list[str]:
-    """The shards these paths and globs name (ShardNotFound for one that names none)."""
-    return [str(p) for p in find_shards(patterns)]
+    """The shards these paths and globs name (ShardNotFound for one that names none); what a folder of shards holds
+    beside them is logged and left alone."""
+    shards = find_shards(patterns)
+    containers = {Path(p).resolve() for p in patterns if Path(p).is_dir()} - set(shards)  # folders of shards
+    for stray in (s for folder in sorted(containers) for s in not_shards(folder)):
+        get_run_logger().warning("%s is not a shard (a folder of images, .npz or .tar): ignored", stray)
+    return [str(p) for p in shards]
 
 
 @task(name="list-inbox", **IO_RETRIES)
@@ -413,6 +469,7 @@ def list_inbox_task(inbox: str) -> list[str]:
             get_run_logger().warning("inbox entry %s is a symbolic link (to %s): not followed, ignored; a site "
                                      "copies its shard into the inbox", path, os.readlink(path))
         else:
-            get_run_logger().warning("inbox entry %s is not a shard (a folder of images, .npz or .tar): ignored",
-                                     path)
+            what = "" if path.is_dir() or path.is_file() else " (not a regular file: a FIFO, socket or device)"
+            get_run_logger().warning("inbox entry %s is not a shard (a folder of images, .npz or .tar)%s: ignored",
+                                     path, what)
     return [str(p) for p in shards]
