@@ -30,7 +30,7 @@ class IngestReport:
     @property
     def landed(self) -> int:
         """Images this run added to the lake."""
-        return sum(s.accepted for s in self.shards if s.status == "ingested")
+        return sum(s.accepted for s in self.shards if s.landed_now)
 
     @property
     def rejected(self) -> int:
@@ -45,6 +45,7 @@ def ingest(
     resize: bool = False,
     subset: str | None = None,
     test_subset: str | None = None,
+    replace: list[str] | None = None,
     fail_on_error: bool = True,
 ) -> IngestReport:
     """Ingest shards (paths or globs: folders of PNG/JPEG, MedMNIST .npz, WebDataset .tar) into the lake.
@@ -54,6 +55,8 @@ def ingest(
     subset: mark every image of these shards as belonging to a labelled audit subset of that name.
     test_subset: land the test split of MedMNIST-layout .npz shards (test_images/test_labels) as the labelled audit
     subset of this name, so a public benchmark's own test split audits what optimize trains on the rest.
+    replace: shard ids these shards replace, whatever their path (a corrected delivery from the same path replaces
+    the earlier one without it when it holds every image that one held; tasks/ingest.py).
     fail_on_error: end Failed when a shard failed after its retries (the others landed either way); nightly passes
     False, screens and audits what landed, and fails at the end naming them.
     """
@@ -61,7 +64,8 @@ def ingest(
     root = str(lake_root(lake))
     paths = find_shards_task(shards)
     refs = fingerprint_task.map(paths)
-    options = IngestOptions(lake_channels_task(root, refs, channels), resize, subset, test_subset)
+    options = IngestOptions(lake_channels_task(root, refs, channels), resize, subset, test_subset,
+                            tuple(sorted(replace or ())))
     logger.info("ingesting %d shard(s) into %s (%d channel(s))", len(paths), root, options.channels)
 
     futures = ingest_shard_task.map(refs, lake_root=unmapped(root), options=unmapped(options))

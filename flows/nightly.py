@@ -69,7 +69,7 @@ def nightly(
         return NightlyReport(inbox, root, message)
 
     landed = ingest(shards=shards, lake=root, fail_on_error=False)  # one bad shard must not cost the night
-    new = [s.shard_id for s in landed.shards if s.status == "ingested"]
+    new = [s.shard_id for s in landed.shards if s.landed_now]
     batch = new or [s.shard_id for s in landed.shards if s.status != "refused"]
     scored = screen(lake=root, engine=engine)
     audited = audit(lake=root, batch=batch, subsets=subsets, target_sensitivity=target_sensitivity)

@@ -117,7 +117,7 @@ def run_ingest(shards: list[str], lake: str | None, **options: object) -> "objec
 
 def cmd_ingest(args: argparse.Namespace) -> None:
     run_ingest(args.shards, args.lake, channels=args.channels, resize=args.resize, subset=args.subset,
-               test_subset=args.test_subset)
+               test_subset=args.test_subset, replace=args.replace)
 
 
 def run_optimize(lake: str | None, **params: object) -> dict:
@@ -567,6 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-subset", metavar="NAME",
                    help="land the test split of a MedMNIST .npz (test_images/test_labels) as the labelled audit "
                         "subset NAME; its train and val splits stay training data")
+    p.add_argument("--replace", metavar="SHARD_ID", action="append",
+                   help="this delivery replaces the shard SHARD_ID (its images, labels and rejects move to "
+                        ".superseded/), whatever its path; repeatable. A corrected delivery from the same path "
+                        "replaces the earlier one without it when it holds every image that one held")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser(

@@ -47,8 +47,8 @@ from prefect import task
 from models.registry import Registry
 from screenline.files import safe_name
 from tasks.caching import IO_RETRIES, OutputCache, content_key
-from tasks.lake import (DRIFT_SCHEMA, FIGURES_SCHEMA, SHARD_PATH_KEY, Lake, footer, images_digest, shard_id_of,
-                        write_table_atomic)
+from tasks.lake import (DRIFT_SCHEMA, FIGURES_SCHEMA, LANDED_WITH_KEY, SHARD_PATH_KEY, Lake, footer, images_digest,
+                        shard_id_of, write_table_atomic)
 from tasks.metrics import SIDES, Figures, claim, figures, table_at
 from tasks.predictions import RUN_KEY, State, current_files, read_current
 from tasks.report import ReportScores, write_report
@@ -96,7 +96,7 @@ class AuditPlan:
     target: float
     subsets: tuple[str, ...]
     batch: tuple[str, ...]  # shard ids whose scores are checked for drift
-    runs: tuple[tuple[str, str, str], ...]  # (shard_id, run_id, images digest) of every predictions file read
+    runs: tuple[tuple[str, ...], ...]  # (shard_id, run_id, images digest, landed with) of every predictions file read
     drift: DriftSettings = DriftSettings()
     sided: str = "two"  # the claim's exact lower bound: of the two-sided 95% interval, or one-sided 95%
     shipped_threshold: float = float("nan")  # what optimize shipped, shown beside the decisions
@@ -126,11 +126,11 @@ class AuditPlan:
         predictions written after it was planned."""
         manifest = Registry(self.lake).manifest(self.version)
         current, _ = current_files(self.lake, self.version, manifest)
-        for shard_id, run_id, _digest in self.runs:
+        for shard_id, run_id, *_ in self.runs:
             if shard_id not in current or _footer_run(current[shard_id]) != run_id:
                 raise AuditIncomplete(f"the predictions of shard {shard_id} by {self.version} changed since this "
                                       f"audit was planned (a screen ran meanwhile): run the audit again")
-        return {shard_id: current[shard_id] for shard_id, _, _ in self.runs}
+        return {shard_id: current[shard_id] for shard_id, *_ in self.runs}
 
 
 @dataclass
@@ -242,8 +242,9 @@ def plan_audit(lake: Lake, version: str | None = None, subsets: list[str] | None
     unscored = [s for s in batch if s not in files]
     if unscored:
         raise ValueError(_not_current(unscored, stale, version, "the drift batch"))
-    runs = tuple((s, _footer_run(files[s]), images_digest(lake.image_file(s)))
-                 for s in sorted(set(subset_shards) | set(batch)))
+    # what each shard holds and how it landed (a re-delivery with new labels or subsets lands the same ids again)
+    runs = tuple((s, _footer_run(files[s]), images_digest(lake.image_file(s)),
+                  footer(lake.image_file(s)).get(LANDED_WITH_KEY, "")) for s in sorted(set(subset_shards) | set(batch)))
     source = "as decided" if threshold is None else "override"
     deciding, point_name = manifest.decided_at(ship)
     site = manifest.site_point(ship)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from prefect.cache_policies import CachePolicy
 from prefect.utilities.hashing import hash_objects
 
-from tasks.lake import Lake
+from tasks.lake import Lake, landed_with
 
 
 @dataclass
@@ -67,8 +67,8 @@ def _retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
 class ShardContentCache(CachePolicy):
     """Cache key: the shard's content hash, the lake and the options; never the path or the run id.
 
-    Returns no key while the shard's images file is missing from the lake, so a deleted or new lake is always
-    written, and a cached result is never trusted for data that is not there.
+    Returns no key while the shard's images file is missing from the lake or landed with other options, so a
+    deleted or new lake is always written, and a cached result is never trusted for data that is not there.
     """
 
     def compute_key(
@@ -76,8 +76,9 @@ class ShardContentCache(CachePolicy):
     ) -> str | None:
         ref = inputs["ref"]  # a tasks.shards.ShardRef
         lake = Lake.at(inputs["lake_root"])
-        if not lake.image_file(ref.shard_id).exists():
-            return None
+        landed = lake.image_file(ref.shard_id)
+        if not landed.exists() or landed_with(landed) != inputs["options"].landed_with():
+            return None  # not landed, or landed since with other options: what a cached result says is not there
         return hash_objects("ingest-shard/v1", ref.sha256, str(lake.root), inputs["options"])
 
 

@@ -8,12 +8,22 @@ two-phase: the shard's rows
 stream into a temp file; then, under the lake's lock, images already in the lake are dropped as duplicates, the
 rejects file is written and the images file is renamed into place. The images file is the commit mark: a shard
 whose images file exists is done, so a re-run after kill -9 redoes exactly the shards that had not landed.
+
+Re-delivery. The same bytes with the same options land once, from any path. A shard lands again, replacing its
+earlier landing, when it is ingested with other options (`--resize` after wrong_size rejects, `--subset` after the
+fact: the footer records what it landed with); a corrected delivery (new labels.csv, new .cls files) replaces an
+earlier shard delivered from the same path when it holds every image that one held; `--replace SHARD_ID` replaces
+a named shard whatever its path or overlap. Replaced files move to images/.superseded/ and rejects/.superseded/,
+kept for the record; their predictions stop being current and screen moves them aside. Anything else is a new
+shard, and an image already in the lake is a duplicate whose reject row says which shard holds it and how to
+replace that one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import warnings
 import zlib
@@ -34,14 +44,18 @@ from tasks.caching import IO_RETRIES, ShardContentCache
 from tasks.lake import (
     IMAGE_IDS_KEY,
     IMAGES_SCHEMA,
+    LANDED_WITH_KEY,
     REJECTS_SCHEMA,
     ROW_GROUP_ROWS,
     SHARD_PATH_KEY,
     SHARD_SHA_KEY,
     Lake,
     atomic_parquet_writer,
+    footer,
     image_id,
     image_ids_digest,
+    landed_with,
+    move_aside,
     write_table_atomic,
 )
 from tasks.shards import (
@@ -72,6 +86,12 @@ class IngestOptions:
     resize: bool = False
     subset: str | None = None
     test_subset: str | None = None  # an .npz's own test split (test_images/test_labels) lands as this subset
+    replace: tuple[str, ...] = ()  # shard ids this delivery replaces, whatever their path (ingest --replace)
+
+    def landed_with(self) -> dict[str, Any]:
+        """What a landing records of its options: ingesting the shard with others lands it again."""
+        return {"resize": self.resize, "subset": self.subset, "test_subset": self.test_subset,
+                "replace": sorted(self.replace)}
 
     def subset_of(self, ref: ShardRef, source: str) -> str | None:
         """The audit subset an entry lands in: `test_subset` for the test split of an .npz, else `subset`."""
@@ -88,9 +108,15 @@ class ShardSummary:
     shard: str
     accepted: int = 0
     rejected: int = 0
-    status: str = "ingested"  # "ingested" | "already_in_lake" | "refused"
+    status: str = "ingested"  # "ingested" | "replaced" (it replaced earlier landings) | "already_in_lake" | "refused"
     reasons: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    replaced: list[str] = field(default_factory=list)  # shard ids whose landings this one replaced
+
+    @property
+    def landed_now(self) -> bool:
+        """Whether this run wrote the shard (new, or a re-delivery replacing an earlier landing)."""
+        return self.status in ("ingested", "replaced")
 
 
 class Rejected(Exception):
@@ -324,13 +350,20 @@ def _entries_or_stop(ref: ShardRef) -> Iterator[Entry | Refusal]:
         yield item
 
 
+def already_landed(lake: Lake, ref: ShardRef, options: IngestOptions) -> bool:
+    """Whether this shard is in the lake, landed with these options (re-ingesting it changes nothing)."""
+    final = lake.image_file(ref.shard_id)
+    return final.exists() and landed_with(final) == options.landed_with()
+
+
 def ingest_shard(ref: ShardRef, lake: Lake, options: IngestOptions) -> ShardSummary:
-    """Validate and land one shard; a no-op when the shard's content is already in the lake."""
-    if lake.image_file(ref.shard_id).exists():
+    """Validate and land one shard; a no-op when the shard's content is already in the lake with these options."""
+    if already_landed(lake, ref, options):
         return _summary_of_landed(lake, ref)
     refusals: list[Refusal] = []
     seen: dict[str, str] = {}  # sha256 -> source, within this shard
-    metadata = {SHARD_SHA_KEY: ref.sha256, SHARD_PATH_KEY: ref.path}
+    metadata = {SHARD_SHA_KEY: ref.sha256, SHARD_PATH_KEY: ref.path,
+                LANDED_WITH_KEY: json.dumps(options.landed_with(), sort_keys=True)}
     staging = lake.images / f".{ref.shard_id}.staging"
     with atomic_parquet_writer(staging, IMAGES_SCHEMA, metadata) as writer:
         rows = _RowBuffer(writer, ref.shard_id, options.channels)
@@ -359,21 +392,49 @@ def ingest_shard(ref: ShardRef, lake: Lake, options: IngestOptions) -> ShardSumm
         writer.add_key_value_metadata({IMAGE_IDS_KEY: image_ids_digest(image_id(sha) for sha in seen)})
     if not seen and not refusals:
         refusals.append(Refusal(None, "empty_shard", "the shard holds no entries"))
-    return _commit_shard(ref, lake, staging, seen, refusals, metadata)
+    return _commit_shard(ref, lake, staging, seen, refusals, metadata, options)
+
+
+def _replaced_by(lake: Lake, ref: ShardRef, options: IngestOptions, seen: dict[str, str]) -> list[str]:
+    """The shards this delivery replaces: itself landed with other options, those named by --replace, and earlier
+    deliveries from the same path whose every image it holds (a corrected re-delivery)."""
+    replaced = [ref.shard_id] if lake.image_file(ref.shard_id).exists() else []
+    for shard_id in options.replace:
+        if not lake.image_file(shard_id).exists():
+            raise ValueError(f"--replace {shard_id}: no such shard in {lake.root} (`screenline results` and "
+                             f"lake/images/ name the shards)")
+        replaced.append(shard_id)
+    ids = {image_id(sha) for sha in seen}
+    for file in lake.shard_files():
+        if file.stem in replaced or footer(file).get(SHARD_PATH_KEY) != ref.path:
+            continue
+        if set(pq.read_table(file, columns=["image_id"]).column("image_id").to_pylist()) <= ids:
+            replaced.append(file.stem)
+    return replaced
 
 
 def _commit_shard(
-    ref: ShardRef, lake: Lake, staging: Path, seen: dict[str, str], refusals: list[Refusal], metadata: dict[str, str]
+    ref: ShardRef, lake: Lake, staging: Path, seen: dict[str, str], refusals: list[Refusal], metadata: dict[str, str],
+    options: IngestOptions,
 ) -> ShardSummary:
     final = lake.image_file(ref.shard_id)
     try:
         with lake.lock():
-            if final.exists():  # the same content landed meanwhile (another path, another run)
+            if already_landed(lake, ref, options):  # the same content landed meanwhile (another path, another run)
                 return _summary_of_landed(lake, ref)
-            existing = lake.image_hashes() if seen else {}
+            replaced = _replaced_by(lake, ref, options, seen)
+            existing = lake.image_hashes(excluding=replaced) if seen else {}
             dups = {sha for sha in seen if sha in existing}
             for sha in sorted(dups, key=seen.get):
-                refusals.append(Refusal(seen[sha], "duplicate", f"same pixels as {existing[sha]} already in the lake"))
+                shard_id, source = existing[sha].split("/", 1)
+                refusals.append(Refusal(seen[sha], "duplicate", (
+                    f"same pixels as {source} of shard {shard_id}, already in the lake; a corrected delivery of "
+                    f"that shard replaces it when it comes from the same path and holds every image it held, or "
+                    f"with `screenline ingest ... --replace {shard_id}`")))
+            for shard_id in replaced:  # aside first: a kill -9 before the rename below leaves the shard to re-land
+                for old in (lake.image_file(shard_id), lake.reject_file(shard_id)):
+                    if old.exists():
+                        move_aside(old)
             if refusals:
                 write_table_atomic(lake.reject_file(ref.shard_id), _rejects_table(ref, refusals))
             if dups:
@@ -391,9 +452,10 @@ def _commit_shard(
         ref.path,
         accepted=len(seen) - len(dups),
         rejected=len(refusals),
-        status="refused" if unreadable else "ingested",
+        status="refused" if unreadable else "replaced" if replaced else "ingested",
         reasons=reasons,
         error=f"{refusals[0].reason}: {refusals[0].detail}" if unreadable else None,
+        replaced=replaced,
     )
 
 

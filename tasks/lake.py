@@ -5,6 +5,7 @@ One root (`--lake`, default `./lake`, `SCREENLINE_LAKE` overrides) holds:
     lake.json            the lake's fixed facts: format version, channel count (set by the first ingest)
     images/<shard>.parquet      a row per accepted image, one file per ingested shard
     rejects/<shard>.parquet     a row per refused entry (or one row for a shard that could not be read)
+    images/.superseded/, rejects/.superseded/   earlier landings a re-delivery replaced, kept, read by nobody
     predictions/<model_version>/<shard>.parquet  a row per image scored by that model version
     audits/ models/<version>/    written by audit and optimize
 
@@ -28,11 +29,13 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -120,6 +123,19 @@ SHARD_PATH_KEY = "screenline.shard_path"
 """Images-file footer: the shard's path as given to ingest."""
 IMAGE_IDS_KEY = "screenline.image_ids_sha256"
 """Images-file footer: `image_ids_digest` of the image ids the file holds (what a predictions file must match)."""
+LANDED_WITH_KEY = "screenline.landed_with"
+"""Images-file footer: the ingest options the shard landed with, as JSON (a re-ingest with others lands it again)."""
+SUPERSEDED = ".superseded"
+"""The hidden folder beside images/, rejects/ and predictions/<version>/ that replaced files move to: kept for the
+record, skipped by every Parquet reader (pyarrow, pandas and DuckDB ignore hidden paths) and by screenline."""
+
+
+def move_aside(path: Path) -> Path:
+    """Move a file into its folder's .superseded/, named with the time it moved; returns where it went."""
+    aside = path.parent / SUPERSEDED / f"{path.stem}.{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}{path.suffix}"
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, aside)
+    return aside
 
 SHARD_ID = re.compile(r"[0-9a-f]{16}")
 """A shard id: the first 16 hex digits of the shard's content hash (`ShardRef.shard_id`)."""
@@ -156,6 +172,18 @@ def images_digest(path: Path) -> str:
     if recorded:
         return recorded
     return image_ids_digest(pq.read_table(path, columns=["image_id"]).column("image_id").to_pylist())
+
+
+def landed_with(path: Path) -> dict:
+    """The ingest options an images file landed with: from its footer, or, for a file from before the footer
+    recorded them, what its rows show (resized rows, one subset for all)."""
+    recorded = footer(path).get(LANDED_WITH_KEY)
+    if recorded:
+        return json.loads(recorded)
+    rows = pq.read_table(path, columns=["subset", "resized"])
+    subsets = set(rows.column("subset").to_pylist())
+    return {"resize": bool(pc.any(rows.column("resized")).as_py()), "test_subset": None, "replace": [],
+            "subset": subsets.pop() if len(subsets) == 1 else None}
 
 
 ROW_GROUP_ROWS = 8192
@@ -281,9 +309,10 @@ class Lake:
         return {"images": images.num_rows, "labelled": images.num_rows - images.column("label").null_count,
                 "rejects": sum(pq.ParquetFile(f).metadata.num_rows for f in rejects)}
 
-    def image_hashes(self) -> dict[str, str]:
-        """sha256 → "shard_id/source" of every image already in the lake (reads two small columns)."""
-        files = self.shard_files()
+    def image_hashes(self, excluding: Iterable[str] = ()) -> dict[str, str]:
+        """sha256 → "shard_id/source" of every image already in the lake, but for the shards `excluding` (reads
+        three small columns)."""
+        files = [f for f in self.shard_files() if f.stem not in set(excluding)]
         if not files:
             return {}
         table = ds.dataset([str(f) for f in files], format="parquet").to_table(

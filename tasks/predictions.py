@@ -16,9 +16,7 @@ no reader of screenline's sees two predictions for one image, or a decision at a
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
@@ -28,7 +26,7 @@ import pyarrow.dataset as ds
 
 from models.manifest import Manifest, Shipped
 from screenline.files import SAFE_NAME
-from tasks.lake import PREDICTIONS_SCHEMA, SHARD_ID, Lake, footer, images_digest
+from tasks.lake import PREDICTIONS_SCHEMA, SHARD_ID, Lake, footer, images_digest, move_aside
 
 IMAGES_KEY = "screenline.images_digest"  # the image-id digest of the images file that was scored
 ENGINE_KEY = "screenline.engine"
@@ -41,8 +39,6 @@ POINT_KEY = "screenline.operating_point"  # "shipped", or "site:<subset>"
 VERSION_KEY = "screenline.model_version"
 RUN_KEY = "screenline.run_id"
 
-SUPERSEDED = ".superseded"
-"""Inside a version's predictions folder: files no longer current, kept for the record; no reader looks there."""
 
 
 def as_float32(value: float | str) -> float:
@@ -150,10 +146,7 @@ def current_files(lake: Lake, version: str, manifest: Manifest) -> tuple[dict[st
 
 def supersede(path: Path) -> Path:
     """Move a predictions file aside into its folder's .superseded/ (kept for the record, read by nobody)."""
-    aside = path.parent / SUPERSEDED / f"{path.stem}.{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}.parquet"
-    aside.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(path, aside)
-    return aside
+    return move_aside(path)
 
 
 def sweep_orphans(lake: Lake) -> list[Path]:

@@ -63,6 +63,19 @@ def test_a_deleted_lake_is_written_again_not_served_from_cache(tar_shard, tmp_pa
     assert pq.read_table(lake / "images").num_rows == 10
 
 
+def test_options_given_after_the_fact_land_the_shard_again_and_a_cached_run_never_hides_it(tar_shard, lake_dir):
+    shard = [str(tar_shard[0])]
+    ingest(shard, lake=str(lake_dir))
+    as_holdout = ingest(shard, lake=str(lake_dir), subset="holdout")
+    assert [s.status for s in as_holdout.shards] == ["replaced"] and as_holdout.landed == 10
+    assert set(pq.read_table(lake_dir / "images").column("subset").to_pylist()) == {"holdout"}
+    # back to the first options: the first run's cached result must not stand in for what is landed now
+    back = ingest(shard, lake=str(lake_dir), return_state=True)
+    assert "ingest-shard:Cached" not in task_states(back) and back.result().shards[0].status == "replaced"
+    assert set(pq.read_table(lake_dir / "images").column("subset").to_pylist()) == {None}
+    assert pq.read_table(lake_dir / "images").num_rows == 10
+
+
 def test_an_unreadable_shard_is_refused_while_the_others_land(tar_shard, tmp_path, lake_dir):
     bad = tmp_path / "shards" / "corrupt.npz"
     bad.write_bytes(b"PK\x03\x04 truncated zip")

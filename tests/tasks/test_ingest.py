@@ -307,3 +307,92 @@ def test_random_bytes_as_a_shard_never_crash(tmp_path_factory, data, suffix):
     summary = land(path, root / "lake")
     assert summary.accepted + summary.rejected >= 1
     assert land(path, root / "lake").status == "already_in_lake"
+
+
+# --- re-delivery: what landing a shard again does ------------------------------------------------------------------
+
+
+def current_rejects(lake: Path) -> dict[str | None, str]:
+    return rejects_by_entry(lake)
+
+
+def superseded(lake: Path) -> list[str]:
+    return sorted(p.parent.parent.name for p in lake.glob("*/.superseded/*.parquet"))
+
+
+def test_the_wrong_size_advice_works_resize_lands_the_shard_again(folder_with, lake_dir):
+    big = np.kron(images(1, "big-again")[0][0], np.ones((2, 2), np.uint8))
+    shard = folder_with({"big.png": png_bytes(big)})
+    first = land(shard, lake_dir)
+    assert current_rejects(lake_dir) == {"big.png": "wrong_size"} and "--resize" in lake_rows(lake_dir, "rejects")[
+        "detail"][0]
+    again = land(shard, lake_dir, resize=True)  # as the reject row advises
+    assert again.status == "replaced" and again.replaced == [first.shard_id] and again.accepted == 4
+    assert current_rejects(lake_dir) == {} and "big.png" in lake_rows(lake_dir)["source"]
+    assert superseded(lake_dir) == ["images", "rejects"]  # the first landing, kept for the record
+    assert land(shard, lake_dir, resize=True).status == "already_in_lake"  # and now idempotent again
+
+
+def test_a_subset_given_after_the_fact_lands_the_shard_again_as_that_subset(tar_shard, lake_dir):
+    path, _, _ = tar_shard
+    land(path, lake_dir)
+    ids = sorted(lake_rows(lake_dir)["image_id"])
+    again = land(path, lake_dir, subset="holdout")
+    rows = lake_rows(lake_dir)
+    assert again.status == "replaced" and sorted(rows["image_id"]) == ids and set(rows["subset"]) == {"holdout"}
+
+
+def test_a_corrected_labels_file_from_the_same_path_replaces_the_earlier_delivery(folder_with, lake_dir):
+    shard = folder_with({})
+    first = land(shard, lake_dir)
+    (shard / "labels.csv").write_text("filename,label\nimg-000000.png,1\nimg-000001.png,1\nimg-000002.png,0\n")
+    again = land(shard, lake_dir)  # new bytes: a new shard id, the same images
+    rows = lake_rows(lake_dir)
+    assert again.status == "replaced" and again.replaced == [first.shard_id] and again.shard_id != first.shard_id
+    assert dict(zip(rows["source"], rows["label"])) == {"img-000000.png": 1, "img-000001.png": 1,
+                                                        "img-000002.png": 0}
+    assert current_rejects(lake_dir) == {}  # not "duplicate": the delivery it corrects is no longer in the lake
+    assert set(rows["shard_id"]) == {again.shard_id}
+
+
+def test_a_delivery_that_drops_images_replaces_nothing_unless_told_and_says_how(folder_with, lake_dir, tmp_path):
+    shard = folder_with({})
+    first = land(shard, lake_dir)
+    (shard / "img-000002.png").unlink()
+    (shard / "labels.csv").write_text("filename,label\nimg-000000.png,1\nimg-000001.png,1\n")
+    partial = land(shard, lake_dir)
+    rows = lake_rows(lake_dir, "rejects")
+    assert partial.status == "ingested" and set(rows["reason"]) == {"duplicate"}
+    assert all(f"--replace {first.shard_id}" in d for d in rows["detail"])  # the advice, with the shard to name
+    told = land(shard, lake_dir, replace=(first.shard_id,))
+    assert told.status == "replaced" and set(told.replaced) == {partial.shard_id, first.shard_id}
+    assert sorted(lake_rows(lake_dir)["source"]) == ["img-000000.png", "img-000001.png"]  # the dropped one left
+
+
+def test_a_new_night_under_an_old_name_is_a_new_shard_not_a_replacement(tmp_path, lake_dir):
+    write_tar(tmp_path / "night.tar", *images(5, "monday"))
+    monday = land(tmp_path / "night.tar", lake_dir)
+    write_tar(tmp_path / "night.tar", *images(5, "tuesday"))  # the same path, other images
+    tuesday = land(tmp_path / "night.tar", lake_dir)
+    assert tuesday.status == "ingested" and not tuesday.replaced
+    assert set(lake_rows(lake_dir)["shard_id"]) == {monday.shard_id, tuesday.shard_id}
+
+
+def test_a_replacement_killed_before_it_lands_lands_whole_on_the_next_run(folder_with, lake_dir, monkeypatch):
+    shard = folder_with({})
+    land(shard, lake_dir)
+    (shard / "labels.csv").write_text("filename,label\nimg-000000.png,1\nimg-000001.png,1\nimg-000002.png,1\n")
+    real = Path.replace
+
+    def killed(self, target):
+        if Path(target).parent.name == "images" and not Path(target).parent.name.startswith("."):
+            raise KeyboardInterrupt("kill -9")  # as if the process died between moving aside and landing
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        land(shard, lake_dir)
+    monkeypatch.setattr(Path, "replace", real)
+    assert lake_rows(lake_dir).get("image_id", []) == []  # the old landing is aside, the new one not in: nothing twice
+    again = land(shard, lake_dir)
+    assert again.accepted == 3 and set(lake_rows(lake_dir)["label"]) == {1}

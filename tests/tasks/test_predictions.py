@@ -22,9 +22,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from models.registry import Registry
 from tasks.audit import audit_figures, plan_audit
 from tasks.ingest import IngestOptions, ingest_shard
-from tasks.lake import Lake, footer
+from tasks.lake import SUPERSEDED, Lake, footer
 from tasks.predictions import (
-    SUPERSEDED,
     THRESHOLD_KEY,
     current_files,
     operating_points,
