@@ -23,6 +23,7 @@ from tasks.audit import (
     plan_audit_task,
     verdict_sentence,
 )
+from tasks.housekeeping import sweep_stale_temps_task
 from tasks.lake import lake_root
 
 
@@ -68,6 +69,7 @@ def audit(
     """
     logger = get_run_logger()
     root = str(lake_root(lake))
+    sweep_stale_temps_task(root)
     plan = plan_audit_task(root, version, subsets, batch, threshold, target_sensitivity, "one" if one_sided else "two")
     summary = audit_figures_task(plan)
     drift = audit_drift_task(plan)

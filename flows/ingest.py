@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_table_artifact
 
 from flows.progress import gather_with_progress
+from tasks.housekeeping import sweep_stale_temps_task
 from tasks.ingest import (IngestOptions, ShardSummary, find_shards_task, fingerprint_task, ingest_shard_task,
                           lake_channels_task)
 from tasks.lake import lake_root
@@ -62,6 +63,7 @@ def ingest(
     """
     logger = get_run_logger()
     root = str(lake_root(lake))
+    sweep_stale_temps_task(root)
     paths = find_shards_task(shards)
     refs = fingerprint_task.map(paths)
     options = IngestOptions(lake_channels_task(root, refs, channels), resize, subset, test_subset,

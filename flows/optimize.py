@@ -14,6 +14,7 @@ from models.engine import resolve_engine
 from models.manifest import Manifest
 from tasks.baseline import BASELINE_TRAINING, baseline_task
 from tasks.dataset import SplitRef, make_split_task
+from tasks.housekeeping import sweep_stale_temps_task
 from tasks.lake import lake_root
 from tasks.optimize import (GateSettings, evaluate_task, export_task, fold_splits_task, out_of_fold_task, register_task,
                             train_task)
@@ -126,14 +127,15 @@ def optimize(
     logger = get_run_logger()
     engine = resolve_engine(engine)
     root = str(lake_root(lake))
-    split: SplitRef = make_split_task(root, tuple(test_subsets or ()))
-    logger.info("split %s: %s; held-out test: %s %s", split.sha256[:16], split.counts, split.held_out_description(),
-                split.held_out)
     gates = replace(GateSettings(), target_sensitivity=target_sensitivity, threshold_rule=threshold_rule, delta=delta,
                     calibration_margin=calibration_margin, int8_auc_tolerance=int8_auc_tolerance, max_batch=max_batch,
                     gate_on_lower_bound=gate_on_lower_bound, calibrate_on=calibrate_on, folds=folds,
                     spec_margin=spec_margin)
-    gates.rule  # a bad rule, delta or calibration fails here, before training
+    gates.rule  # a bad rule, delta or calibration fails here, before the lake is read
+    sweep_stale_temps_task(root)
+    split: SplitRef = make_split_task(root, tuple(test_subsets or ()))
+    logger.info("split %s: %s; held-out test: %s %s", split.sha256[:16], split.counts, split.held_out_description(),
+                split.held_out)
     baseline_dir = teacher_arch = None
     if baseline:
         started = time.perf_counter()

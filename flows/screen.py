@@ -13,6 +13,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.progress import gather_with_progress
 from models.engine import default_threads
+from tasks.housekeeping import sweep_stale_temps_task
 from tasks.lake import lake_root
 from tasks.screen import (
     ShardScreenSummary,
@@ -66,6 +67,7 @@ def screen(lake: str | None = None, version: str | None = None, workers: int | N
     """
     logger = get_run_logger()
     root = str(lake_root(lake))
+    sweep_stale_temps_task(root)
     shards = list_shards_task(root)
     # Fewer shards than workers: give each engine call the spare cores instead of leaving them idle.
     workers = max(1, min(workers or default_threads(), len(shards)))

@@ -16,6 +16,10 @@
 The lake is `--lake`, else $SCREENLINE_LAKE, else ./lake. Flows run in Prefect's ephemeral mode unless
 PREFECT_API_URL points at a server. Exit status: 0 done (an audit passed), 2 an error or a failed audit, 3 an audit
 that could not show the target (inconclusive, or no labelled subset to audit).
+
+An error is one line on stderr, `screenline: error: ...`, saying what to do: Prefect's log lines stay, its
+tracebacks do not (the flow run in the Prefect UI keeps them). SCREENLINE_TRACEBACKS=1 shows them, and a traceback
+for an error screenline did not foresee.
 """
 
 from __future__ import annotations
@@ -52,6 +56,61 @@ def _predictions_dir(lake: str, version: str) -> Path:
 
 def _lake_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lake", help="lake root (default: $SCREENLINE_LAKE or ./lake)")
+
+
+TRACEBACKS_ENV = "SCREENLINE_TRACEBACKS"
+
+
+def _tracebacks() -> bool:
+    return os.environ.get(TRACEBACKS_ENV, "") not in ("", "0")
+
+
+class _WithoutTraceback:
+    """A console formatter's output without the traceback a record carries (the record itself is left whole, for
+    the handlers that ship it to the Prefect server)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def format(self, record) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+def _one_line_errors() -> None:
+    """Prefect's console handlers print its log lines without tracebacks (the error that follows is one line)."""
+    if _tracebacks():
+        return
+    import logging
+
+    import prefect.main  # noqa: F401 (configures Prefect's logging, as any flow import does)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _WithoutTraceback):
+                handler.setFormatter(_WithoutTraceback(handler.formatter or logging.Formatter()))
+
+
+def _check_lake(lake: str | None) -> None:
+    """A lake path that cannot be one (a file, an unwritable folder) is one line before any flow starts."""
+    from tasks.lake import lake_root
+
+    root = lake_root(lake)
+    if root.exists() and not root.is_dir():
+        raise CliError(f"the lake {root} is a file, not a folder: pass --lake a folder (or a path to create)")
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CliError(f"the lake {root} cannot be written by this user ({existing} is not writable): pass --lake a "
+                       f"folder you can write, or fix its permissions")
 
 
 def _engine_arg(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +175,17 @@ def run_ingest(shards: list[str], lake: str | None, **options: object) -> "objec
 
 
 def cmd_ingest(args: argparse.Namespace) -> None:
+    from screenline.files import UnsafePath
+    from tasks.lake import Lake
+
+    for shard_id in args.replace or []:  # a shard to replace must be there: one line, before Prefect starts
+        try:
+            exists = Lake.at(args.lake).image_file(shard_id).exists()
+        except UnsafePath as exc:
+            raise CliError(f"--replace {shard_id}: {exc}") from None
+        if not exists:
+            raise CliError(f"--replace {shard_id}: no such shard in {Lake.at(args.lake).root} (lake/images/ and "
+                           f"`screenline results` name the shards)")
     run_ingest(args.shards, args.lake, channels=args.channels, resize=args.resize, subset=args.subset,
                test_subset=args.test_subset, replace=args.replace)
 
@@ -724,6 +794,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `screenline` console script."""
     args = build_parser().parse_args(argv)
     try:
+        if args.func.__name__ in FLOW_COMMANDS:
+            _check_lake(getattr(args, "lake", None))
+            _one_line_errors()
         args.func(args)
     except CliError as exc:
         print(f"screenline: {'error: ' if exc.code == 2 else ''}{exc}", file=sys.stderr)
@@ -731,7 +804,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("screenline: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the disk, not the data: say which file and why, retry when it is fixed
+        if _tracebacks():
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"screenline: error: {exc.strerror or exc}{where}: fix that and run the command again (re-running is "
+              f"safe: every step is idempotent)", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 (a bug or an error screenline did not foresee: one line, then how to see more)
+        if _tracebacks():
+            raise
+        print(f"screenline: error: {type(exc).__name__}: {exc} ({TRACEBACKS_ENV}=1 shows the traceback)",
+              file=sys.stderr)
+        return 2
     return 0
+
+
+FLOW_COMMANDS = {"cmd_ingest", "cmd_optimize", "cmd_screen", "cmd_audit", "cmd_calibrate", "cmd_nightly", "cmd_demo"}
+"""Commands that write a lake through Prefect flows: their lake is checked first, their logs lose tracebacks."""
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 Every file screenline writes (lake Parquet, manifests, ONNX graphs, checkpoints, caches, exports) is written to a
 hidden temp file in its own folder and renamed into place, so a reader or a kill -9 never sees half a file: pyarrow
 skips names that start with ".", and a `*.parquet` glob skips `*.tmp`. models/ and tasks/ both write through here.
+A temp name carries its writer (host and PID), so what a killed writer left is recognised and removed by the next
+run (`remove_stale_temps`), and a live writer's temp never is.
 
 A path built from a name found in data (a model version, an audit id, a file a manifest lists) is built from a
 `safe_name` and `confined` to its folder, so nothing the data says can make screenline read or write elsewhere.
@@ -14,14 +16,65 @@ import contextlib
 import hashlib
 import os
 import re
+import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
 
 
+def _writer() -> str:
+    """Who writes a temp file: this host and process (a name that survives being part of a file name)."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+    return f"{host}~{os.getpid()}"
+
+
 def temp_beside(path: Path, suffix: str = "") -> Path:
-    """A hidden, unique temp name in `path`'s folder (`suffix` for writers that append one, like np.save's .npy)."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    """A hidden, unique temp name in `path`'s folder, naming its writer (`suffix` for writers that append one, like
+    np.save's .npy): `.<name>.<host>~<pid>.<random>.tmp<suffix>`."""
+    return path.with_name(f".{path.name}.{_writer()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+
+
+_TEMP = re.compile(r"^\..*\.(?P<host>[A-Za-z0-9-]+)~(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
+_OLD_TEMP = re.compile(r"^\..*\.[0-9a-f]{8}\.tmp")  # before temp names named their writer
+OLD_TEMP_AGE_S = 24 * 3600
+
+
+def stale_temps(root: Path) -> list[Path]:
+    """Temp files under `root` that no process will finish: their writer, on this host, is gone (a kill -9, a
+    power cut). A temp of another host is left to that host; one from before names carried the writer is stale once
+    a day old."""
+    host = _writer().split("~")[0]
+    stale = []
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            match = _TEMP.match(name)
+            path = Path(folder, name)
+            if match and match["host"] == host and not _alive(int(match["pid"])):
+                stale.append(path)
+            elif not match and _OLD_TEMP.match(name) and time.time() - path.lstat().st_mtime > OLD_TEMP_AGE_S:
+                stale.append(path)
+    return sorted(stale)
+
+
+def remove_stale_temps(root: Path) -> list[Path]:
+    """Remove `stale_temps(root)`; returns what was removed."""
+    removed = []
+    for path in stale_temps(root):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def commit(tmp: Path, path: Path) -> None:

@@ -40,6 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from prefect import get_run_logger, task
 
 from models.contract import IMAGE_SIZE, SUPPORTED_CHANNELS
+from screenline.files import temp_beside
 from tasks.caching import IO_RETRIES, ShardContentCache
 from tasks.lake import (
     IMAGE_IDS_KEY,
@@ -364,7 +365,7 @@ def ingest_shard(ref: ShardRef, lake: Lake, options: IngestOptions) -> ShardSumm
     seen: dict[str, str] = {}  # sha256 -> source, within this shard
     metadata = {SHARD_SHA_KEY: ref.sha256, SHARD_PATH_KEY: ref.path,
                 LANDED_WITH_KEY: json.dumps(options.landed_with(), sort_keys=True)}
-    staging = lake.images / f".{ref.shard_id}.staging"
+    staging = temp_beside(lake.image_file(ref.shard_id), ".staging")  # hidden, this writer's: swept if it dies
     with atomic_parquet_writer(staging, IMAGES_SCHEMA, metadata) as writer:
         rows = _RowBuffer(writer, ref.shard_id, options.channels)
         try:

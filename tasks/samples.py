@@ -51,11 +51,14 @@ SITES: dict[str, Site] = {
     "sharp": Site("sharp", gain=1.15, bias=-5.0, gamma=0.95, noise=2.5, blur=0.2, lesion_scale=1.3),
 }
 EVALUATION_PREVALENCE = 0.5
+EVALUATION_PER_SITE = 14_000
 """The evaluation set (extras/evaluation.tar) is enriched with positives, as a site's evaluation set for comparing a
 new screen with the one it replaces is: specificity at 98% sensitivity rests on the 2% hardest positives, so a
-lake-sized test split (~360 positives) reads it to about ±0.15, and ~9,000 positives to about ±0.04. Enrichment
-changes neither sensitivity nor specificity (each is read within its class). Its images are those benchmarks/parity.py
-calls its reference set (same generator, sites and shard name)."""
+lake-sized test split (~360 positives) reads a paired difference to about ±0.15, and ~9,300 positives to about
+±0.045. Sized for power: at the difference measured on the sample lake (ScreenNet +0.02 over a ResNet18 trained on
+the same split, 2026-12-01) and the 0.03 margin, showing non-inferiority with 90% probability takes a standard error
+of (0.02 + 0.03) / (1.96 + 1.28) ≈ 0.015, about 21,000 positives: 14,000 images per training site, half positive.
+Enrichment changes neither sensitivity nor specificity (each is read within its class)."""
 SITE_SHARP_PREVALENCE = 0.25
 """The sharp site's labelled subset is enriched with positives (a site collects them for calibration), so its
 6,000 images hold ~1,500 positives: a site threshold needs ≥ 149 in the calibration half at 98% and δ = 0.05, and a
@@ -234,7 +237,7 @@ def make_samples(
         extras/site-faint.tar (labelled, findings much fainter: an audit subset that fails)
         extras/night-dim/ (PNG, no labels, a dimmer exposure: a batch whose scores drift)
         extras/site-sharp.tar (labelled, 6,000 images of a newer scanner, 25% positive: site calibration)
-        extras/evaluation.tar (labelled, 6,000 images per training site, half positive: an evaluation set that
+        extras/evaluation.tar (labelled, 14,000 images per training site, half positive: an evaluation set that
             joins optimize's held-out test split, `--test-subset`, for the side-by-side with a baseline)
     """
     out = Path(out)
@@ -275,7 +278,8 @@ def make_samples(
     total, positives = total + len(sharp_labels), positives + int(sharp_labels.sum())
     write_tar(extras[2], sharp_images, sharp_labels, prefix="site-sharp")
     extras.append(out / "extras" / "evaluation.tar")
-    parts = [generate(max(n // 4, 30), EVALUATION_PREVALENCE, seed, site, "reference") for site in ("a", "b", "c")]
+    per_site = max(n * EVALUATION_PER_SITE // 24_000, 30)  # 14,000 at the default n
+    parts = [generate(per_site, EVALUATION_PREVALENCE, seed, site, "evaluation") for site in ("a", "b", "c")]
     total, positives = total + sum(len(y) for _, y in parts), positives + sum(int(y.sum()) for _, y in parts)
     write_tar(extras[3], np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts]),
               prefix="evaluation")

@@ -140,3 +140,7 @@ def test_kill_9_midway_then_rerun_leaves_one_row_per_image(tmp_path):
     rows = lake_rows(lake, columns=["image_id", "shard_id", "source"])
     assert len(rows["image_id"]) == len(set(rows["image_id"])) == n_shards * per_shard
     assert len(list((lake / "images").glob("*.parquet"))) == n_shards
+    from screenline.files import stale_temps
+
+    assert stale_temps(lake) == []  # what the killed run was writing, the re-run removed
+    assert [p.name for p in lake.rglob(".*") if p.name != ".lock"] == []

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ENV
 from screenline.cli import build_parser
 
 
@@ -50,3 +51,68 @@ def test_a_bad_invocation_is_one_line_on_stderr_and_exit_2(tmp_path: Path, argv,
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("screenline: error: ")
     assert says in lines[0] and out.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def lakes(tmp_path_factory, prefect_server):
+    """An empty lake's path, and a lake with images, a labelled subset and a registered, promoted model (not
+    screened); the session's Prefect server, so each command does not start one of its own."""
+    from prefect.settings import PREFECT_API_URL
+
+    from helpers import images, register_model
+    from tasks.ingest import IngestOptions, ingest_shard
+    from tasks.lake import Lake
+    from tasks.samples import write_tar
+    from tasks.shards import fingerprint
+
+    root = tmp_path_factory.mktemp("cli")
+    write_tar(root / "s.tar", *images(40, "cli-errors", prevalence=0.5))
+    lake = Lake(root / "lake")
+    lake.ensure_channels(1)
+    ingest_shard(fingerprint(root / "s.tar"), lake, IngestOptions(channels=1, subset="holdout"))
+    register_model(lake.root, "sn-cli", seed=0)
+    (root / "a-file").write_text("not a lake\n")
+    (root / "inbox").mkdir()
+    return {"empty": str(root / "empty"), "lake": str(lake.root), "file": str(root / "a-file"),
+            "inbox": str(root / "inbox"), "shard": str(root / "s.tar"), "api": PREFECT_API_URL.value()}
+
+
+BAD = [  # (arguments, the lake to give, what the one line says); each as a user would type it
+    (["screen"], "empty", "no promoted model in"),
+    (["audit"], "empty", "no promoted model in"),
+    (["audit"], "lake", "no predictions by sn-cli"),
+    (["audit", "--subset", "nope"], "lake", "no predictions by sn-cli"),
+    (["calibrate", "--subset", "holdout"], "empty", "no promoted model in"),
+    (["nightly", "--inbox", "/nonexistent/inbox"], "empty", "inbox /nonexistent/inbox is not a folder"),
+    (["screen", "--version", "../outside"], "lake", "not a plain name"),
+    (["screen", "--version", "sn-nope"], "lake", "no model version 'sn-nope'"),
+    (["screen", "--engine", "tensorrt"], "lake", "engine=tensorrt needs an NVIDIA GPU"),
+    (["screen"], "file", "is a file, not a folder"),
+    (["ingest", "{shard}"], "file", "is a file, not a folder"),
+    (["ingest", "/nonexistent/shard.tar"], "empty", "no such shard: /nonexistent/shard.tar"),
+    (["ingest", "/nonexistent/*.tar"], "empty", "no shard matches"),
+    (["ingest", "/etc/hostname"], "empty", "not a shard: /etc/hostname"),
+    (["ingest", "{shard}", "--replace", "0123456789abcdef"], "lake", "--replace 0123456789abcdef: no such shard"),
+    (["ingest", "{shard}", "--replace", "../x"], "lake", "--replace ../x: '../x' is not a shard id"),
+    (["ingest", "{shard}", "--channels", "3"], "lake", "holds 1-channel images; --channels 3 conflicts"),
+    (["optimize"], "empty", "holds no images: run `screenline ingest`"),
+    (["optimize", "--test-subset", "nope"], "lake", "subset 'nope' cannot join the held-out test split"),
+    (["optimize", "--calibrate-on", "crossfit", "--folds", "1"], "lake", "cross-fitting needs 2 or more folds"),
+    (["optimize", "--baseline", "/nonexistent/model.pt"], "lake", "baseline checkpoint /nonexistent/model.pt"),
+    (["results", "--out", "{tmp}/r.txt"], "lake", "no current predictions in"),
+    (["promote", "sn-nope"], "lake", "no model version 'sn-nope'"),
+    (["sign", "sn-nope"], "lake", "no model version 'sn-nope'"),
+    (["models"], "empty", "no models in"),
+]
+
+
+@pytest.mark.parametrize("argv, lake, says", BAD, ids=[" ".join(a) + f" ({lake})" for a, lake, _ in BAD])
+def test_every_bad_invocation_is_one_error_line_without_a_traceback(lakes, tmp_path, argv, lake, says):
+    argv = [a.format(shard=lakes["shard"], tmp=tmp_path) for a in argv]
+    env = {**ENV, "PREFECT_API_URL": lakes["api"]}
+    out = subprocess.run([sys.executable, "-m", "screenline.cli", *argv, "--lake", lakes[lake]], capture_output=True,
+                         text=True, timeout=300, env=env)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("screenline:")]
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "Traceback" not in out.stdout, out.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("screenline: error: ") and says in errors[0], errors

@@ -38,9 +38,9 @@ def test_sample_set_is_readable_in_every_format(tmp_path):
     counts = {p.name: sum(isinstance(e, Entry) for e in read_entries(fingerprint(p))) for p in shards}
     assert counts["site-b.npz"] == counts["site-c.tar"] == 30
     assert counts["site-a"] == 30 + 4  # truncated, not-an-image, duplicate, 128px are entries; two more are refusals
-    # train, holdout, inbox, extras (faint, dim, sharp, evaluation: 30 per training site)
-    assert made.images == 90 + 3 * 30 + 30 + 30 + 10 + 30 + 3 * 30 and made.defects == 6
+    # train, holdout, inbox, extras (faint, dim, sharp, evaluation: 14,000 per site at 24,000, so 52 at 90)
+    assert made.images == 90 + 3 * 30 + 30 + 30 + 10 + 30 + 3 * 52 and made.defects == 6
     assert [p.name for p in made.extras] == ["site-faint.tar", "night-dim", "site-sharp.tar", "evaluation.tar"]
     evaluation = [e for e in read_entries(fingerprint(made.extras[3])) if isinstance(e, Entry)]
-    assert len(evaluation) == 90 and 0.3 < np.mean([int(str(e.label).strip()) for e in evaluation]) < 0.7  # enriched with positives
+    assert len(evaluation) == 3 * 52 and 0.3 < np.mean([int(str(e.label).strip()) for e in evaluation]) < 0.7  # enriched with positives
     assert [p.name for p in made.holdout] == ["site-a.tar", "site-b.tar", "site-c.tar"]
