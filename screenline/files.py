@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 import socket
 import time
 import uuid
@@ -109,6 +110,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` whole or not at all."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def copy_atomic(source: Path, path: Path) -> bool:
+    """Copy `source` to `path` whole or not at all, and not at all when `path` already holds the same bytes (a
+    file in use, a promoted model's graph, is then never touched). Returns whether it wrote."""
+    if path.is_file() and not path.is_symlink() and sha256_file(path) == sha256_file(source):
+        return False
+    with atomic_path(path) as tmp:
+        shutil.copyfile(source, tmp)
+    return True
 
 
 def sha256_file(path: Path) -> str:

@@ -18,7 +18,6 @@ the held-out test split with its threshold frozen: below target, the version is 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +30,7 @@ from models.contract import TARGET_SENSITIVITY
 from models.engine import MAX_BATCH, Engine, OrtEngine, find_knee, scores
 from models.manifest import Manifest, Shipped
 from models.registry import Registry, host_fingerprint
-from screenline.files import atomic_write_bytes
+from screenline.files import atomic_write_bytes, copy_atomic
 from tasks.caching import IO_RETRIES, OutputCache, content_key, work_dir
 from tasks.dataset import SplitRef, fold_split, load_split
 from tasks.lake import Lake
@@ -437,9 +436,9 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
     folder.mkdir(parents=True, exist_ok=True)
     export = json.loads((export_dir / "export.json").read_text())
     for file in export["files"].values():
-        shutil.copyfile(export_dir / file, folder / file)
-    shutil.copyfile(checkpoint, folder / "model.pt")
-    shutil.copyfile(checkpoint.parent / "model.json", folder / "model.json")
+        copy_atomic(export_dir / file, folder / file)  # a re-registration never rewrites a file in use in place
+    copy_atomic(checkpoint, folder / "model.pt")
+    copy_atomic(checkpoint.parent / "model.json", folder / "model.json")
 
     def runner(c: dict[str, Any]) -> Engine:
         return candidate_engine(folder / c["file"], c.get("engine", "onnxruntime"), c["precision"], gates,

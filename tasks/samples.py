@@ -54,11 +54,11 @@ EVALUATION_PREVALENCE = 0.5
 EVALUATION_PER_SITE = 14_000
 """The evaluation set (extras/evaluation.tar) is enriched with positives, as a site's evaluation set for comparing a
 new screen with the one it replaces is: specificity at 98% sensitivity rests on the 2% hardest positives, so a
-lake-sized test split (~360 positives) reads a paired difference to about ±0.15, and ~9,300 positives to about
-±0.045. Sized for power: at the difference measured on the sample lake (ScreenNet +0.02 over a ResNet18 trained on
-the same split, 2026-12-01) and the 0.03 margin, showing non-inferiority with 90% probability takes a standard error
-of (0.02 + 0.03) / (1.96 + 1.28) ≈ 0.015, about 21,000 positives: 14,000 images per training site, half positive.
-Enrichment changes neither sensitivity nor specificity (each is read within its class)."""
+lake-sized test split (~360 positives) reads a paired difference to about ±0.15 (two-sided 95%), 9,300 positives to
+about ±0.045, and the ~21,000 positives of 14,000 images per training site, half positive, to about ±0.026: enough
+for a ScreenNet level with its baseline (as measured on the sample lake, 2026-12-01: +0.003) to be shown within the
+0.03 margin, and for one 0.02 ahead to be shown with ~90% probability. Enrichment changes neither sensitivity nor
+specificity (each is read within its class)."""
 SITE_SHARP_PREVALENCE = 0.25
 """The sharp site's labelled subset is enriched with positives (a site collects them for calibration), so its
 6,000 images hold ~1,500 positives: a site threshold needs ≥ 149 in the calibration half at 98% and δ = 0.05, and a

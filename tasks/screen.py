@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -161,6 +161,8 @@ def screen_shard(shard_id: str, model: ScreenModel, run_id: str, engine: Engine 
         recorded = (reader.metadata.metadata or {}).get(IMAGE_IDS_KEY.encode(), b"").decode()
         digest = recorded or images_digest(source)
     except (pa.ArrowInvalid, OSError) as exc:
+        if _system_error(exc):
+            raise  # the disk, not the file: retried, and said as it is
         raise ShardUnavailable(f"shard {shard_id}: {source} is not readable Parquet ({exc}); re-ingest the shard "
                                f"(delete the file, then run ingest on its source again)") from None
     state = state_of(lake, model.version, shard_id, model.points, digest)
@@ -199,24 +201,42 @@ def _score(reader: pq.ParquetFile, source: Path, out: Path, shard_id: str, diges
         "scored_at": pa.array([now] * model.batch, pa.timestamp("us", tz="UTC")),
     }
     with atomic_parquet_writer(out, PREDICTIONS_SCHEMA, _footer(model, run_id, digest)) as writer:
-        try:
-            for batch in reader.iter_batches(batch_size=model.batch, columns=["image_id", "pixels"]):
-                scores = engine.infer(pixel_array(batch.column(1), channels))
-                positive = scores >= np.float32(model.threshold)
-                n = len(scores)
-                columns = {name: values.slice(0, n) for name, values in lineage.items()}
-                columns.update(image_id=batch.column(0), score=pa.array(scores, pa.float32()),
-                               positive=pa.array(positive))
-                writer.write_table(pa.table(columns, schema=PREDICTIONS_SCHEMA))
-                scored_ids.extend(batch.column(0).to_pylist())
-                images += n
-                flagged += int(positive.sum())
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise ShardUnavailable(f"shard {shard_id}: {source} is corrupt ({exc}); re-ingest the shard") from None
+        for batch in _batches(reader, model.batch, source, shard_id):
+            scores = engine.infer(pixel_array(batch.column(1), channels))
+            positive = scores >= np.float32(model.threshold)
+            n = len(scores)
+            columns = {name: values.slice(0, n) for name, values in lineage.items()}
+            columns.update(image_id=batch.column(0), score=pa.array(scores, pa.float32()),
+                           positive=pa.array(positive))
+            writer.write_table(pa.table(columns, schema=PREDICTIONS_SCHEMA))  # a full disk: OSError, retried
+            scored_ids.extend(batch.column(0).to_pylist())
+            images += n
+            flagged += int(positive.sum())
         if image_ids_digest(scored_ids) != digest:  # checked before the file is committed: nothing lands
             raise ShardUnavailable(f"shard {shard_id}: {source} holds other images than its footer records; it was "
                                    f"altered after ingest: delete it and re-ingest the shard")
     return ShardScreenSummary(shard_id, images, flagged, time.perf_counter() - t0, "scored")
+
+
+def _system_error(exc: BaseException) -> bool:
+    """An OSError from the system (EIO, ENOSPC, EACCES: it carries an errno), not pyarrow's word for bad bytes."""
+    return isinstance(exc, OSError) and exc.errno is not None
+
+
+def _batches(reader: pq.ParquetFile, size: int, source: Path, shard_id: str) -> Iterator[pa.RecordBatch]:
+    """The images file's (image_id, pixels) in batches; ShardUnavailable when its bytes are bad (re-ingest), the
+    OSError itself when the disk is (retried: the file may be fine)."""
+    batches = reader.iter_batches(batch_size=size, columns=["image_id", "pixels"])
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowInvalid, OSError) as exc:
+            if _system_error(exc):
+                raise
+            raise ShardUnavailable(f"shard {shard_id}: {source} is corrupt ({exc}); re-ingest the shard") from None
+        yield batch
 
 
 def _redecide(out: Path, shard_id: str, state: State, run_id: str) -> ShardScreenSummary:

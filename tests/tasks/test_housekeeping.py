@@ -53,3 +53,31 @@ def test_a_writer_killed_mid_write_leaves_a_temp_the_next_run_removes(tmp_path):
     with atomic_path(out) as tmp:  # and a write after it is whole
         tmp.write_bytes(b"a whole file")
     assert out.read_bytes() == b"a whole file" and [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+def test_a_copy_over_a_file_in_use_is_whole_and_none_at_all_when_it_holds_the_same_bytes(tmp_path, monkeypatch):
+    import shutil
+
+    from screenline.files import copy_atomic
+
+    source, target = tmp_path / "new.onnx", tmp_path / "model" / "model.onnx"
+    target.parent.mkdir()
+    source.write_bytes(b"graph v1")
+    target.write_bytes(b"graph v1")
+    inode = target.stat().st_ino
+    assert copy_atomic(source, target) is False and target.stat().st_ino == inode  # same bytes: not touched
+    source.write_bytes(b"graph v2, longer")
+
+    def killed(src, dst):
+        open(dst, "wb").write(b"graph v")  # half written, then the process dies
+        raise KeyboardInterrupt("kill -9")
+
+    monkeypatch.setattr(shutil, "copyfile", killed)
+    try:
+        copy_atomic(source, target)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    assert target.read_bytes() == b"graph v1"  # what was there is whole: a promoted model stays loadable
+    assert copy_atomic(source, target) is True and target.read_bytes() == b"graph v2, longer"
+    assert [p.name for p in target.parent.iterdir()] == ["model.onnx"]

@@ -314,3 +314,31 @@ def test_a_corrupt_images_file_makes_its_predictions_unreadable_not_a_crash(mode
         plan_audit(lake)
     table, left_out = query_current(str(lake.root), ResultsQuery(version=VERSION))
     assert table.num_rows == 10 and left_out[VERSION][a].kind == "unreadable"
+
+
+def test_a_full_disk_while_screening_is_said_as_such_retried_and_leaves_no_half_file(model_lake, shards, tmp_path,
+                                                                                   monkeypatch):
+    import errno
+
+    import pyarrow.parquet as pq_module
+
+    from tasks.screen import resolve_model, screen_shard
+
+    lake = new_lake(model_lake, tmp_path / "lake")
+    land(lake, shards["a"])
+    a = shard_id(shards["a"])
+    model = resolve_model(lake, None, workers=1)
+    before = lake.image_file(a).read_bytes()
+
+    def full(self, table, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(lake.predictions))
+
+    monkeypatch.setattr(pq_module.ParquetWriter, "write_table", full)
+    with pytest.raises(OSError) as raised:  # an OSError: the task's retry policy retries it; not "corrupt"
+        screen_shard(a, model, "run-1")
+    assert raised.value.errno == errno.ENOSPC and "re-ingest" not in str(raised.value)
+    monkeypatch.undo()
+    assert lake.image_file(a).read_bytes() == before  # the healthy images file is untouched
+    assert not lake.predictions_file(VERSION, a).exists()
+    assert [p.name for p in lake.predictions.rglob("*") if p.is_file()] == []  # no half-written file
+    assert screen_shard(a, model, "run-2").status == "scored"  # once there is room, the same call works
