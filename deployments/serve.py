@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -113,7 +114,47 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _wait_healthy(api_url: str, pid: int, timeout: float, log: Path) -> None:
+def _check_port_free(port: int) -> None:
+    """Refuse a port something else listens on: whatever answers there is not the server this starts."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((HOST, port))
+        except OSError as exc:
+            owners = _listeners(port)
+            raise RuntimeError(f"port {port} on {HOST} is in use by another process"
+                               + (f" (pid {', '.join(map(str, sorted(owners)))})" if owners else "")
+                               + f" ({exc.strerror}): stop it, or serve on another port (make serve "
+                                 f"SCREENLINE_PORT=...)") from None
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on HOST:port (from /proc/net/tcp: local address in hex, state 0A is LISTEN)."""
+    wanted = f"{socket.inet_aton(HOST)[::-1].hex().upper()}:{port:04X}"
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] in (wanted, f"00000000:{port:04X}") and fields[3] == "0A":
+            inodes.add(fields[9])
+    return inodes
+
+
+def _listeners(port: int, among: list[int] | None = None) -> set[int]:
+    """PIDs (of `among`, else of every process) holding a socket that listens on HOST:port."""
+    inodes = {f"socket:[{i}]" for i in _listening_inodes(port)}
+    pids = among if among is not None else [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
+    found = set()
+    for pid in pids:
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
+                found.add(pid)
+        except OSError:
+            continue
+    return found
+
+
+def _wait_healthy(api_url: str, port: int, pid: int, timeout: float, log: Path) -> None:
+    """Until the server we started answers on its port: /health says 200 *and* the socket listening there is held
+    by our process tree (anything else answering there is not ours, and we never deploy to it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _alive(pid):
@@ -121,7 +162,10 @@ def _wait_healthy(api_url: str, pid: int, timeout: float, log: Path) -> None:
         try:
             with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
                 if response.status == 200:
-                    return
+                    if _listeners(port, [pid, *_descendants(pid)]):
+                        return
+                    raise RuntimeError(f"something other than the Prefect server started here answers "
+                                       f"{api_url}/health; refusing to deploy to it (see {log})")
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.5)
@@ -148,10 +192,14 @@ def start(port: int = 4200, state: Path | None = None, lake: str | None = None, 
     if running:
         raise RuntimeError(f"already serving from {state} ({', '.join(running)} running): `make stop` first")
     api_url, ui_url = f"http://{HOST}:{port}/api", f"http://{HOST}:{port}"
+    _check_port_free(port)
     server_args = [_prefect(), "server", "start", "--host", HOST, "--port", str(port), "--no-background"]
-    server_pid = _spawn("server", server_args + ([] if ui else ["--no-ui"]), state, _env(None, extra))
+    # the UI asks the server where its API is: the port served, not Prefect's default 4200
+    server_env = _env(None, {**extra, "PREFECT_SERVER_API_HOST": HOST, "PREFECT_SERVER_API_PORT": str(port),
+                             "PREFECT_UI_API_URL": api_url})
+    server_pid = _spawn("server", server_args + ([] if ui else ["--no-ui"]), state, server_env)
     try:
-        _wait_healthy(api_url, server_pid, timeout, state / "server.log")
+        _wait_healthy(api_url, port, server_pid, timeout, state / "server.log")
         client_env = _env(api_url, extra)
         _run([_prefect(), "work-pool", "create", POOL, "--type", "process", "--overwrite"], client_env,
              "creating the pool")

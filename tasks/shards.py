@@ -387,15 +387,18 @@ def _npz_members(archive: zipfile.ZipFile) -> dict[str, _NpyMember]:
     return members
 
 
-def _read_rows(archive: zipfile.ZipFile, member: _NpyMember, start: int, stop: int) -> np.ndarray:
-    """Rows start…stop of a C-ordered array, read from its member without reading the rest into memory."""
+def _row_chunks(archive: zipfile.ZipFile, member: _NpyMember, rows: int) -> Iterator[np.ndarray]:
+    """A C-ordered array's rows, `rows` at a time, read in one pass over its member: memory is one chunk, never the
+    array (a compressed member is decompressed once, front to back)."""
     row = member.nbytes // member.shape[0] if member.shape[0] else 0
     with archive.open(member.member) as fh:
-        fh.seek(member.offset + start * row)
-        data = fh.read((stop - start) * row)
-    if len(data) != (stop - start) * row:
-        raise ShardUnreadable("truncated", f"{member.key} ends early at row {start + len(data) // max(row, 1)}")
-    return np.frombuffer(data, member.dtype).reshape((stop - start, *member.shape[1:]))
+        fh.read(member.offset)
+        for start in range(0, member.shape[0], rows):
+            stop = min(member.shape[0], start + rows)
+            data = fh.read((stop - start) * row)
+            if len(data) != (stop - start) * row:
+                raise ShardUnreadable("truncated", f"{member.key} ends early at row {start + len(data) // max(row, 1)}")
+            yield np.frombuffer(data, member.dtype).reshape((stop - start, *member.shape[1:]))
 
 
 def _read_npz(path: Path) -> Iterator[Entry | Refusal]:
@@ -433,14 +436,14 @@ def _npz_split(archive: zipfile.ZipFile, images: _NpyMember, labels_member: _Npy
         return
     n = images.shape[0]
     labels = None
-    if labels_member is not None:
-        labels = _read_rows(archive, labels_member, 0, labels_member.shape[0]).reshape(n)
+    if labels_member is not None and n:
+        labels = np.concatenate(list(_row_chunks(archive, labels_member, n))).reshape(n)
     prefix = f"{split}/" if split else ""
-    for start in range(0, n, NPZ_CHUNK_IMAGES):
-        stop = min(n, start + NPZ_CHUNK_IMAGES)
-        chunk = _read_rows(archive, images, start, stop)
-        for i in range(start, stop):
+    start = 0
+    for chunk in _row_chunks(archive, images, NPZ_CHUNK_IMAGES):
+        for i in range(start, start + len(chunk)):
             yield Entry(f"{prefix}{i:06d}", chunk[i - start], None if labels is None else labels[i].item())
+        start += len(chunk)
 
 
 def _npz_problem(images: _NpyMember, labels_key: str, labels: _NpyMember | None, labels_required: bool) -> str | None:

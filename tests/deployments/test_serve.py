@@ -40,7 +40,7 @@ def served(tmp_path_factory):
     ingest([str(root / "shards")], lake=str(root / "lake"))
     env = {"PREFECT_HOME": str(root / "home"), "SCREENLINE_TIMEZONE": "Europe/Berlin",
            "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_LOGGING_LEVEL": "INFO"}
-    served = start(free_port(), state=root / "state", lake=str(root / "lake"), ui=False, env=env)
+    served = start(free_port(), state=root / "state", lake=str(root / "lake"), ui=True, env=env)
     try:
         yield served, root, {**os.environ, **env, "PREFECT_API_URL": served.api_url}
     finally:
@@ -78,3 +78,47 @@ def test_the_nightly_deployment_runs_at_two_in_the_configured_time_zone(served):
     assert "'cron': '0 2 * * *'" in shown.stdout and "'timezone': 'Europe/Berlin'" in shown.stdout
     for name in ("ingest/default", "screen/default", "audit/default"):
         assert prefect(env, "deployment", "inspect", name).returncode == 0, name
+
+
+def test_the_ui_on_a_port_other_than_4200_calls_the_api_on_that_port(served):
+    """What the UI's page asks the server for before it calls the API (an HTTP check, not a browser: it reads the
+    address the UI will use)."""
+    import json
+    import urllib.request
+
+    info, _, _ = served
+    assert not info.ui_url.endswith(":4200")
+    with urllib.request.urlopen(f"{info.ui_url}/ui-settings", timeout=10) as response:
+        settings = json.loads(response.read())
+    assert settings["api_url"] == info.api_url
+    with urllib.request.urlopen(f"{settings['api_url']}/health", timeout=10) as response:
+        assert response.status == 200
+
+
+def test_a_port_something_else_answers_on_is_refused_and_nothing_is_deployed(tmp_path):
+    import http.server
+    import threading
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"true")
+
+        def log_message(self, *args):
+            pass
+
+    impostor = http.server.HTTPServer(("127.0.0.1", 0), Healthy)
+    thread = threading.Thread(target=impostor.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = impostor.server_address[1]
+        with pytest.raises(RuntimeError, match=f"port {port} on 127.0.0.1 is in use by another process \\(pid "
+                                               f"{os.getpid()}\\)"):
+            start(port, state=tmp_path / "state", env={"PREFECT_HOME": str(tmp_path / "home")})
+        state = tmp_path / "state"
+        assert state.is_dir() and sorted(p.name for p in state.iterdir()) == []  # no server, no worker started
+    finally:
+        impostor.shutdown()
+        thread.join()
+        impostor.server_close()
