@@ -95,6 +95,7 @@ def audit(
         raise AuditFailed(
             f"audit of {plan.version} failed: " + "; ".join(summary.failing) + ". The predictions stay in the lake. "
             f"Read the report ({report}); before relying on negatives from these images, add labelled images like "
-            f"them to training and re-run `screenline optimize`, or raise its calibration margin."
+            f"them to training and re-run `screenline optimize`, or, for a site of its own, choose a site threshold on "
+            f"its labelled images (`screenline calibrate --subset NAME`)."
         )
     return AuditReport(summary, report)

@@ -178,8 +178,9 @@ def render_report(plan: AuditPlan, summary: AuditSummary, drift: dict[str, Any],
         parts.append("<div class=fail><b>FAILED: sensitivity below target.</b><ul>"
                      + "".join(f"<li>{e(s)}</li>" for s in summary.failing)
                      + "</ul>Do not rely on negatives from these images until this is resolved: look at the "
-                       "subset's missed positives, add labelled data like it to training and re-run optimize, or "
-                       "raise the calibration margin. The predictions stay in the lake.</div>")
+                       "subset's missed positives, add labelled data like it to training and re-run optimize, or, "
+                       "for a site of its own, choose a site threshold on its labelled images (screenline calibrate "
+                       "--subset NAME). The predictions stay in the lake.</div>")
     elif summary.inconclusive:
         parts.append("<div class=warn><b>INCONCLUSIVE: the target is not shown.</b> No subset is below target, but "
                      "these cannot show it at the exact 95% lower bound:<ul>"
