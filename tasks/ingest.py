@@ -42,6 +42,7 @@ from prefect import get_run_logger, task
 from models.contract import IMAGE_SIZE, SUPPORTED_CHANNELS
 from screenline.files import temp_beside
 from tasks.caching import IO_RETRIES, ShardContentCache
+from tasks.hashes import HashIndex
 from tasks.lake import (
     IMAGE_IDS_KEY,
     IMAGES_SCHEMA,
@@ -52,7 +53,6 @@ from tasks.lake import (
     SHARD_SHA_KEY,
     Lake,
     atomic_parquet_writer,
-    footer,
     image_id,
     image_ids_digest,
     landed_with,
@@ -396,7 +396,8 @@ def ingest_shard(ref: ShardRef, lake: Lake, options: IngestOptions) -> ShardSumm
     return _commit_shard(ref, lake, staging, seen, refusals, metadata, options)
 
 
-def _replaced_by(lake: Lake, ref: ShardRef, options: IngestOptions, seen: dict[str, str]) -> list[str]:
+def _replaced_by(lake: Lake, index: HashIndex, ref: ShardRef, options: IngestOptions,
+                 seen: dict[str, str]) -> list[str]:
     """The shards this delivery replaces: itself landed with other options, those named by --replace, and earlier
     deliveries from the same path whose every image it holds (a corrected re-delivery)."""
     replaced = [ref.shard_id] if lake.image_file(ref.shard_id).exists() else []
@@ -405,12 +406,9 @@ def _replaced_by(lake: Lake, ref: ShardRef, options: IngestOptions, seen: dict[s
             raise ValueError(f"--replace {shard_id}: no such shard in {lake.root} (`screenline results` and "
                              f"lake/images/ name the shards)")
         replaced.append(shard_id)
-    ids = {image_id(sha) for sha in seen}
-    for file in lake.shard_files():
-        if file.stem in replaced or footer(file).get(SHARD_PATH_KEY) != ref.path:
-            continue
-        if set(pq.read_table(file, columns=["image_id"]).column("image_id").to_pylist()) <= ids:
-            replaced.append(file.stem)
+    for shard_id in index.delivered_from(ref.path):
+        if shard_id not in replaced and index.hashes_of(shard_id) <= seen.keys():
+            replaced.append(shard_id)
     return replaced
 
 
@@ -420,11 +418,11 @@ def _commit_shard(
 ) -> ShardSummary:
     final = lake.image_file(ref.shard_id)
     try:
-        with lake.lock():
+        with lake.lock(), HashIndex.open(lake) as index:
             if already_landed(lake, ref, options):  # the same content landed meanwhile (another path, another run)
                 return _summary_of_landed(lake, ref)
-            replaced = _replaced_by(lake, ref, options, seen)
-            existing = lake.image_hashes(excluding=replaced) if seen else {}
+            replaced = _replaced_by(lake, index, ref, options, seen)
+            existing = index.holders(seen, excluding=replaced) if seen else {}  # O(shard), not O(lake)
             dups = {sha for sha in seen if sha in existing}
             for sha in sorted(dups, key=seen.get):
                 shard_id, source = existing[sha].split("/", 1)
@@ -442,6 +440,8 @@ def _commit_shard(
                 _drop_rows(staging, final, dups, metadata, [sha for sha in seen if sha not in dups])
             else:
                 staging.replace(final)
+            index.forget(replaced)  # a kill -9 before these two lines: the next commit's reconcile does them
+            index.add(ref.shard_id, final)
     finally:
         staging.unlink(missing_ok=True)
     reasons: dict[str, int] = {}

@@ -309,17 +309,6 @@ class Lake:
         return {"images": images.num_rows, "labelled": images.num_rows - images.column("label").null_count,
                 "rejects": sum(pq.ParquetFile(f).metadata.num_rows for f in rejects)}
 
-    def image_hashes(self, excluding: Iterable[str] = ()) -> dict[str, str]:
-        """sha256 → "shard_id/source" of every image already in the lake, but for the shards `excluding` (reads
-        three small columns)."""
-        files = [f for f in self.shard_files() if f.stem not in set(excluding)]
-        if not files:
-            return {}
-        table = ds.dataset([str(f) for f in files], format="parquet").to_table(
-            columns=["sha256", "shard_id", "source"]
-        )
-        cols = table.to_pydict()
-        return {h: f"{s}/{src}" for h, s, src in zip(cols["sha256"], cols["shard_id"], cols["source"])}
 
 
 @contextlib.contextmanager

@@ -1,0 +1,123 @@
+"""The lake's index of pixel hashes: which of a shard's images are already in the lake, at a cost of the shard's size.
+
+Ingest refuses an image whose pixels the lake already holds. Reading every landed shard's hashes for that (as ingest
+did before this index) costs O(lake) per shard, every night, forever; this index answers the same question with one
+B-tree lookup an image. It is `lake/index/hashes.sqlite` (SQLite, standard library: transactions, no server),
+and it is a cache of what images/ holds, never the truth: the images files are. So it can always be rebuilt, and
+every use first reconciles it with images/ by file name and size (a listing, not a read): a shard landed without
+being indexed (a kill -9 between the rename and the insert) is indexed from its own file, a shard no longer there
+(deleted, replaced) is dropped. All of it runs under the lake's lock, like the commit it serves.
+
+Like the lake lock, it needs a filesystem with working POSIX locks (local disk, or NFS with locking) when several
+hosts ingest into one lake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pyarrow.parquet as pq
+
+from tasks.lake import SHARD_PATH_KEY, Lake, footer
+
+INDEX_FILE = "index/hashes.sqlite"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS image (sha256 BLOB PRIMARY KEY, shard_id TEXT NOT NULL, source TEXT NOT NULL)
+    WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS image_shard ON image (shard_id);
+CREATE TABLE IF NOT EXISTS shard (shard_id TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+                                  path TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS shard_path ON shard (path);
+"""
+_BATCH = 500  # bound parameters a query
+
+
+class HashIndex:
+    """The index of one lake (open it with `HashIndex.open(lake)` under the lake's lock)."""
+
+    def __init__(self, lake: Lake, db: sqlite3.Connection) -> None:
+        self.lake, self.db = lake, db
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, lake: Lake) -> Iterator["HashIndex"]:
+        """The lake's index, reconciled with images/; the caller holds the lake's lock."""
+        path = lake.root / INDEX_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, isolation_level=None)  # transactions are explicit below
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            index = cls(lake, db)
+            index.reconcile()
+            yield index
+        finally:
+            db.close()
+
+    def reconcile(self) -> tuple[list[str], list[str]]:
+        """Index the landed shards it does not know (or knows at another size or time: rewritten), drop the ones no
+        longer landed; returns (indexed, dropped)."""
+        landed = {f.stem: f for f in self.lake.shard_files()}
+        known = {sid: (size, mtime) for sid, size, mtime in self.db.execute("SELECT shard_id, size, mtime_ns FROM shard")}
+        stale = [sid for sid, (size, mtime) in known.items()
+                 if sid not in landed or (landed[sid].stat().st_size, landed[sid].stat().st_mtime_ns) != (size, mtime)]
+        fresh = [sid for sid in landed if sid not in known or sid in stale]
+        if stale:
+            self.forget(stale)
+        for shard_id in fresh:
+            self.add(shard_id, landed[shard_id])
+        return fresh, [sid for sid in stale if sid not in landed]
+
+    def add(self, shard_id: str, images_file: Path) -> None:
+        """Index one landed images file (its sha256 and source columns: the shard's size, not the lake's)."""
+        table = pq.read_table(images_file, columns=["sha256", "source"])
+        rows = ((bytes.fromhex(sha), shard_id, source) for sha, source in
+                zip(table.column("sha256").to_pylist(), table.column("source").to_pylist()))
+        stat, path = images_file.stat(), footer(images_file).get(SHARD_PATH_KEY, "")
+        with self._transaction():
+            self.db.executemany("INSERT OR REPLACE INTO image VALUES (?, ?, ?)", rows)
+            self.db.execute("INSERT OR REPLACE INTO shard VALUES (?, ?, ?, ?)",
+                            (shard_id, stat.st_size, stat.st_mtime_ns, path))
+
+    def forget(self, shard_ids: Iterable[str]) -> None:
+        """Drop shards from the index (deleted or replaced)."""
+        with self._transaction():
+            for shard_id in shard_ids:
+                self.db.execute("DELETE FROM image WHERE shard_id = ?", (shard_id,))
+                self.db.execute("DELETE FROM shard WHERE shard_id = ?", (shard_id,))
+
+    def holders(self, hashes: Iterable[str], excluding: Iterable[str] = ()) -> dict[str, str]:
+        """sha256 → "shard_id/source" for those of `hashes` already in the lake, but for the shards `excluding`."""
+        excluded, wanted, found = set(excluding), list(hashes), {}
+        for start in range(0, len(wanted), _BATCH):
+            chunk = [bytes.fromhex(h) for h in wanted[start: start + _BATCH]]
+            query = f"SELECT sha256, shard_id, source FROM image WHERE sha256 IN ({','.join('?' * len(chunk))})"
+            for sha, shard_id, source in self.db.execute(query, chunk):
+                if shard_id not in excluded:
+                    found[sha.hex()] = f"{shard_id}/{source}"
+        return found
+
+    def delivered_from(self, path: str) -> list[str]:
+        """The landed shards delivered from `path` (as ingest recorded it)."""
+        return [sid for (sid,) in self.db.execute("SELECT shard_id FROM shard WHERE path = ?", (path,))]
+
+    def hashes_of(self, shard_id: str) -> set[str]:
+        """The pixel hashes one landed shard holds."""
+        return {sha.hex() for (sha,) in self.db.execute("SELECT sha256 FROM image WHERE shard_id = ?", (shard_id,))}
+
+    def size(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM image").fetchone()[0]
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")

@@ -1,0 +1,71 @@
+"""The lake's index of pixel hashes: duplicates across shards found in O(shard), and never wrong about the lake,
+whatever a kill -9 or a hand left behind (it is reconciled with images/ on every use)."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import images, lake_rows
+from tasks.hashes import INDEX_FILE, HashIndex
+from tasks.ingest import IngestOptions, ingest_shard
+from tasks.lake import Lake
+from tasks.samples import write_tar
+from tasks.shards import fingerprint
+
+
+def land(path, lake: Lake):
+    return ingest_shard(fingerprint(path), lake, IngestOptions(channels=1))
+
+
+@pytest.fixture
+def two_shards(tmp_path):
+    """a: images 0-9; b: images 5-14 (5 of them a's)."""
+    x, y = images(15, "index-pool", prevalence=0.5)
+    write_tar(tmp_path / "a.tar", x[:10], y[:10], prefix="a")
+    write_tar(tmp_path / "b.tar", x[5:], y[5:], prefix="b")
+    lake = Lake(tmp_path / "lake")
+    lake.ensure_channels(1)
+    return lake, tmp_path / "a.tar", tmp_path / "b.tar"
+
+
+def test_duplicates_across_shards_are_found_by_the_index_and_name_their_shard(two_shards):
+    lake, a, b = two_shards
+    first = land(a, lake)
+    second = land(b, lake)
+    assert second.accepted == 5 and second.reasons == {"duplicate": 5}
+    details = lake_rows(lake.root, "rejects")["detail"]
+    assert all(f"of shard {first.shard_id}, already in the lake" in d for d in details)
+    with lake.lock(), HashIndex.open(lake) as index:
+        assert index.size() == 15 and index.delivered_from(str(a)) == [first.shard_id]
+
+
+def test_a_shard_landed_but_not_indexed_before_a_kill_is_indexed_by_the_next_commit(two_shards, monkeypatch):
+    lake, a, b = two_shards
+
+    def killed(self, shard_id, images_file):
+        raise KeyboardInterrupt("kill -9 between landing the file and indexing it")
+
+    monkeypatch.setattr(HashIndex, "add", killed)
+    with pytest.raises(KeyboardInterrupt):
+        land(a, lake)
+    monkeypatch.undo()
+    assert len(lake_rows(lake.root)["image_id"]) == 10  # landed, not indexed
+    second = land(b, lake)
+    assert second.reasons == {"duplicate": 5}  # the index caught up from images/ before it answered
+
+
+def test_a_shard_deleted_by_hand_is_forgotten_and_its_images_land_again(two_shards):
+    lake, a, b = two_shards
+    first = land(a, lake)
+    lake.image_file(first.shard_id).unlink()  # what the corrupt-file advice has a user do
+    second = land(b, lake)
+    assert second.accepted == 10 and not second.reasons  # a's images are not in the lake any more
+
+
+def test_the_index_is_a_cache_deleting_it_rebuilds_it_from_images(two_shards):
+    lake, a, b = two_shards
+    land(a, lake)
+    (lake.root / INDEX_FILE).unlink()
+    assert land(b, lake).reasons == {"duplicate": 5}
+    with lake.lock(), HashIndex.open(lake) as index:
+        assert index.size() == 15
