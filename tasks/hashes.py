@@ -4,7 +4,7 @@ Ingest refuses an image whose pixels the lake already holds. Reading every lande
 did before this index) costs O(lake) per shard, every night, forever; this index answers the same question with one
 B-tree lookup an image. It is `lake/index/hashes.sqlite` (SQLite, standard library: transactions, no server),
 and it is a cache of what images/ holds, never the truth: the images files are. So it can always be rebuilt, and
-every use first reconciles it with images/ by file name and size (a listing, not a read): a shard landed without
+every use first reconciles it with images/ by file name, size and time (a listing, not a read): a shard landed without
 being indexed (a kill -9 between the rename and the insert) is indexed from its own file, a shard no longer there
 (deleted, replaced) is dropped. All of it runs under the lake's lock, like the commit it serves.
 
@@ -21,15 +21,16 @@ from typing import Iterable, Iterator
 
 import pyarrow.parquet as pq
 
-from tasks.lake import SHARD_PATH_KEY, Lake, footer
+from tasks.lake import IMAGE_IDS_KEY, SHARD_PATH_KEY, Lake, footer
 
 INDEX_FILE = "index/hashes.sqlite"
+INDEX_VERSION = 1  # the tables' layout; an index of another is dropped and rebuilt from images/
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS image (sha256 BLOB PRIMARY KEY, shard_id TEXT NOT NULL, source TEXT NOT NULL)
     WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS image_shard ON image (shard_id);
 CREATE TABLE IF NOT EXISTS shard (shard_id TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
-                                  path TEXT NOT NULL);
+                                  path TEXT NOT NULL, ids TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS shard_path ON shard (path);
 """
 _BATCH = 500  # bound parameters a query
@@ -51,6 +52,9 @@ class HashIndex:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            if db.execute("PRAGMA user_version").fetchone()[0] != INDEX_VERSION:  # another layout: a cache, rebuilt
+                db.executescript("DROP TABLE IF EXISTS image; DROP TABLE IF EXISTS shard;")
+                db.execute(f"PRAGMA user_version = {INDEX_VERSION}")
             db.executescript(_SCHEMA)
             index = cls(lake, db)
             index.reconcile()
@@ -59,13 +63,26 @@ class HashIndex:
             db.close()
 
     def reconcile(self) -> tuple[list[str], list[str]]:
-        """Index the landed shards it does not know (or knows at another size or time: rewritten), drop the ones no
-        longer landed; returns (indexed, dropped)."""
+        """Index the landed shards it does not know (or knows with other images: rewritten), drop the ones no longer
+        landed; returns (indexed, dropped). A file whose size and time match is taken as known without reading it;
+        one that only moved in time (a copied or restored lake) is checked by the image-id digest in its footer."""
         landed = {f.stem: f for f in self.lake.shard_files()}
-        known = {sid: (size, mtime) for sid, size, mtime in self.db.execute("SELECT shard_id, size, mtime_ns FROM shard")}
-        stale = [sid for sid, (size, mtime) in known.items()
-                 if sid not in landed or (landed[sid].stat().st_size, landed[sid].stat().st_mtime_ns) != (size, mtime)]
-        fresh = [sid for sid in landed if sid not in known or sid in stale]
+        known = {sid: rest for sid, *rest in self.db.execute("SELECT shard_id, size, mtime_ns, ids FROM shard")}
+        fresh, stale = [], [sid for sid in known if sid not in landed]
+        for shard_id, file in landed.items():
+            stat = file.stat()
+            if shard_id not in known:
+                fresh.append(shard_id)
+                continue
+            size, mtime, ids = known[shard_id]
+            if (stat.st_size, stat.st_mtime_ns) == (size, mtime):
+                continue
+            if stat.st_size == size and footer(file).get(IMAGE_IDS_KEY) == ids:  # the same images, touched
+                with self._transaction():
+                    self.db.execute("UPDATE shard SET mtime_ns = ? WHERE shard_id = ?", (stat.st_mtime_ns, shard_id))
+                continue
+            stale.append(shard_id)
+            fresh.append(shard_id)
         if stale:
             self.forget(stale)
         for shard_id in fresh:
@@ -77,11 +94,12 @@ class HashIndex:
         table = pq.read_table(images_file, columns=["sha256", "source"])
         rows = ((bytes.fromhex(sha), shard_id, source) for sha, source in
                 zip(table.column("sha256").to_pylist(), table.column("source").to_pylist()))
-        stat, path = images_file.stat(), footer(images_file).get(SHARD_PATH_KEY, "")
+        stat, meta = images_file.stat(), footer(images_file)
         with self._transaction():
             self.db.executemany("INSERT OR REPLACE INTO image VALUES (?, ?, ?)", rows)
-            self.db.execute("INSERT OR REPLACE INTO shard VALUES (?, ?, ?, ?)",
-                            (shard_id, stat.st_size, stat.st_mtime_ns, path))
+            self.db.execute("INSERT OR REPLACE INTO shard VALUES (?, ?, ?, ?, ?)",
+                            (shard_id, stat.st_size, stat.st_mtime_ns, meta.get(SHARD_PATH_KEY, ""),
+                             meta.get(IMAGE_IDS_KEY, "")))
 
     def forget(self, shard_ids: Iterable[str]) -> None:
         """Drop shards from the index (deleted or replaced)."""

@@ -69,3 +69,20 @@ def test_the_index_is_a_cache_deleting_it_rebuilds_it_from_images(two_shards):
     assert land(b, lake).reasons == {"duplicate": 5}
     with lake.lock(), HashIndex.open(lake) as index:
         assert index.size() == 15
+
+
+def test_a_copied_lake_is_not_indexed_again_but_a_rewritten_shard_is(two_shards, monkeypatch):
+    import os
+
+    lake, a, b = two_shards
+    first = land(a, lake)
+    file = lake.image_file(first.shard_id)
+    os.utime(file, ns=(file.stat().st_atime_ns, file.stat().st_mtime_ns + 10**9))  # as a copy or a restore leaves it
+    added = []
+    real = HashIndex.add
+    monkeypatch.setattr(HashIndex, "add", lambda self, sid, f: added.append(sid) or real(self, sid, f))
+    with lake.lock(), HashIndex.open(lake):
+        pass
+    assert added == []  # the same images: its footer's digest says so, nothing re-read
+    again = ingest_shard(fingerprint(a), lake, IngestOptions(channels=1, subset="holdout"))  # rewritten: relanded
+    assert again.status == "replaced" and added == [first.shard_id]

@@ -1,0 +1,159 @@
+"""Cost in lake size: one night's 2,000-image shard ingested and screened into lakes of 10k, 100k and 1M images.
+
+    python -m benchmarks.lake_scale [--sizes 10000,100000,1000000] [--out FILE.json]
+
+The lake grows every night; the thousandth night must cost what the first did. Each base lake is built from .npz
+shards of 5,000 images (unique pixels, cheap to make), landed with `ingest_shard`, a random-weight ScreenNet (INT8
+U8S8, the shipped kind) registered and every image screened. Then, each in a fresh process so its peak RSS (VmHWM)
+is its own, the same 2,000-image PNG tar is ingested (`ingest_shard`: decode, hashes, the duplicate check against the
+lake, the commit) and the lake screened (what the screen flow does per run, without Prefect: orphans swept, every
+shard's predictions checked current, the new shard scored). The signing keys are a temp folder's, never the user's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PER_SHARD = 5000
+NIGHT = 2000
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build(root: Path, n: int) -> Path:
+    """A lake of n images in shards of PER_SHARD, a registered model, every image screened."""
+    import numpy as np
+    import torch
+
+    from models.engine import OrtEngine, find_knee
+    from models.export import export_onnx
+    from models.nets import ScreenNet, ScreenNetConfig
+    from models.quantize import quantize_int8
+    from models.registry import Registry, host_fingerprint
+    from tasks.ingest import IngestOptions, ingest_shard
+    from tasks.lake import Lake
+    from tasks.samples import write_npz
+    from tasks.shards import fingerprint
+    from tasks.train import TrainSettings
+
+    lake = Lake(root / "lake")
+    lake.ensure_channels(1)
+    for start in range(0, n, PER_SHARD):
+        ids = np.arange(start, min(n, start + PER_SHARD))
+        x = np.zeros((len(ids), 64, 64), np.uint8)
+        for byte in range(3):  # unique pixels; "base" in the top row keeps them apart from the night's images
+            x[:, 63, byte] = (ids >> (8 * byte)) & 0xFF
+        x[:, 63, 3] = 255
+        path = root / "shards" / f"base-{start:08d}.npz"
+        write_npz(path, {"train": (x, (ids % 2).astype(np.uint8))})
+        ingest_shard(fingerprint(path), lake, IngestOptions(channels=1))
+        path.unlink()
+    registry = Registry(lake)
+    folder = registry.folder("sn-bench")
+    calib = np.random.default_rng(0).integers(0, 256, (256, 1, 64, 64), dtype=np.uint8)
+    torch.manual_seed(0)
+    fp32 = export_onnx(ScreenNet(ScreenNetConfig(width=TrainSettings().width)).eval(), folder / "fp32.onnx")
+    quantize_int8(fp32, folder / "model.onnx", calib, "u8s8", per_channel=False)
+    fp32.unlink()
+    knee = find_knee(OrtEngine(folder / "model.onnx", "int8"), calib).as_dict()
+    registry.register("sn-bench", {  # a stand-in for speed: no gate ran, so screening names the override
+        "shipping": {"engine": "onnxruntime", "candidate": "int8-u8s8-per-tensor", "precision": "int8",
+                     "file": "model.onnx", "threshold": 0.5},
+        "knees": {host_fingerprint("onnxruntime", "int8"): knee}})
+    screen_lake(lake)
+    return lake.root
+
+
+def screen_lake(lake) -> dict:
+    """What the screen flow does in one run, without Prefect: sweep orphans, then each shard (current ones skip)."""
+    import uuid
+
+    from tasks.predictions import sweep_orphans
+    from tasks.screen import resolve_model, screen_shard
+
+    sweep_orphans(lake)
+    model = resolve_model(lake, "sn-bench", workers=1, allow_failed_gate=True)
+    run_id = str(uuid.uuid4())
+    statuses = [screen_shard(f.stem, model, run_id).status for f in lake.shard_files()]
+    return {"scored_shards": statuses.count("scored"), "shards": len(statuses)}
+
+
+def night_shard(root: Path) -> Path:
+    from tasks.samples import generate, write_tar
+
+    path = root / "night.tar"
+    if not path.exists():
+        write_tar(path, *generate(NIGHT, 0.1, 5, "a", "night"), prefix="night")
+    return path
+
+
+def measure(lake_root: Path, shard: Path, step: str) -> dict:
+    """One step on the lake, in this (fresh) process: its time and peak RSS."""
+    from tasks.ingest import IngestOptions, ingest_shard
+    from tasks.lake import Lake
+    from tasks.shards import fingerprint
+
+    lake = Lake(lake_root)
+    t0 = time.perf_counter()
+    if step == "ingest":
+        summary = ingest_shard(fingerprint(shard), lake, IngestOptions(channels=1))
+        what = {"accepted": summary.accepted, "rejected": summary.rejected}
+    else:
+        what = screen_lake(lake)
+    return {"step": step, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(), **what}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--step", help=argparse.SUPPRESS)
+    parser.add_argument("--lake", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--shard", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.step:
+        print(json.dumps(measure(args.lake, args.shard, args.step)))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="screenline-scale-") as tmp:
+        os.environ["SCREENLINE_KEYS"] = str(Path(tmp) / "keys")
+        shard = night_shard(Path(tmp))
+        for n in (int(s) for s in args.sizes.split(",")):
+            root = Path(tmp) / f"lake-{n}"
+            t0 = time.perf_counter()
+            lake = build(root, n)
+            print(f"lake of {n:,} images built and screened in {time.perf_counter() - t0:.0f} s", flush=True)
+            for step in ("ingest", "screen"):
+                done = subprocess.run([sys.executable, "-m", "benchmarks.lake_scale", "--step", step, "--lake",
+                                       str(lake), "--shard", str(shard)], capture_output=True, text=True, check=True)
+                row = {"lake_images": n, **json.loads(done.stdout.strip().splitlines()[-1])}
+                rows.append(row)
+                print(f"  {step} the {NIGHT:,}-image shard: {row['seconds']:.2f} s, peak RSS "
+                      f"{row['peak_rss_mb']:.0f} MB ({ {k: v for k, v in row.items() if k not in ('step', 'seconds', 'peak_rss_mb', 'lake_images')} })",
+                      flush=True)
+            import shutil
+
+            shutil.rmtree(root)
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2))
+    small = {r["step"]: r for r in rows if r["lake_images"] == rows[0]["lake_images"]}
+    for r in rows:
+        base = small[r["step"]]
+        print(f"{r['lake_images']:>9,} images  {r['step']:<6}  {r['seconds']:6.2f} s ({r['seconds'] / base['seconds']:.2f}×)"
+              f"  {r['peak_rss_mb']:5.0f} MB ({r['peak_rss_mb'] / base['peak_rss_mb']:.2f}×)")
+
+
+if __name__ == "__main__":
+    main()
