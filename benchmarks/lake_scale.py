@@ -6,8 +6,8 @@ The lake grows every night; the thousandth night must cost what the first did. E
 shards of 5,000 images (unique pixels, cheap to make), landed with `ingest_shard`, a random-weight ScreenNet (INT8
 U8S8, the shipped kind) registered and every image screened. Then, each in a fresh process so its peak RSS (VmHWM)
 is its own, the same 2,000-image PNG tar is ingested (`ingest_shard`: decode, hashes, the duplicate check against the
-lake, the commit) and the lake screened (what the screen flow does per run, without Prefect: orphans swept, every
-shard's predictions checked current, the new shard scored). The signing keys are a temp folder's, never the user's.
+lake, the commit) and the lake screened (what the screen flow does per run, without Prefect: orphans swept, the
+shards triaged, two footer reads a current one, the new shard scored). The signing keys are a temp folder's, never the user's.
 """
 
 from __future__ import annotations
@@ -77,17 +77,20 @@ def build(root: Path, n: int) -> Path:
 
 
 def screen_lake(lake) -> dict:
-    """What the screen flow does in one run, without Prefect: sweep orphans, then each shard (current ones skip)."""
+    """What the screen flow does in one run, without Prefect: sweep orphans, list the shards, triage them (current
+    ones cost two footer reads and no task), score the rest."""
     import uuid
 
     from tasks.predictions import sweep_orphans
-    from tasks.screen import resolve_model, screen_shard
+    from tasks.screen import list_shards_task, resolve_model, screen_shard, triage
 
     sweep_orphans(lake)
     model = resolve_model(lake, "sn-bench", workers=1, allow_failed_gate=True)
+    shards = list_shards_task.fn(str(lake.root))
+    pending, _ = triage(model, shards)
     run_id = str(uuid.uuid4())
-    statuses = [screen_shard(f.stem, model, run_id).status for f in lake.shard_files()]
-    return {"scored_shards": statuses.count("scored"), "shards": len(statuses)}
+    statuses = [screen_shard(shard_id, model, run_id).status for shard_id, _ in pending]
+    return {"scored_shards": statuses.count("scored"), "shards": len(shards)}
 
 
 def night_shard(root: Path) -> Path:

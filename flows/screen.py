@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from tasks.screen import (
     resolve_model_task,
     screen_shard_task,
     sweep_orphans_task,
+    triage_task,
 )
 
 
@@ -75,17 +77,22 @@ def screen(lake: str | None = None, version: str | None = None, workers: int | N
     if model.gate != "passed":
         logger.warning("screening with %s although it %s (--allow-failed-gate)", model.version, model.gate)
     superseded = sweep_orphans_task(root)
-    logger.info("screening %d shard(s) with %s (%s %s, threshold %.4f, batch %d, %d thread(s) per engine call)",
-                len(shards), model.version, model.engine, model.precision, model.threshold, model.batch,
-                model.threads)
+    pending, current = triage_task(model, shards)
+    if 0 < len(pending) < workers:  # the work is fewer shards than workers: the spare cores go to each engine call
+        model = dataclasses.replace(model, threads=max(1, default_threads() // len(pending)))
+    logger.info("screening %d of %d shard(s) with %s (%s %s, threshold %.4f, batch %d, %d thread(s) per engine "
+                "call); %d already current", len(pending), len(shards), model.version, model.engine,
+                model.precision, model.threshold, model.batch, model.threads, len(current))
     report = ScreenReport(root, model.version, model.batch, gate=model.gate, superseded=superseded)
-    if not shards:
+    report.shards = list(current)
+    if not pending:
         return report
     t0 = time.perf_counter()
-    ids = [s for s, _ in shards]
-    futures = screen_shard_task.map(ids, [h for _, h in shards], model=unmapped(model),
+    ids = [s for s, _ in pending]
+    futures = screen_shard_task.map(ids, [h for _, h in pending], model=unmapped(model),
                                     run_id=unmapped(str(flow_run.id)))
-    report.shards, report.failed = gather_with_progress(futures, ids, "screen-progress", "shards scored")
+    done, report.failed = gather_with_progress(futures, ids, "screen-progress", "shards scored")
+    report.shards += done
     report.seconds = time.perf_counter() - t0
     create_table_artifact(
         key="screen-summary",

@@ -177,6 +177,26 @@ def screen_shard(shard_id: str, model: ScreenModel, run_id: str, engine: Engine 
     return summary
 
 
+def triage(model: ScreenModel, shards: list[tuple[str, str]]) -> tuple[list[tuple[str, str]],
+                                                                       list[ShardScreenSummary]]:
+    """The shards with work to do, and a summary of each current one: two footers read a current shard and no task
+    started for it, so a nightly run over a lake of many shards costs the new shards' tasks, not one per shard.
+    A shard whose state cannot be read here is left to its task, which says what is wrong with it."""
+    lake = Lake.at(model.lake_root)
+    pending, current = [], []
+    for shard_id, digest in shards:
+        try:
+            state = state_of(lake, model.version, shard_id, model.points, digest or None) if digest else None
+            if state is not None and state.current:
+                rows = pq.ParquetFile(lake.predictions_file(model.version, shard_id)).metadata.num_rows
+                current.append(ShardScreenSummary(shard_id, rows, -1, 0.0, "already_scored"))
+                continue
+        except (pa.ArrowInvalid, OSError):
+            pass
+        pending.append((shard_id, digest))
+    return pending, current
+
+
 def _footer(model: ScreenModel, run_id: str, digest: str) -> dict[str, str]:
     return {VERSION_KEY: model.version, RUN_KEY: run_id, IMAGES_KEY: digest, GATE_KEY: model.gate,
             **model.point.footer()}
@@ -285,6 +305,13 @@ def screen_shard_task(shard_id: str, images_digest: str, model: ScreenModel, run
         get_run_logger().info("shard %s: %d images, %d flagged (%s%s)", shard_id, summary.images, summary.flagged,
                               summary.status, f": {summary.why}" if summary.why else "")
     return summary
+
+
+@task(name="triage-shards", **IO_RETRIES)
+def triage_task(model: ScreenModel, shards: list[tuple[str, str]]) -> tuple[list[tuple[str, str]],
+                                                                           list[ShardScreenSummary]]:
+    """The shards to screen, and the current ones (see `triage`)."""
+    return triage(model, shards)
 
 
 @task(name="resolve-model", **IO_RETRIES)

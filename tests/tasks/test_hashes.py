@@ -86,3 +86,16 @@ def test_a_copied_lake_is_not_indexed_again_but_a_rewritten_shard_is(two_shards,
     assert added == []  # the same images: its footer's digest says so, nothing re-read
     again = ingest_shard(fingerprint(a), lake, IngestOptions(channels=1, subset="holdout"))  # rewritten: relanded
     assert again.status == "replaced" and added == [first.shard_id]
+
+
+def test_a_key_prefix_match_is_confirmed_by_the_full_hash_before_it_is_called_a_duplicate(two_shards, monkeypatch,
+                                                                                         tmp_path):
+    from tasks import hashes
+
+    lake, a, _ = two_shards
+    monkeypatch.setattr(hashes, "KEY_BYTES", 0)  # every image's key is the same: every lookup proposes a holder
+    land(a, lake)
+    x, y = images(10, "index-other", prevalence=0.5)
+    write_tar(tmp_path / "c.tar", x, y, prefix="c")
+    other = land(tmp_path / "c.tar", lake)
+    assert other.accepted == 10 and not other.reasons  # proposed by the prefix, refuted by the holder's file
