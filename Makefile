@@ -33,7 +33,6 @@ test-gpu: install  ## the GPU tests, on a host with an NVIDIA GPU and the `gpu` 
 	$(PY) -m pytest -m gpu -rs tests/models/test_tensorrt.py tests/flows/test_optimize.py
 
 bench: install  ## every engine side by side with the seed baseline (uses ./lake's promoted model: `make demo` first)
-	$(PY) -m pip install -q -e '.[openvino]'
 	$(PY) -m benchmarks.bench
 
 bench-quick: install  ## the benchmark harness as a smoke run (seconds; asserts nothing about speed); make test runs it

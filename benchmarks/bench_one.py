@@ -15,8 +15,11 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+
+from models.engine import find_knee
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -104,15 +107,13 @@ def measure(config: dict) -> dict:
 
     one = pixels[:1].copy()
     lat = np.array(timed(run, one, config["latency_seconds"], config["latency_min_runs"])) * 1000
-    sweep = []
-    batch = 1
-    while batch <= config["max_batch"]:
-        x = np.ascontiguousarray(np.resize(pixels, (batch, *pixels.shape[1:])))
-        best = min(timed(run, x, config["seconds_per_point"]))
-        sweep.append({"batch": batch, "images_per_s": batch / best, "ms_per_batch": best * 1000})
-        batch *= 2
+    # the sweep optimize and screen measure knees with (models/engine.find_knee: windows until stable), not a copy
+    found = find_knee(SimpleNamespace(infer=run), pixels, max_batch=config["max_batch"], limit=config["max_batch"],
+                      seconds_per_point=config["seconds_per_point"])
+    sweep = [{"batch": p.batch, "images_per_s": p.images_per_s, "ms_per_batch": p.ms_per_batch, "spread": p.spread,
+              "windows": p.windows} for p in found.sweep]
     peak = max(p["images_per_s"] for p in sweep)
-    knee = next(p for p in sweep if p["images_per_s"] >= 0.95 * peak)
+    knee = next(p for p in sweep if p["batch"] == found.batch)
     x = np.ascontiguousarray(np.resize(pixels, (knee["batch"], *pixels.shape[1:])))
     for _ in range(20):
         run(x)

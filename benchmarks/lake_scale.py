@@ -5,8 +5,8 @@
 The lake grows every night; the thousandth night must cost what the first did. Each base lake is built from .npz
 shards of 5,000 images (unique pixels, cheap to make), landed with `ingest_shard`, a random-weight ScreenNet (INT8
 U8S8, the shipped kind) registered and every image screened. Then, each in a fresh process so its peak RSS (VmHWM)
-is its own, the same 2,000-image PNG tar is ingested (`ingest_shard`: decode, hashes, the duplicate check against the
-lake, the commit) and the lake screened (what the screen flow does per run, without Prefect: orphans swept, the
+is its own, a new 2,000-image PNG tar is ingested (`ingest_shard`: decode, hashes, the duplicate check against the
+lake, the commit; three nights, three shards, medians quoted) and the lake screened (what the screen flow does per run, without Prefect: orphans swept, the
 shards triaged, two footer reads a current one, the new shard scored). The signing keys are a temp folder's, never the user's.
 """
 
@@ -93,17 +93,19 @@ def screen_lake(lake) -> dict:
     return {"scored_shards": statuses.count("scored"), "shards": len(shards)}
 
 
-def night_shard(root: Path) -> Path:
+def night_shard(root: Path, night: int) -> Path:
     from tasks.samples import generate, write_tar
 
-    path = root / "night.tar"
+    path = root / f"night{night}.tar"
     if not path.exists():
-        write_tar(path, *generate(NIGHT, 0.1, 5, "a", "night"), prefix="night")
+        write_tar(path, *generate(NIGHT, 0.1, 5 + night, "a", "night"), prefix=f"night{night}")
     return path
 
 
 def measure(lake_root: Path, shard: Path, step: str) -> dict:
-    """One step on the lake, in this (fresh) process: its time and peak RSS."""
+    """One step on the lake, in this (fresh) process: its time (imports excluded: the same at every size) and peak
+    RSS."""
+    import tasks.screen  # noqa: F401  (Prefect's import, ~1 s)
     from tasks.ingest import IngestOptions, ingest_shard
     from tasks.lake import Lake
     from tasks.shards import fingerprint
@@ -118,7 +120,13 @@ def measure(lake_root: Path, shard: Path, step: str) -> dict:
     return {"step": step, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(), **what}
 
 
+REPEATS = 3
+"""Nights per lake size (a new shard each, so each ingest lands): the table quotes their medians."""
+
+
 def main() -> None:
+    import statistics
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--out", type=Path)
@@ -132,30 +140,38 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="screenline-scale-") as tmp:
         os.environ["SCREENLINE_KEYS"] = str(Path(tmp) / "keys")
-        shard = night_shard(Path(tmp))
+        nights = [night_shard(Path(tmp), i) for i in range(REPEATS)]
         for n in (int(s) for s in args.sizes.split(",")):
             root = Path(tmp) / f"lake-{n}"
             t0 = time.perf_counter()
             lake = build(root, n)
+            os.sync()  # the build's writes on disk before anything is timed, not in a timed fsync's way
             print(f"lake of {n:,} images built and screened in {time.perf_counter() - t0:.0f} s", flush=True)
-            for step in ("ingest", "screen"):
-                done = subprocess.run([sys.executable, "-m", "benchmarks.lake_scale", "--step", step, "--lake",
-                                       str(lake), "--shard", str(shard)], capture_output=True, text=True, check=True)
-                row = {"lake_images": n, **json.loads(done.stdout.strip().splitlines()[-1])}
-                rows.append(row)
-                print(f"  {step} the {NIGHT:,}-image shard: {row['seconds']:.2f} s, peak RSS "
-                      f"{row['peak_rss_mb']:.0f} MB ({ {k: v for k, v in row.items() if k not in ('step', 'seconds', 'peak_rss_mb', 'lake_images')} })",
-                      flush=True)
+            for night, shard in enumerate(nights):
+                for step in ("ingest", "screen"):
+                    done = subprocess.run([sys.executable, "-m", "benchmarks.lake_scale", "--step", step, "--lake",
+                                           str(lake), "--shard", str(shard)], capture_output=True, text=True,
+                                          check=True)
+                    row = {"lake_images": n, "night": night, **json.loads(done.stdout.strip().splitlines()[-1])}
+                    rows.append(row)
+                    extra = {k: v for k, v in row.items() if k not in ("step", "seconds", "peak_rss_mb",
+                                                                         "lake_images", "night")}
+                    print(f"  night {night}: {step} {row['seconds']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB "
+                          f"{extra}", flush=True)
             import shutil
 
             shutil.rmtree(root)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
-    small = {r["step"]: r for r in rows if r["lake_images"] == rows[0]["lake_images"]}
-    for r in rows:
-        base = small[r["step"]]
-        print(f"{r['lake_images']:>9,} images  {r['step']:<6}  {r['seconds']:6.2f} s ({r['seconds'] / base['seconds']:.2f}×)"
-              f"  {r['peak_rss_mb']:5.0f} MB ({r['peak_rss_mb'] / base['peak_rss_mb']:.2f}×)")
+    median = {(n, step): (statistics.median(r["seconds"] for r in rows if (r["lake_images"], r["step"]) == (n, step)),
+                          statistics.median(r["peak_rss_mb"] for r in rows if (r["lake_images"], r["step"]) == (n, step)))
+              for n, step in dict.fromkeys((r["lake_images"], r["step"]) for r in rows)}
+    smallest = rows[0]["lake_images"]
+    print(f"medians of {REPEATS} nights, each step in a fresh process:")
+    for (n, step), (seconds, rss) in median.items():
+        base_s, base_rss = median[(smallest, step)]
+        print(f"{n:>9,} images  {step:<6}  {seconds:6.2f} s ({seconds / base_s:.2f}×)  {rss:5.0f} MB "
+              f"({rss / base_rss:.2f}×)")
 
 
 if __name__ == "__main__":

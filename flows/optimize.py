@@ -10,7 +10,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from models.engine import resolve_engine
+from models.engine import competing_engines, resolve_engine
 from models.manifest import Manifest
 from tasks.baseline import BASELINE_TRAINING, baseline_task
 from tasks.dataset import SplitRef, make_split_task
@@ -120,11 +120,13 @@ def optimize(
     with positives, a benchmark's official test split): every held-out gate (sensitivity at the frozen threshold,
     non-inferiority to the baseline) then rests on their positives too. Nothing trains, chooses or calibrates on
     them, and a model already trained on the lake is reused.
-    engine: auto (TensorRT where a GPU and the `gpu` extra are present, else ONNX Runtime), onnxruntime or
-    tensorrt (fails at once, saying what is missing, on a host that cannot run it).
+    engine: auto (TensorRT where a GPU and the `gpu` extra are present; else the CPU engines compete, ONNX Runtime
+    and OpenVINO, on the same graphs, and the fastest passing ships with an ONNX Runtime fallback), onnxruntime,
+    openvino or tensorrt (alone; fails at once, saying what is missing, on a host that cannot run it).
     Ends Failed, with the version registered, when held-out test sensitivity is below target.
     """
     logger = get_run_logger()
+    engines = competing_engines(engine)  # what competes for shipping on this host (fails here if it cannot run)
     engine = resolve_engine(engine)
     root = str(lake_root(lake))
     gates = replace(GateSettings(), target_sensitivity=target_sensitivity, threshold_rule=threshold_rule, delta=delta,
@@ -161,8 +163,9 @@ def optimize(
         oof_file = out_of_fold_task(split, folds_of, checkpoints)
         logger.info("cross-fit: %d fold models, %d out-of-fold positives, %.1f min", folds,
                     sum(f.counts["val"]["positives"] for f in folds_of), (time.perf_counter() - started) / 60)
-    export_dir = export_task(checkpoint, split, gates, engine)
-    evaluation = evaluate_task(export_dir, split, gates, engine, oof_file, baseline_dir)
+    export_dir = export_task(checkpoint, split, gates, "tensorrt" if engine == "tensorrt" else "onnxruntime")
+    logger.info("candidates compete on %s", ", ".join(engines))
+    evaluation = evaluate_task(export_dir, split, gates, list(engines), oof_file, baseline_dir)
     manifest = register_task(export_dir, checkpoint, split, settings, gates, evaluation, promote, baseline_dir)
 
     ship, test = manifest.shipping, manifest.test
@@ -196,7 +199,7 @@ def optimize(
         logger.info("%s", line)
     if manifest.fallback:
         fb = manifest.fallback
-        logger.info("CPU fallback %s %s, threshold %.4f: %s", fb.engine, fb.candidate, fb.threshold, fb.verdict)
+        logger.info("fallback %s %s, threshold %.4f: %s", fb.engine, fb.candidate, fb.threshold, fb.verdict)
     if not manifest.passed_gate:
         raise NotPromoted(f"{manifest.version} registered but {manifest.promotion}", manifest)
     return {"version": manifest.version, "promoted": manifest.promoted, "shipping": ship.to_dict(), "test": test,

@@ -1,13 +1,15 @@
-"""Engines: uint8 N×C×64×64 in, float32 probabilities out. ONNX Runtime on the CPU is the default everywhere.
+"""Engines: uint8 N×C×64×64 in, float32 probabilities out. ONNX Runtime runs everywhere and is every version's
+floor; OpenVINO competes with it on CPUs; TensorRT runs on NVIDIA GPUs.
 
-`Engine` is the small interface every backend implements: ONNX Runtime here, OpenVINO (benchmarks only), TensorRT
-on GPUs (`models.tensorrt`). Sessions are expensive to create and safe to call from several threads, so a process
-creates one per model file and shares it.
+`Engine` is the small interface every backend implements: ONNX Runtime and OpenVINO here (on a CPU host optimize
+lets them compete on the same graphs, `competing_engines`), TensorRT in `models.tensorrt`. Sessions are expensive
+to create and safe to call from several threads, so a process creates one per model file and shares it.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,15 +31,34 @@ class Engine(Protocol):
         ...
 
 
-ENGINES = ("auto", "onnxruntime", "tensorrt")
-"""What a user may ask for: auto picks TensorRT where a GPU and the `gpu` extra are present, else ONNX Runtime."""
+ENGINES = ("auto", "onnxruntime", "openvino", "tensorrt")
+"""What a user may ask for: auto picks TensorRT where a GPU and the `gpu` extra are present, else the fastest CPU
+engine the version ships that this host can run (OpenVINO or ONNX Runtime)."""
+
+
+class EngineUnavailable(RuntimeError):
+    """An engine asked for by name that this host cannot run."""
+
+
+def openvino_missing() -> str | None:
+    """Why OpenVINO cannot run here (None when it can)."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "OpenVINO is not installed (pip install openvino)"
+    return None
 
 
 def resolve_engine(requested: str = "auto") -> str:
-    """The engine to use for `requested` on this host; engine=tensorrt without a GPU fails with one clear line."""
+    """The engine family to use for `requested` on this host: tensorrt, or a CPU engine (onnxruntime for auto, which
+    `competing_engines` widens to every CPU engine here). An engine this host cannot run fails with one clear line."""
     if requested not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {requested!r}")
     if requested == "onnxruntime":
+        return requested
+    if requested == "openvino":
+        if (why := openvino_missing()) is not None:
+            raise EngineUnavailable(f"engine=openvino: {why}")
         return requested
     from models import tensorrt
 
@@ -45,6 +66,28 @@ def resolve_engine(requested: str = "auto") -> str:
         tensorrt.require()
         return requested
     return "tensorrt" if tensorrt.missing() is None else "onnxruntime"
+
+
+def runnable_engines(requested: str = "auto") -> tuple[str, ...]:
+    """The engines this host can run for `requested`, in the order screening prefers them: TensorRT (a GPU), then
+    OpenVINO (installed), then ONNX Runtime (always)."""
+    engine = resolve_engine(requested)
+    if requested != "auto":
+        return (engine,)
+    return (("tensorrt",) if engine == "tensorrt" else ()) + \
+        (("openvino",) if openvino_missing() is None else ()) + ("onnxruntime",)
+
+
+def competing_engines(requested: str = "auto") -> tuple[str, ...]:
+    """The engines whose candidates optimize measures against each other on this host; the fastest passing ships.
+
+    auto on a CPU host: ONNX Runtime and, where it is installed, OpenVINO (the same graphs, each engine's own scores,
+    threshold and knee). TensorRT on a GPU host (its ONNX Runtime candidates are the CPU fallback). An engine asked
+    for by name competes alone."""
+    engine = resolve_engine(requested)
+    if engine == "tensorrt" or requested != "auto":
+        return (engine,)
+    return ("onnxruntime",) + (("openvino",) if openvino_missing() is None else ())
 
 
 def default_threads() -> int:
@@ -89,7 +132,7 @@ class OrtEngine:
 class OpenVinoEngine:
     """OpenVINO on the CPU behind `Engine`, reading the same ONNX graphs (FP32, or INT8 from their Q/DQ nodes).
 
-    Optional (extra `openvino`). Inference precision is pinned to f32 so a CPU with bf16 units does not silently
+    Inference precision is pinned to f32 so a CPU with bf16 units does not silently
     score in bf16; one infer request per thread, since a request is not safe to share.
     """
 
@@ -132,6 +175,8 @@ class KneePoint:
     batch: int
     images_per_s: float
     ms_per_batch: float
+    spread: float = 0.0  # (max - min) / median of the windows the figure is the median of
+    windows: int = 1  # measurement windows it took to get there
 
 
 @dataclass
@@ -144,25 +189,40 @@ class Knee:
     sweep: list[KneePoint]
 
     def as_dict(self) -> dict:
+        """[batch, images/s, ms a batch, spread, windows] a sweep point."""
         return {"batch": self.batch, "images_per_s": round(self.images_per_s, 1),
                 "batch1_latency_ms": round(self.batch1_latency_ms, 4),
-                "sweep": [[p.batch, round(p.images_per_s, 1), round(p.ms_per_batch, 4)] for p in self.sweep]}
+                "sweep": [[p.batch, round(p.images_per_s, 1), round(p.ms_per_batch, 4), round(p.spread, 4),
+                           p.windows] for p in self.sweep]}
+
+
+STABLE_WINDOWS = 3
+STABILITY = 0.05
+MAX_WINDOWS = 12
+"""A sweep point is measured in windows until its last STABLE_WINDOWS agree within STABILITY of their median
+(perf_analyzer's rule, its 10% tightened to 5%), or MAX_WINDOWS are spent; its figure is their median."""
 
 
 def _throughput(engine: Engine, pixels: np.ndarray, batch: int, seconds: float) -> KneePoint:
+    """One sweep point: windows of `seconds` / STABLE_WINDOWS (at least two calls each), each scored by its median
+    call, repeated until stable (see STABILITY). A neighbour's burst moves one window, not the figure; a point that
+    never settles says so in its spread."""
     x = np.ascontiguousarray(pixels[:batch]) if len(pixels) >= batch else np.resize(pixels, (batch, *pixels.shape[1:]))
     engine.infer(x)  # warm-up
-    runs, t0 = 0, time.perf_counter()
-    best = float("inf")
+    window, figures = seconds / STABLE_WINDOWS, []
     while True:
-        t = time.perf_counter()
-        engine.infer(x)
-        best = min(best, time.perf_counter() - t)
-        runs += 1
-        if time.perf_counter() - t0 >= seconds and runs >= 3:
-            break
-    # the best of several runs: the engine's speed, not the neighbours' noise on a shared machine
-    return KneePoint(batch, batch / best, best * 1000)
+        calls, t0 = [], time.perf_counter()
+        while len(calls) < 2 or time.perf_counter() - t0 < window:
+            t = time.perf_counter()
+            engine.infer(x)
+            calls.append(time.perf_counter() - t)
+        figures.append(batch / statistics.median(calls))
+        last = figures[-STABLE_WINDOWS:]
+        if len(last) == STABLE_WINDOWS:
+            middle = statistics.median(last)
+            spread = (max(last) - min(last)) / middle
+            if spread <= STABILITY or len(figures) >= MAX_WINDOWS:
+                return KneePoint(batch, middle, batch / middle * 1000, spread, len(figures))
 
 
 MAX_BATCH = 512
@@ -173,8 +233,12 @@ def find_knee(engine: Engine, pixels: np.ndarray, max_batch: int = MAX_BATCH, fr
               seconds_per_point: float = 0.3, limit: int = 4096) -> Knee:
     """Sweep batch sizes 1…max_batch (powers of two) and take the smallest reaching `fraction` of the peak.
 
-    If the peak is at the top of the sweep, the sweep extends (up to `limit`) until throughput stops growing. An
-    engine with a largest batch of its own (a TensorRT plan's `max_batch`) is never swept past it.
+    Each point is measured until stable (`_throughput`), and "reaching" allows for what was measured of the noise:
+    a point reaches the peak when the top of its spread reaches `fraction` of the bottom of the peak's. On a
+    plateau, a noisy high reading at a large batch then does not drag the knee up a power of two, and with clean
+    measurements (spread 0) it is the plain rule. If the peak is at the top of the sweep, the sweep extends (up to
+    `limit`) until throughput stops growing. An engine with a largest batch of its own (a TensorRT plan's
+    `max_batch`) is never swept past it.
     """
     if (largest := getattr(engine, "max_batch", None)) is not None:
         max_batch, limit = min(max_batch, largest), min(limit, largest)
@@ -184,6 +248,7 @@ def find_knee(engine: Engine, pixels: np.ndarray, max_batch: int = MAX_BATCH, fr
                                   and batch <= limit):
         sweep.append(_throughput(engine, pixels, batch, seconds_per_point))
         batch *= 2
-    peak = max(p.images_per_s for p in sweep)
-    knee = next(p for p in sweep if p.images_per_s >= fraction * peak)
+    peak = max(sweep, key=lambda p: p.images_per_s)
+    floor = fraction * peak.images_per_s * (1 - peak.spread / 2)
+    knee = next(p for p in sweep if p.images_per_s * (1 + p.spread / 2) >= floor)
     return Knee(knee.batch, knee.images_per_s, sweep[0].ms_per_batch, sweep)

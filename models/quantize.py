@@ -67,3 +67,91 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, fmt: str = "u8
     finally:
         prepped.unlink(missing_ok=True)
     return out
+
+
+def uint8_input(int8: Path, out: Path) -> Path:
+    """Write `int8` with its first convolution reading the uint8 pixels as a quantized tensor.
+
+    The exported graph normalises every pixel in float (Cast → Sub → Mul) and the quantizer then quantizes the
+    result twice more (QuantizeLinear/DequantizeLinear after Sub and after Mul): seven elementwise passes over every
+    pixel before the first convolution. Here the first convolution's input DequantizeLinear reads the pixels
+    themselves, with scale 1/PIXEL_STD and zero point ⌈PIXEL_MEAN⌉ (pixels are already exact uint8 levels), and the
+    half-level offset between that zero point and PIXEL_MEAN is folded into the convolution's (quantized) bias. That
+    is exact where the 3×3 window lies inside the image; on the one-pixel border, where the window reads padding,
+    the padded taps differ by the offset times their weights (a rounding-sized change, which the uint8-input test
+    bounds). The normalising nodes, now unused, are removed.
+    """
+    import math
+
+    from onnx import helper, numpy_helper
+
+    from models.contract import PIXEL_MEAN, PIXEL_STD
+
+    model = onnx.load(str(int8))
+    graph = model.graph
+    init = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    producer = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    conv, frontier, seen = None, [INPUT_NAME], set()
+    while frontier and conv is None:  # breadth-first from the input to the first Conv
+        name = frontier.pop(0)
+        for node in consumers.get(name, []):
+            if node.op_type == "Conv":
+                conv = node
+                break
+            if node.name not in seen:
+                seen.add(node.name)
+                frontier.extend(node.output)
+    if conv is None or producer.get(conv.input[0]) is None or producer[conv.input[0]].op_type != "DequantizeLinear":
+        raise ValueError(f"{int8.name}: no quantized first convolution (Conv fed by a DequantizeLinear) to feed uint8")
+    dq = producer[conv.input[0]]
+    zero_point = math.ceil(PIXEL_MEAN)
+    offset = (zero_point - PIXEL_MEAN) / PIXEL_STD  # true input = (pixel - zero_point) / PIXEL_STD + offset
+    scale_name, zp_name = f"{INPUT_NAME}_scale", f"{INPUT_NAME}_zero_point"
+    graph.initializer.extend([numpy_helper.from_array(np.array(1.0 / PIXEL_STD, np.float32), scale_name),
+                              numpy_helper.from_array(np.array(zero_point, np.uint8), zp_name)])
+    new_dq = helper.make_node("DequantizeLinear", [INPUT_NAME, scale_name, zp_name], [f"{INPUT_NAME}_dequantized"],
+                              name=f"{INPUT_NAME}_DequantizeLinear")
+    conv.input[0] = new_dq.output[0]
+    if offset and len(conv.input) > 2:
+        weight = _dequantized(producer, init, conv.input[1])
+        bias_dq = producer.get(conv.input[2])
+        if bias_dq is None or bias_dq.op_type != "DequantizeLinear":
+            raise ValueError(f"{int8.name}: the first convolution's bias is not a quantized initializer")
+        q = numpy_helper.to_array(init[bias_dq.input[0]])
+        bias_scale = numpy_helper.to_array(init[bias_dq.input[1]]).astype(np.float64)
+        shift = offset * weight.reshape(weight.shape[0], -1).sum(axis=1)
+        init[bias_dq.input[0]].CopyFrom(numpy_helper.from_array(
+            (q + np.round(shift / bias_scale)).astype(q.dtype), bias_dq.input[0]))
+    nodes = [new_dq] + [n for n in graph.node if n is not dq]
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(nodes):  # topological order: a node is kept when something kept reads what it writes
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    used = {i for n in graph.node for i in n.input}
+    keep_init = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep_init)
+    onnx.checker.check_model(model)
+    with atomic_path(out) as tmp:
+        onnx.save(model, str(tmp))
+    return out
+
+
+def _dequantized(producer: dict, init: dict, name: str) -> np.ndarray:
+    """The float value of a DequantizeLinear of an initializer (per-tensor or per-channel on axis 0)."""
+    from onnx import numpy_helper
+
+    node = producer[name]
+    q = numpy_helper.to_array(init[node.input[0]]).astype(np.float64)
+    scale = numpy_helper.to_array(init[node.input[1]]).astype(np.float64)
+    zp = numpy_helper.to_array(init[node.input[2]]).astype(np.float64) if len(node.input) > 2 else 0.0
+    shape = (-1,) + (1,) * (q.ndim - 1) if np.ndim(scale) else ()
+    return (q - np.reshape(zp, shape)) * np.reshape(scale, shape)

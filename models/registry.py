@@ -275,17 +275,17 @@ class Registry:
 
     def pick(self, version: str | None = None, engine: str = "auto", allow_failed_gate: bool = False) -> Pick:
         """The shipped engine to run here: `shipping`, or the version's ONNX Runtime `fallback` (registered by an
-        optimize that shipped TensorRT) where this host cannot run TensorRT or onnxruntime is asked for.
+        optimize that shipped TensorRT or OpenVINO) where this host cannot run that engine or onnxruntime is asked
+        for (models/engine.runnable_engines: TensorRT, then OpenVINO, then ONNX Runtime).
 
         Each has its own threshold, calibrated on that engine's scores, and its own held-out gate: shipping's
         verdict is the manifest's `passed_gate`, the fallback's its own. An engine whose gate failed or is not
         recorded raises GateFailed, unless `allow_failed_gate`; the pick's `gate` is what screening records."""
-        from models.engine import resolve_engine
+        from models.engine import runnable_engines
 
         version = safe_name(version, "model version") if version else self.promoted()
         manifest = self.manifest(version)
-        runnable = ["tensorrt", "onnxruntime"] if resolve_engine(engine) == "tensorrt" else ["onnxruntime"]
-        wanted = runnable if engine == "auto" else [engine]
+        wanted = list(runnable_engines(engine))
         for name in wanted:
             for shipped in manifest.picks:
                 if shipped.engine != name:
@@ -298,6 +298,10 @@ class Registry:
         if wanted == ["tensorrt"]:
             raise ModelNotFound(f"{version} has no TensorRT threshold (it was optimized without a GPU): run "
                                 f"`screenline optimize --engine tensorrt` on a GPU host, or screen with onnxruntime")
+        if wanted == ["openvino"]:
+            raise ModelNotFound(f"{version} has no OpenVINO threshold (OpenVINO did not compete when it was "
+                                f"optimized): run `screenline optimize` on a host with OpenVINO, or screen with "
+                                f"onnxruntime")
         raise ModelNotFound(f"{version} ships {manifest.shipping.engine} only, which this host cannot run: "
                             f"run `screenline optimize --engine onnxruntime` to register a CPU engine")
 
@@ -327,8 +331,10 @@ class Registry:
 
     def load_shipped(self, version: str, shipped: Shipped, threads: int | None = None):
         """The engine for one of a version's shipped engines, its file verified against the manifest first."""
-        from models.engine import OrtEngine
+        from models.engine import OpenVinoEngine, OrtEngine
 
+        if shipped.engine == "openvino":
+            return OpenVinoEngine(self.verified_file(version, shipped.file), shipped.precision, threads)
         if shipped.engine == "tensorrt":
             knee = self.manifest(version).knees.get(host_fingerprint("tensorrt", shipped.precision), {}).get("batch")
             return self.tensorrt_engine(version, shipped.file, shipped.precision, knee)

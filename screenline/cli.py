@@ -114,9 +114,11 @@ def _check_lake(lake: str | None) -> None:
 
 
 def _engine_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--engine", default="auto", choices=("auto", "onnxruntime", "tensorrt"),
-                        help="auto (default): TensorRT on a host with an NVIDIA GPU and the `gpu` extra, else "
-                             "ONNX Runtime")
+    from models.engine import ENGINES
+
+    parser.add_argument("--engine", default="auto", choices=ENGINES,
+                        help="auto (default): TensorRT on a host with an NVIDIA GPU and the `gpu` extra, else the "
+                             "fastest CPU engine (OpenVINO or ONNX Runtime; optimize lets them compete)")
 
 
 def _print_ingest(report: "object", seconds: float) -> None:
@@ -255,12 +257,12 @@ def print_curve(title: str, curve: list[dict]) -> None:
 
 def _check_engine(engine: str) -> str:
     """The engine this host will use for `engine`; one line, before any flow starts, when it cannot run here."""
-    from models.engine import resolve_engine
+    from models.engine import EngineUnavailable, resolve_engine
     from models.tensorrt import TensorRTUnavailable
 
     try:
         return resolve_engine(engine)
-    except (TensorRTUnavailable, ValueError) as exc:
+    except (TensorRTUnavailable, EngineUnavailable, ValueError) as exc:
         raise CliError(str(exc)) from None
 
 

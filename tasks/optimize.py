@@ -5,14 +5,15 @@ Each step is a plain function (tests call them) wrapped by a Prefect task. Work 
 cache policy refuses to hit while that output is missing.
 
 Candidates: FP32 ONNX and INT8 QDQ graphs (U8S8 and S8S8 activations, per-tensor and per-channel weights) on ONNX
-Runtime, and with engine=tensorrt also TensorRT plans (FP16 graph, symmetric INT8 Q/DQ graph, FP32). Each is scored
-on the validation split by its own engine (INT8 and FP16 move scores), its threshold is calibrated there, and its
-knee is measured on this host. A reduced-precision candidate ships only if its validation AUC is within
-`int8_auc_tolerance` of FP32 and its threshold still reaches the target; the fastest passing candidate of the chosen
-engine ships. When that is TensorRT, the fastest passing ONNX Runtime candidate is registered beside it as the
-`fallback` that CPU-only hosts screen with, gated on the test split in the same way. The shipped model is then
-checked once on
-the held-out test split with its threshold frozen: below target, the version is registered but not promoted.
+Runtime; on a CPU host with OpenVINO, the same graphs on OpenVINO too ("ov-<name>"); with engine=tensorrt also
+TensorRT plans (FP16 graph, symmetric INT8 Q/DQ graph, FP32). Each is scored on the validation split by its own
+engine (INT8 and FP16 move scores, and two engines' INT8 kernels round differently), its threshold is calibrated
+there, and its knee is measured on this host. A reduced-precision candidate ships only if its validation AUC is
+within `int8_auc_tolerance` of FP32 and its threshold still reaches the target; the fastest passing candidate of the
+competing engines ships (`choose`). When that is not ONNX Runtime (TensorRT, OpenVINO), the fastest passing ONNX
+Runtime candidate is registered beside it as the `fallback` that hosts without that engine screen with, gated on
+the test split in the same way. The shipped model is then checked once on the held-out test split with its
+threshold frozen: below target, the version is registered but not promoted.
 """
 
 from __future__ import annotations
@@ -213,13 +214,17 @@ def export_task(checkpoint: str, split: SplitRef, gates: GateSettings, engine: s
 
 def candidate_precision(name: str) -> str:
     """fp32 | int8 | fp16 from a candidate's name."""
-    return name.removeprefix("trt-").split("-")[0]
+    return name.removeprefix("trt-").removeprefix("ov-").split("-")[0]
 
 
 def candidate_engine(path: Path, engine: str, precision: str, gates: GateSettings, channels: int,
                      lake_root: str) -> Engine:
-    """An engine for one candidate graph: an ONNX Runtime session, or a TensorRT plan (profile 1…max_batch, timing
-    cache shared with the registry's plans)."""
+    """An engine for one candidate graph: an ONNX Runtime session, an OpenVINO compiled model (the same graph), or a
+    TensorRT plan (profile 1…max_batch, timing cache shared with the registry's plans)."""
+    if engine == "openvino":
+        from models.engine import OpenVinoEngine
+
+        return OpenVinoEngine(path, precision)
     if engine != "tensorrt":
         return OrtEngine(path, precision)
     from models import tensorrt
@@ -228,9 +233,25 @@ def candidate_engine(path: Path, engine: str, precision: str, gates: GateSetting
                                      Lake.at(lake_root).models / "tensorrt")
 
 
-def _fastest_passing(candidates: list[Candidate], engine: str) -> Candidate | None:
-    passing = [c for c in candidates if c.passes and c.engine == engine]
+def _fastest_passing(candidates: list[Candidate], engines: tuple[str, ...]) -> Candidate | None:
+    passing = [c for c in candidates if c.passes and c.engine in engines]
     return max(passing, key=lambda c: c.knee["images_per_s"]) if passing else None
+
+
+def choose(candidates: list[Candidate], engines: tuple[str, ...]) -> tuple[Candidate, Candidate | None]:
+    """What ships and what every other host falls back to, from the candidates' measured figures and verdicts.
+
+    Ships: the fastest (images/s at its knee, on this host) of the candidates of the competing `engines` that passed
+    every gate; a faster one that failed one never ships. When none passed, the FP32 graph of the first engine
+    (registered, and the held-out gate says whether it may screen). Fallback, when what ships is not ONNX Runtime
+    (a TensorRT plan, an OpenVINO model): the fastest passing ONNX Runtime candidate (FP32 when none passed),
+    which every host can run, gated on the test split in its own right."""
+    ship = _fastest_passing(candidates, engines) or next(c for c in candidates if c.engine == engines[0]
+                                                         and c.precision == "fp32")
+    fallback = None
+    if ship.engine != "onnxruntime":
+        fallback = _fastest_passing(candidates, ("onnxruntime",)) or next(c for c in candidates if c.name == "fp32")
+    return ship, fallback
 
 
 def crossfit_calibration(oof_file: Path, gates: GateSettings) -> dict[str, Any]:
@@ -248,21 +269,25 @@ def crossfit_calibration(oof_file: Path, gates: GateSettings) -> dict[str, Any]:
 
 
 def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings,
-                        engine: str = "onnxruntime", oof_file: Path | None = None,
+                        engines: tuple[str, ...] | str = ("onnxruntime",), oof_file: Path | None = None,
                         baseline_dir: Path | None = None) -> dict[str, Any]:
     """Score val with every candidate engine, calibrate its threshold (on val, or once on the out-of-fold scores of
     `oof_file`), measure its knee, apply the gates (with `baseline_dir`, non-inferiority to the baseline at matched
-    sensitivity on val too); pick the fastest passing candidate of `engine` (and, for TensorRT, the ONNX Runtime
-    fallback)."""
+    sensitivity on val too); `choose` what ships among the competing `engines` (models/engine.competing_engines)
+    and the ONNX Runtime fallback. With openvino among them, every ONNX graph is also a candidate on OpenVINO
+    ("ov-<name>"): the same file, OpenVINO's own scores, threshold and knee."""
     from tasks.baseline import baseline_scores
 
+    engines = (engines,) if isinstance(engines, str) else tuple(engines)
     summary = json.loads((export_dir / "export.json").read_text())
     x_val, y_val = load_split(split, "val")
     base_val = baseline_scores(baseline_dir, "val")[0] if baseline_dir is not None else None
     crossfit = crossfit_calibration(oof_file, gates) if oof_file is not None else None
+    plan = [(name, file, summary.get("engines", {}).get(name, "onnxruntime")) for name, file in summary["files"].items()]
+    if "openvino" in engines:
+        plan += [(f"ov-{name}", file, "openvino") for name, file, kind in plan if kind == "onnxruntime"]
     candidates = []
-    for name, file in summary["files"].items():
-        kind = summary.get("engines", {}).get(name, "onnxruntime")
+    for name, file, kind in plan:
         runner = candidate_engine(export_dir / file, kind, candidate_precision(name), gates, split.channels,
                                   split.lake_root)
         s = scores(runner, x_val)
@@ -286,13 +311,10 @@ def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings,
         else:
             c.passes, c.why = True, "passes"
     _choose_on_noninferiority([c for c in candidates if c.passes])
-    ship = _fastest_passing(candidates, engine) or next(c for c in candidates if c.engine == engine
-                                                        and c.precision == "fp32")
-    fallback = None
-    if engine != "onnxruntime":
-        fallback = (_fastest_passing(candidates, "onnxruntime") or fp32).name
-    return {"candidates": [asdict(c) for c in candidates], "ship": ship.name, "fallback": fallback,
-            "host": host_fingerprint(engine, ship.precision)}
+    ship, fallback = choose(candidates, engines)
+    return {"candidates": [asdict(c) for c in candidates], "ship": ship.name,
+            "fallback": fallback.name if fallback else None, "engines": list(engines),
+            "host": host_fingerprint(ship.engine, ship.precision)}
 
 
 def _choose_on_noninferiority(candidates: list[Candidate]) -> None:
@@ -420,14 +442,14 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
     and promote when held-out test sensitivity reaches the target (and, with a baseline, the shipped engine is
     non-inferior to it on test at matched sensitivity) and `promote`. Returns the manifest.
 
-    When TensorRT ships, the ONNX Runtime fallback is tested the same way and recorded as `fallback`; CPU hosts
-    screen with it only if it passed too."""
+    When TensorRT or OpenVINO ships, the ONNX Runtime fallback is tested the same way and recorded as `fallback`;
+    hosts that cannot run what ships screen with it only if it passed too."""
     lake = Lake.at(split.lake_root)
     registry = Registry(lake)
     by_name = {c["name"]: c for c in evaluation["candidates"]}
     ship = by_name[evaluation["ship"]]
     engine = ship.get("engine", "onnxruntime")
-    # a TensorRT optimize registers a version of its own, so a CPU-registered version is never rewritten
+    # a TensorRT (or OpenVINO) optimize registers a version of its own, so an ONNX Runtime version is never rewritten
     extra = () if engine == "onnxruntime" else (engine,)
     if baseline_dir is not None:
         extra += (json.loads((baseline_dir / "baseline.json").read_text())["checkpoint_sha256"],)
@@ -502,10 +524,11 @@ def register_version(export_dir: Path, checkpoint: Path, split: SplitRef, settin
 
 
 @task(name="evaluate", **IO_RETRIES)
-def evaluate_task(export_dir: str, split: SplitRef, gates: GateSettings, engine: str = "onnxruntime",
+def evaluate_task(export_dir: str, split: SplitRef, gates: GateSettings, engines: list[str] | None = None,
                   oof_file: str | None = None, baseline_dir: str | None = None) -> dict:
-    """Scores, thresholds and knees of every candidate engine on this host."""
-    return evaluate_candidates(Path(export_dir), split, gates, engine, Path(oof_file) if oof_file else None,
+    """Scores, thresholds and knees of every candidate engine on this host; what ships among `engines`."""
+    return evaluate_candidates(Path(export_dir), split, gates, tuple(engines or ("onnxruntime",)),
+                               Path(oof_file) if oof_file else None,
                                Path(baseline_dir) if baseline_dir else None)
 
 

@@ -67,7 +67,17 @@ def test_optimize_registers_a_version_whose_promotion_matches_its_test_gate(tiny
         assert registry.promoted() == manifest.version
     ship = manifest.shipping
     shipped = next(c for c in manifest.candidates if c["name"] == ship.candidate)
-    assert shipped["engine"] == "onnxruntime" and shipped["threshold"] == ship.threshold
+    assert shipped["engine"] == ship.engine and shipped["threshold"] == ship.threshold
+    # the CPU engines competed on the same graphs; what ships is the fastest that passed, and a version shipping
+    # OpenVINO carries the fastest passing ONNX Runtime candidate for hosts without it
+    assert {c["engine"] for c in manifest.candidates} == {"onnxruntime", "openvino"}
+    passing = [c for c in manifest.candidates if c["passes"]]
+    if passing:
+        assert shipped["knee"]["images_per_s"] == max(c["knee"]["images_per_s"] for c in passing)
+    if ship.engine == "openvino":
+        assert manifest.fallback.engine == "onnxruntime" and manifest.fallback.file in manifest.files
+    else:
+        assert ship.engine == "onnxruntime" and manifest.fallback is None
     stored = registry.read_manifest(manifest.version)  # as written: each figure once, in candidates
     assert manifest.format == stored["format"] == 2 and "thresholds" not in stored and "metrics" not in stored
     assert manifest.extra == {}
@@ -92,8 +102,8 @@ def test_optimize_registers_a_version_whose_promotion_matches_its_test_gate(tiny
     assert shipped["curve"][-1]["threshold"] == ship.threshold
     assert [row["at"] for row in manifest.test["curve"]][-1] == "shipped"
     # the shipped engine loads, verified, and its threshold reaches the target on val
-    engine = registry.load_engine(manifest.version)
-    assert engine.precision == ship.precision
+    engine = registry.load_shipped(manifest.version, ship)  # whatever its gate said (screening checks that)
+    assert engine.precision == ship.precision and engine.name == ship.engine
     assert shipped["val_table"]["sensitivity"] >= 0.98
     # no baseline given: the non-inferiority gate was skipped, and the manifest says so
     assert "non-inferiority gate was not applied" in manifest.baseline["skipped"]
@@ -230,9 +240,9 @@ def test_cross_fitting_calibrates_every_candidate_on_out_of_fold_scores_of_train
 def test_int8_failing_its_gate_ships_fp32_and_says_why(tiny_lake):
     _, registry = run(tiny_lake, **NO_INT8)
     manifest = latest_manifest(registry)
-    assert manifest.shipping.candidate == "fp32" and manifest.shipping.precision == "fp32"
-    int8 = [c for c in manifest.candidates if c["precision"] == "int8"]
-    assert len(int8) == 4 and all(not c["passes"] and "more than -1.0 below FP32's" in c["why"] for c in int8)
+    assert manifest.shipping.candidate in ("fp32", "ov-fp32") and manifest.shipping.precision == "fp32"
+    int8 = [c for c in manifest.candidates if c["precision"] == "int8"]  # 4 graphs, each on both CPU engines
+    assert len(int8) == 8 and all(not c["passes"] and "more than -1.0 below FP32's" in c["why"] for c in int8)
 
 
 def test_a_model_below_target_on_test_is_registered_not_promoted(tiny_lake, tmp_path):

@@ -56,7 +56,7 @@ def test_engine_tensorrt_without_a_gpu_fails_with_one_line_and_auto_picks_onnxru
     assert "\n" not in message and WHY_NOT in message and "pip install -e '.[gpu]'" in message
     assert resolve_engine("auto") == "onnxruntime"
     assert resolve_engine("onnxruntime") == "onnxruntime"
-    with pytest.raises(ValueError, match="auto, onnxruntime, tensorrt"):
+    with pytest.raises(ValueError, match="auto, onnxruntime, openvino, tensorrt"):
         resolve_engine("cuda")
 
 

@@ -1,0 +1,127 @@
+"""Engine autotune: the CPU engines compete on the same graphs, the fastest candidate that passes every gate ships,
+and a host that cannot run it screens with the ONNX Runtime fallback. Figures are hand-made: what is tested is the
+choice, not the speed of this machine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models import engine as engines
+from models.engine import OpenVinoEngine, OrtEngine, competing_engines, runnable_engines, scores
+from models.registry import Registry
+from tasks.lake import Lake
+from tasks.optimize import Candidate, choose
+
+openvino = pytest.importorskip("openvino", reason="OpenVINO is a dependency; this host lacks it")
+
+
+@pytest.fixture(scope="module")
+def fp32_graph(tmp_path_factory):
+    import torch
+
+    from models.export import export_onnx
+    from models.nets import ScreenNet
+
+    torch.manual_seed(3)
+    model = ScreenNet().eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # BatchNorm that is not the identity, so folding is exercised
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2)
+    return export_onnx(model, tmp_path_factory.mktemp("ov") / "model-fp32.onnx")
+
+
+def candidate(name: str, engine: str, images_per_s: float, passes: bool = True) -> Candidate:
+    precision = name.removeprefix("ov-").split("-")[0]
+    return Candidate(name, f"model-{name.removeprefix('ov-')}.onnx", precision, engine, passes=passes,
+                     why="passes" if passes else "val sensitivity 0.9700 below target 0.98",
+                     knee={"batch": 64, "images_per_s": images_per_s})
+
+
+MEASURED = [  # a VNNI host, as `make bench` found it: OpenVINO's S8S8 fastest, its U8S8 per-channel faster still but
+    # failing a gate
+    candidate("fp32", "onnxruntime", 5200),
+    candidate("int8-u8s8-per-tensor", "onnxruntime", 6900),
+    candidate("int8-s8s8-per-tensor", "onnxruntime", 3200),
+    candidate("ov-fp32", "openvino", 4900),
+    candidate("ov-int8-s8s8-per-tensor", "openvino", 12000),
+    candidate("ov-int8-u8s8-per-channel", "openvino", 15000, passes=False),
+]
+
+
+def test_the_fastest_passing_candidate_of_any_competing_engine_ships_with_the_fastest_onnxruntime_fallback():
+    ship, fallback = choose(MEASURED, ("onnxruntime", "openvino"))
+    assert (ship.name, ship.engine) == ("ov-int8-s8s8-per-tensor", "openvino")  # not the faster one that failed
+    assert (fallback.name, fallback.engine) == ("int8-u8s8-per-tensor", "onnxruntime")
+
+
+def test_a_host_without_openvino_ships_onnxruntime_and_needs_no_fallback():
+    ship, fallback = choose(MEASURED, ("onnxruntime",))
+    assert (ship.name, fallback) == ("int8-u8s8-per-tensor", None)
+
+
+def test_an_avx2_host_where_int8_is_slower_than_fp32_ships_what_wins_there():
+    avx2 = [candidate("fp32", "onnxruntime", 1850), candidate("int8-u8s8-per-tensor", "onnxruntime", 1200),
+            candidate("ov-fp32", "openvino", 1700), candidate("ov-int8-s8s8-per-tensor", "openvino", 1400)]
+    ship, fallback = choose(avx2, ("onnxruntime", "openvino"))
+    assert (ship.name, fallback) == ("fp32", None)
+    avx2[2].knee["images_per_s"] = 2100  # OpenVINO's FP32 wins there instead: it ships, ONNX Runtime's FP32 falls back
+    ship, fallback = choose(avx2, ("onnxruntime", "openvino"))
+    assert (ship.name, fallback.name) == ("ov-fp32", "fp32")
+
+
+def test_when_nothing_passes_the_first_engines_fp32_is_registered_and_fp32_falls_back():
+    failing = [candidate(c.name, c.engine, c.knee["images_per_s"], passes=False) for c in MEASURED]
+    ship, fallback = choose(failing, ("openvino", "onnxruntime"))
+    assert (ship.name, fallback.name) == ("ov-fp32", "fp32")
+
+
+def test_competing_and_runnable_engines_follow_what_is_installed(monkeypatch):
+    assert competing_engines("auto") == ("onnxruntime", "openvino")
+    assert runnable_engines("auto") == ("openvino", "onnxruntime")
+    assert competing_engines("onnxruntime") == ("onnxruntime",)  # asked for by name: alone
+    monkeypatch.setattr(engines, "openvino_missing", lambda: "OpenVINO is not installed (pip install openvino)")
+    assert competing_engines("auto") == ("onnxruntime",) and runnable_engines("auto") == ("onnxruntime",)
+    with pytest.raises(engines.EngineUnavailable, match="engine=openvino: OpenVINO is not installed"):
+        competing_engines("openvino")
+
+
+@pytest.fixture
+def openvino_version(tmp_path, fp32_graph) -> Registry:
+    """A version as an optimize on an OpenVINO host registers it: OpenVINO ships, ONNX Runtime falls back."""
+    import shutil
+
+    registry = Registry(Lake(tmp_path / "lake"))
+    folder = registry.folder("sn-ov")
+    folder.mkdir(parents=True)
+    shutil.copy(fp32_graph, folder / "model-fp32.onnx")
+    registry.register("sn-ov", {
+        "architecture": {"channels": 1},
+        "shipping": {"engine": "openvino", "candidate": "ov-fp32", "precision": "fp32", "file": "model-fp32.onnx",
+                     "threshold": 0.31},
+        "fallback": {"engine": "onnxruntime", "candidate": "fp32", "precision": "fp32", "file": "model-fp32.onnx",
+                     "threshold": 0.3, "passed_gate": True, "verdict": "reaches the target"},
+        "passed_gate": True,
+    })
+    registry.promote("sn-ov")
+    return registry
+
+
+def test_a_host_with_openvino_screens_with_it_and_one_without_falls_back_at_its_own_threshold(openvino_version,
+                                                                                          monkeypatch):
+    registry = openvino_version
+    pick = registry.pick(engine="auto")
+    assert (pick.shipped.engine, pick.threshold) == ("openvino", 0.31)
+    assert isinstance(registry.load_shipped("sn-ov", pick.shipped, threads=1), OpenVinoEngine)
+    assert registry.pick(engine="onnxruntime").threshold == 0.3
+    monkeypatch.setattr(engines, "openvino_missing", lambda: "OpenVINO is not installed (pip install openvino)")
+    pick = registry.pick(engine="auto")
+    assert (pick.shipped.engine, pick.threshold) == ("onnxruntime", 0.3)
+    assert isinstance(registry.load_shipped("sn-ov", pick.shipped, threads=1), OrtEngine)
+
+
+def test_openvino_scores_the_same_graph_as_onnxruntime(fp32_graph):
+    x = np.random.default_rng(3).integers(0, 256, (300, 1, 64, 64), dtype=np.uint8)
+    np.testing.assert_allclose(scores(OpenVinoEngine(fp32_graph, threads=1), x, batch=64),
+                               scores(OrtEngine(fp32_graph, threads=1), x, batch=64), rtol=0, atol=1e-5)
