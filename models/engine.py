@@ -204,9 +204,10 @@ MAX_WINDOWS = 12
 
 
 def _throughput(engine: Engine, pixels: np.ndarray, batch: int, seconds: float) -> KneePoint:
-    """One sweep point: windows of `seconds` / STABLE_WINDOWS (at least two calls each), each scored by its median
-    call, repeated until stable (see STABILITY). A neighbour's burst moves one window, not the figure; a point that
-    never settles says so in its spread."""
+    """One sweep point: windows of `seconds` / STABLE_WINDOWS (at least two calls each), each scored by its fastest
+    call (the engine's speed, not a neighbour's burst on a shared machine), repeated until stable (see STABILITY);
+    the figure is the median of the last windows, so one lucky call is not the figure either. A point that never
+    settles says so in its spread."""
     x = np.ascontiguousarray(pixels[:batch]) if len(pixels) >= batch else np.resize(pixels, (batch, *pixels.shape[1:]))
     engine.infer(x)  # warm-up
     window, figures = seconds / STABLE_WINDOWS, []
@@ -216,7 +217,7 @@ def _throughput(engine: Engine, pixels: np.ndarray, batch: int, seconds: float) 
             t = time.perf_counter()
             engine.infer(x)
             calls.append(time.perf_counter() - t)
-        figures.append(batch / statistics.median(calls))
+        figures.append(batch / min(calls))
         last = figures[-STABLE_WINDOWS:]
         if len(last) == STABLE_WINDOWS:
             middle = statistics.median(last)

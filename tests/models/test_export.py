@@ -104,3 +104,31 @@ def test_a_max_pooled_net_exports_and_its_int8_head_stays_in_float(tmp_path, poo
     pool = max(i for i, n in enumerate(nodes) if n.op_type in POOLS)
     assert any(n.op_type in POOLS and "Max" in n.op_type for n in nodes)
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in nodes[pool + 1:])  # head in float
+
+
+@pytest.mark.parametrize("fmt", ["u8s8", "s8s8"])
+def test_the_uint8_input_graph_reads_pixels_directly_and_scores_like_the_float_path(tmp_path, fmt):
+    """models.quantize.uint8_input: no Cast/Sub/Mul/Quantize before the first convolution, and scores that stay as
+    close to FP32 as the INT8 graph it came from (the half-level zero-point offset is folded into the bias)."""
+    from models.engine import OpenVinoEngine
+    from models.quantize import uint8_input
+    from tasks.samples import SITES, generate
+
+    torch.manual_seed(0)
+    net = trained_like()
+    with torch.no_grad():
+        net.classifier.weight.mul_(300.0)  # random features barely vary: spread the logits
+    fp32 = export_onnx(net, tmp_path / "f.onnx")
+    x = generate(1000, 0.3, 8, SITES["a"], "uint8-path")[0][:, None]
+    int8 = quantize_int8(fp32, tmp_path / "q.onnx", x[:256], fmt, per_channel=False)
+    direct = uint8_input(int8, tmp_path / "u8.onnx")
+    graph = onnx.load(str(direct)).graph
+    first_conv = next(i for i, n in enumerate(graph.node) if n.op_type == "Conv")
+    before = [n for n in graph.node[:first_conv] if "pixels" in n.input]
+    assert [n.op_type for n in before] == ["DequantizeLinear"]  # the pixels, dequantized, and nothing else
+    assert not any(n.op_type in ("Cast", "Sub", "Mul") for n in graph.node)
+    exact = scores(OrtEngine(fp32), x)
+    for engine in (OrtEngine, OpenVinoEngine):
+        quantized, uint8_path = scores(engine(int8, "int8"), x), scores(engine(direct, "int8"), x)
+        assert np.abs(uint8_path - exact).max() <= np.abs(quantized - exact).max() + 2e-3, engine.name
+        assert np.abs(uint8_path - quantized).mean() < 2e-3, engine.name
