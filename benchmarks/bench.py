@@ -155,8 +155,9 @@ def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
                                                   "delta": gates.get("delta", 0.05),
                                                   "margin": gates.get("calibration_margin", 0.01)})
         ships = manifest.shipping.candidate
-        context["ship_graph"] = {"file": str(files[ships]), "candidate": ships,
-                                 "precision": "fp32" if ships == "fp32" else "int8"}
+        context["ship_graph"] = {"file": str(files[ships]), "candidate": ships, "engine": manifest.shipping.engine,
+                                 "precision": manifest.shipping.precision}
+        files = {name: file for name, file in files.items() if not name.startswith(("ov-", "trt-"))}  # the graphs
         _write_split(lake, manifest, work)
         model = build_model(arch["name"], 1, arch["width"], arch.get("pool", "avg"))
     else:
@@ -189,20 +190,27 @@ def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
          "width": context["width"], "checkpoint": checkpoint, "max_batch": big, "mflops": mflops["screennet"],
          "scored": True},
     ]
+    from models.quantize import uint8_input
+
+    for name, file in list(files.items()):  # the uint8 path: the first convolution reads the pixels (issue 18.2)
+        if name.startswith("int8") and (not quick or name == "int8-u8s8-per-tensor"):
+            files[f"{name}-uint8-input"] = uint8_input(file, work / f"screennet-{name}-uint8-input.onnx")
     for name, file in files.items():
         precision = "fp32" if name == "fp32" else "int8"
         configs.append({"name": f"screennet-ort-{name}", "label": f"ScreenNet, ONNX Runtime {name.upper()}",
                         "runtime": "onnxruntime", "onnx": str(file), "precision": precision, "max_batch": big,
                         "mflops": mflops["screennet"], "scored": True})
-    if _has_openvino():
-        for name in ("fp32", "int8-u8s8-per-tensor", "int8-s8s8-per-tensor"):
-            if name in files:
-                configs.append({"name": f"screennet-openvino-{name}", "label": f"ScreenNet, OpenVINO {name.upper()}",
-                                "runtime": "openvino", "onnx": str(files[name]),
-                                "precision": "fp32" if name == "fp32" else "int8", "max_batch": big,
-                                "mflops": mflops["screennet"], "scored": True})
+    from models.engine import openvino_missing
+
+    if (why := openvino_missing()) is None:
+        for name, file in files.items():
+            if quick and name != "int8-u8s8-per-tensor":  # the smoke run: one graph is enough to show it runs
+                continue
+            configs.append({"name": f"screennet-openvino-{name}", "label": f"ScreenNet, OpenVINO {name.upper()}",
+                            "runtime": "openvino", "onnx": str(file), "precision": "fp32" if name == "fp32" else "int8",
+                            "max_batch": big, "mflops": mflops["screennet"], "scored": True})
     else:
-        context["openvino"] = "not installed (pip install -e '.[openvino]')"
+        context["openvino"] = f"not measured: {why}"
     from models import tensorrt
 
     why_not = tensorrt.missing()
@@ -216,14 +224,6 @@ def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
     else:
         context["tensorrt"] = f"not measured: {why_not}"
     return configs, context
-
-
-def _has_openvino() -> bool:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _write_split(lake: Path, manifest, work: Path) -> None:
@@ -297,6 +297,52 @@ def machine_peak(threads: int, quick: bool) -> dict:
     return {"fp32_gemm_gflops": float(out.strip()), "gemm_n": n, "threads": threads}
 
 
+def knee_stability(graph: dict | None, pixels: np.ndarray, threads: int, quick: bool, repeats: int = 5) -> dict:
+    """The shipped graph's knee found `repeats` times in a row, as optimize and screen find it (find_knee): how far
+    it moves between runs on this host, and each run's largest point spread."""
+    from models.engine import OpenVinoEngine, OrtEngine, find_knee
+
+    if graph is None:
+        return {"skipped": "no shipped graph (random-weight run)"}
+    kind = OpenVinoEngine if graph.get("engine") == "openvino" else OrtEngine
+    engine = kind(Path(graph["file"]), graph["precision"], threads)
+    runs = [find_knee(engine, pixels, **({"max_batch": 8, "seconds_per_point": 0.03} if quick else {}))
+            for _ in range(2 if quick else repeats)]
+    knees = [k.batch for k in runs]
+    return {"engine": graph.get("engine", "onnxruntime"), "candidate": graph["candidate"], "knees": knees,
+            "images_per_s": [round(k.images_per_s) for k in runs],
+            "batch1_ms": [round(k.batch1_latency_ms, 3) for k in runs],
+            "largest_spread": [round(max(p.spread for p in k.sweep), 3) for k in runs],
+            "factor": max(knees) / min(knees)}
+
+
+def int8_peak(threads: int, quick: bool) -> dict:
+    """This machine's INT8 GEMM throughput (G integer ops/s, a multiply-add counted as 2): ONNX Runtime's
+    MatMulInteger, u8 × s8 → s32 (the VNNI kernel where the CPU has one), n×n×n, the best of several runs. The
+    reference for an INT8 engine's GOP/s, as the FP32 GEMM peak is for FP32."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = 256 if quick else 2048
+    weights = np.random.default_rng(0).integers(-128, 128, (n, n), dtype=np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "int8-peak",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+        [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])], [numpy_helper.from_array(weights, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(1).integers(0, 256, (n, n), dtype=np.uint8)
+    session.run(None, {"a": a})
+    best = float("inf")
+    for _ in range(3 if quick else 10):
+        t = time.perf_counter()
+        session.run(None, {"a": a})
+        best = min(best, time.perf_counter() - t)
+    return {"int8_gemm_gops": 2 * n ** 3 / best / 1e9, "int8_gemm_n": n}
+
+
 def add_quality(result: dict, work: Path, rule: dict) -> None:
     """Held-out AUC and sensitivity at the threshold this engine calibrates on validation (the model's rule)."""
     from tasks.metrics import auc, table_at
@@ -320,7 +366,7 @@ def add_quality(result: dict, work: Path, rule: dict) -> None:
 def markdown(report: dict) -> str:
     ref = next(r for r in report["configs"] if r.get("reference") and "error" not in r)
     rows = ["| configuration | images/s (knee) | × baseline | knee | batch-1 p50 / p95 / p99 ms | engine MB | "
-            "peak RSS MB | MFLOPs/img | GFLOP/s (% of GEMM peak) | test AUC | test sensitivity |",
+            "peak RSS MB | MFLOPs/img | G(FL)OP/s (% of its GEMM peak) | test AUC | test sensitivity |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     peak = report["machine"]["fp32_gemm_gflops"]
     for r in report["configs"]:
@@ -329,11 +375,13 @@ def markdown(report: dict) -> str:
             continue
         lat, mem, q = r["latency_ms"], r["rss_mb"], r.get("quality")
         gflops = r["knee"]["images_per_s"] * r["mflops"] / 1000
+        # INT8 against the INT8 GEMM peak, FP32 against the FP32 one (an INT8 engine against FP32's read 203%)
+        ceiling = report["machine"].get("int8_gemm_gops", peak) if r.get("precision") == "int8" else peak
         rows.append(
             f"| {r['label']} | {r['knee']['images_per_s']:,.0f} | "
             f"{r['knee']['images_per_s'] / ref['knee']['images_per_s']:,.0f}× | {r['knee']['batch']} | "
             f"{lat['p50']:.3f} / {lat['p95']:.3f} / {lat['p99']:.3f} | {mem['engine_growth']:.0f} | "
-            f"{mem['peak']:.0f} | {r['mflops']:,.1f} | {gflops:,.1f} ({100 * gflops / peak:.0f}%) | "
+            f"{mem['peak']:.0f} | {r['mflops']:,.1f} | {gflops:,.1f} ({100 * gflops / ceiling:.0f}%) | "
             + (f"{q['test_auc']:.4f} | {q['test_sensitivity']:.4f} ({q['test_positives']} pos) |" if q else "– | – |"))
     screen = report.get("screen")
     isa = ", ".join(f for f in report["host"]["features"] if f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni",
@@ -344,7 +392,8 @@ def markdown(report: dict) -> str:
              + (f", ships {report['context']['ships']}" if report["context"].get("ships") else "") + ".", "",
              *rows, "",
              f"Machine FP32 GEMM peak (torch, {report['machine']['gemm_n']}³, {report['machine']['threads']} "
-             f"threads): {peak:,.0f} GFLOP/s."]
+             f"threads): {peak:,.0f} GFLOP/s; INT8 GEMM peak (ONNX Runtime MatMulInteger u8×s8, "
+             f"{report['machine'].get('int8_gemm_n', '?')}³): {report['machine'].get('int8_gemm_gops', float('nan')):,.0f} GOP/s."]
     if screen:
         lines.append(
             f"End-to-end `screen` flow on {screen['flow']['images']:,} images with {screen['candidate']} "
@@ -352,6 +401,13 @@ def markdown(report: dict) -> str:
             f"{screen['flow']['images_per_s']:,.0f} images/s, peak RSS {screen['flow']['peak_rss_mb']:.0f} MB; the "
             f"raw engine loop on the same Parquet: {screen['engine']['images_per_s']:,.0f} images/s; flow / raw = "
             f"{screen['flow_vs_engine']:.2f}.")
+    stability = report.get("knee_stability") or {}
+    if "knees" in stability:
+        lines.append(
+            f"Knee stability ({stability['engine']} {stability['candidate']}, find_knee {len(stability['knees'])} "
+            f"times in a row): knees {stability['knees']} (largest / smallest {stability['factor']:g}×), images/s "
+            f"{stability['images_per_s']}, batch-1 ms {stability['batch1_ms']}, each run's largest point spread "
+            f"{stability['largest_spread']}.")
     levers = report.get("levers") or {}
     if "error" in levers:
         lines += ["", f"Levers: failed: {levers['error'].splitlines()[-1][:200]}"]
@@ -425,8 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.only:
             keep = set(args.only.split(","))
             configs = [c for c in configs if c["name"] in keep or c.get("reference")]
-        machine = machine_peak(args.threads, args.quick)
-        log(f"FP32 GEMM peak: {machine['fp32_gemm_gflops']:,.0f} GFLOP/s")
+        machine = {**machine_peak(args.threads, args.quick), **int8_peak(args.threads, args.quick)}
+        log(f"FP32 GEMM peak: {machine['fp32_gemm_gflops']:,.0f} GFLOP/s; INT8 GEMM peak (ONNX Runtime "
+            f"MatMulInteger): {machine['int8_gemm_gops']:,.0f} GOP/s")
         results = []
         for config in configs:
             t = time.perf_counter()
@@ -444,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{result['rss_mb']['engine_growth']:.0f} MB"
                     + (f", test AUC {q['test_auc']:.4f} sensitivity {q['test_sensitivity']:.4f}" if q else "")
                     + f" ({result['seconds']:.0f} s)")
+        stability = knee_stability(context.get("ship_graph"), np.load(work / "pixels.npy"), args.threads,
+                                   args.quick)
+        log(f"knee stability: {stability}")
         from benchmarks.screen_throughput import run as screen_run
 
         n = args.screen_n or (2000 if args.quick else 100_000)
@@ -452,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     command = "make bench-quick" if args.quick else "make bench"
     report = {"date": date, "host": host, "command": command, "context": context, "machine": machine,
-              "configs": results, "screen": screen, "levers": levers, "seconds": time.perf_counter() - started}
+              "configs": results, "knee_stability": stability, "screen": screen, "levers": levers,
+              "seconds": time.perf_counter() - started}
     stem = out / f"{date}-{host['hostname']}{'-quick' if args.quick else ''}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
     stem.with_suffix(".md").write_text(markdown(report))

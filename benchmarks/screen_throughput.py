@@ -41,7 +41,7 @@ def build_lake(root: Path, n: int, shards: int, graph: dict | None = None) -> Pa
     import torch
 
     from flows.ingest import ingest
-    from models.engine import OrtEngine, find_knee
+    from models.engine import OpenVinoEngine, OrtEngine, find_knee
     from models.export import export_onnx
     from models.nets import ScreenNet, ScreenNetConfig
     from models.quantize import quantize_int8
@@ -62,19 +62,21 @@ def build_lake(root: Path, n: int, shards: int, graph: dict | None = None) -> Pa
     if graph:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(graph["file"], folder / "model.onnx")
-        ship = {"candidate": graph["candidate"], "precision": graph["precision"]}
+        ship = {"candidate": graph["candidate"], "precision": graph["precision"],
+                "engine": graph.get("engine", "onnxruntime")}
     else:
         torch.manual_seed(0)
         fp32 = export_onnx(ScreenNet(ScreenNetConfig(width=TrainSettings().width)).eval(), folder / "fp32.onnx")
         quantize_int8(fp32, folder / "model.onnx", calib, "u8s8", per_channel=False)
         fp32.unlink()
-        ship = {"candidate": "int8-u8s8-per-tensor", "precision": "int8"}
-    knee = find_knee(OrtEngine(folder / "model.onnx", ship["precision"]), calib).as_dict()
+        ship = {"candidate": "int8-u8s8-per-tensor", "precision": "int8", "engine": "onnxruntime"}
+    kind = OpenVinoEngine if ship["engine"] == "openvino" else OrtEngine
+    knee = find_knee(kind(folder / "model.onnx", ship["precision"]), calib).as_dict()
     # A stand-in for speed, not a clinical model: no gate ran, so none is recorded, and it is screened with the
     # explicit override (allow_failed_gate) rather than promoted.
     registry.register("sn-bench", {
-        "shipping": {"engine": "onnxruntime", **ship, "file": "model.onnx", "threshold": 0.5},
-        "knees": {host_fingerprint("onnxruntime", ship["precision"]): knee}})
+        "shipping": {**ship, "file": "model.onnx", "threshold": 0.5},
+        "knees": {host_fingerprint(ship["engine"], ship["precision"]): knee}})
     return lake
 
 

@@ -198,9 +198,10 @@ class Knee:
 
 STABLE_WINDOWS = 3
 STABILITY = 0.05
-MAX_WINDOWS = 12
+MAX_WINDOWS = 6
 """A sweep point is measured in windows until its last STABLE_WINDOWS agree within STABILITY of their median
-(perf_analyzer's rule, its 10% tightened to 5%), or MAX_WINDOWS are spent; its figure is their median."""
+(perf_analyzer's rule, its 10% tightened to 5%), or MAX_WINDOWS are spent (twice the point's budget); its figure
+is their median."""
 
 
 def _throughput(engine: Engine, pixels: np.ndarray, batch: int, seconds: float) -> KneePoint:

@@ -19,12 +19,15 @@ def test_quick_bench_measures_every_configuration_and_writes_its_outputs(tmp_pat
     names = [c["name"] for c in report["configs"]]
     assert names[:4] == ["baseline-torch", "baseline-ort", "resnet18-native-ort", "screennet-torch"]
     assert {"screennet-ort-fp32", "screennet-ort-int8-u8s8-per-tensor"} <= set(names)
+    # a graph on OpenVINO, and the uint8-input graph (the full bench runs every graph on both engines)
+    assert {"screennet-openvino-int8-u8s8-per-tensor", "screennet-ort-int8-u8s8-per-tensor-uint8-input"} <= set(names)
     for config in report["configs"]:
         assert "error" not in config, config.get("error")
         assert config["knee"]["batch"] in [p["batch"] for p in config["sweep"]]
         assert config["latency_ms"]["p50"] <= config["latency_ms"]["p99"]
         assert config["rss_mb"]["peak"] >= config["rss_mb"]["after_knee"] > 0
-    assert report["machine"]["fp32_gemm_gflops"] > 0
+    assert report["machine"]["fp32_gemm_gflops"] > 0 and report["machine"]["int8_gemm_gops"] > 0
+    assert "INT8 GEMM peak" in report_file.with_suffix(".md").read_text()
     assert report["screen"]["flow"]["images"] == 2000 and report["screen"]["engine"]["images"] == 2000
     table = report_file.with_suffix(".md").read_text()
     assert "seed baseline: ResNet18 64→224, torch eager FP32" in table and "× baseline" in table

@@ -19,7 +19,10 @@ from tasks.samples import write_tar
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
-FAST = dict(epochs=1, max_batch=8, calibrate_on="val")  # one training; cross-fitting has its own test
+# one training; cross-fitting has its own test. ONNX Runtime alone: its scores are deterministic, so which candidate
+# ships (and whether a one-epoch model passes the test gate) does not follow a noisy knee race between engines;
+# the race itself has its own test (the first below) and tests/models/test_autotune.py
+FAST = dict(epochs=1, max_batch=8, calibrate_on="val", engine="onnxruntime")
 NO_INT8 = dict(int8_auc_tolerance=-1.0)  # every INT8 graph fails the real AUC gate (FP32's minus its > -1): FP32 ships
 
 
@@ -58,7 +61,7 @@ def latest_manifest(registry: Registry) -> Manifest:
 
 
 def test_optimize_registers_a_version_whose_promotion_matches_its_test_gate(tiny_lake):
-    state, registry = run(tiny_lake)
+    state, registry = run(tiny_lake, engine="auto")  # on a CPU host: ONNX Runtime and OpenVINO compete
     manifest = latest_manifest(registry)
     test = manifest.test
     assert manifest.promoted == (test["sensitivity"] >= 0.98)
@@ -240,9 +243,9 @@ def test_cross_fitting_calibrates_every_candidate_on_out_of_fold_scores_of_train
 def test_int8_failing_its_gate_ships_fp32_and_says_why(tiny_lake):
     _, registry = run(tiny_lake, **NO_INT8)
     manifest = latest_manifest(registry)
-    assert manifest.shipping.candidate in ("fp32", "ov-fp32") and manifest.shipping.precision == "fp32"
-    int8 = [c for c in manifest.candidates if c["precision"] == "int8"]  # 4 graphs, each on both CPU engines
-    assert len(int8) == 8 and all(not c["passes"] and "more than -1.0 below FP32's" in c["why"] for c in int8)
+    assert manifest.shipping.candidate == "fp32" and manifest.shipping.precision == "fp32"
+    int8 = [c for c in manifest.candidates if c["precision"] == "int8"]
+    assert len(int8) == 4 and all(not c["passes"] and "more than -1.0 below FP32's" in c["why"] for c in int8)
 
 
 def test_a_model_below_target_on_test_is_registered_not_promoted(tiny_lake, tmp_path):
