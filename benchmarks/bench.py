@@ -251,11 +251,13 @@ def run_config(config: dict, work: Path, threads: int, quick: bool) -> dict:
         spec.update(latency_seconds=5.0, latency_min_runs=50)
     try:
         result = {**config, **_bench_one(spec, work / f"{config['name']}.config.json", threads)}
+        result["rss_mb_with_sweep"] = result["rss_mb"]
+        if quick:  # the smoke run: the sweep's own process figures, no second process a configuration
+            return result
         # The sweep's big batches and the quality scoring grow the allocator's arenas: engine memory is measured
         # again in a process that only creates the engine and runs it at the knee.
         memory = {key: value for key, value in spec.items() if key not in ("val", "test")}
         memory.update(memory_at_batch=result["knee"]["batch"], out=str(work / f"{config['name']}-memory.json"))
-        result["rss_mb_with_sweep"] = result["rss_mb"]
         result["rss_mb"] = _bench_one(memory, work / f"{config['name']}-memory.config.json", threads)
     except RuntimeError as e:
         return {**config, "error": str(e)}
