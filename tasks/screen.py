@@ -186,8 +186,7 @@ def triage(model: ScreenModel, shards: list[tuple[str, str]]) -> tuple[list[tupl
     pending, current = [], []
     for shard_id, digest in shards:
         try:
-            state = state_of(lake, model.version, shard_id, model.points, digest or None) if digest else None
-            if state is not None and state.current:
+            if digest and state_of(lake, model.version, shard_id, model.points, digest).current:
                 rows = pq.ParquetFile(lake.predictions_file(model.version, shard_id)).metadata.num_rows
                 current.append(ShardScreenSummary(shard_id, rows, -1, 0.0, "already_scored"))
                 continue
