@@ -76,9 +76,11 @@ FALLBACK_LAKE = REPO / "build" / "bench-lake"
 FALLBACK_IMAGES, FALLBACK_EPOCHS = 9000, 8
 
 
-def fallback_lake(lake: Path = FALLBACK_LAKE, images: int = FALLBACK_IMAGES, epochs: int = FALLBACK_EPOCHS) -> Path:
+def fallback_lake(lake: Path = FALLBACK_LAKE, images: int = FALLBACK_IMAGES, epochs: int = FALLBACK_EPOCHS,
+                  max_batch: int = 128, knee_seconds: float = 0.3) -> Path:
     """A lake with a model built the way `make demo` builds one, smaller (`images` sample images, `epochs` epochs;
-    minutes): for a clean clone, where ./lake has none. Kept in build/ so the next `make bench` reuses it."""
+    minutes): for a clean clone, where ./lake has none. Kept in build/ so the next `make bench` reuses it. The knee
+    sweep's top and time a point are optimize's (the bench sweeps again itself)."""
     from flows.ingest import ingest
     from flows.optimize import NotPromoted, optimize
     from tasks.samples import make_samples
@@ -91,7 +93,8 @@ def fallback_lake(lake: Path = FALLBACK_LAKE, images: int = FALLBACK_IMAGES, epo
         make_samples(samples, n=images, defects=False)
     ingest(shards=[str(samples / "train")], lake=str(lake))
     try:
-        result = optimize(lake=str(lake), epochs=epochs, max_batch=128, calibrate_on="val")  # speed, not threshold
+        result = optimize(lake=str(lake), epochs=epochs, max_batch=max_batch, knee_seconds=knee_seconds,
+                          calibrate_on="val")  # speed, not threshold
         log(f"promoted {result['version']}")
     except NotPromoted as exc:  # still registered: measured, and the table says it was not promoted
         log(f"not promoted: {exc}")
@@ -159,13 +162,14 @@ def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
                                  "precision": manifest.shipping.precision}
         files = {name: file for name, file in files.items() if not name.startswith(("ov-", "trt-"))}  # the graphs
         _write_split(lake, manifest, work)
-        model = build_model(arch["name"], 1, arch["width"], arch.get("pool", "avg"))
+        model = build_model(arch["name"], 1, arch["width"], arch.get("pool", "avg"),
+                            arch.get("stem", "conv3s2"))
     else:
         from models.nets import ScreenNet, ScreenNetConfig
         from tasks.train import TrainSettings
 
         width = TrainSettings().width
-        model = ScreenNet(ScreenNetConfig(width=width)).eval()
+        model = ScreenNet(ScreenNetConfig(width=width, stem=TrainSettings().stem)).eval()
         checkpoint = None
         fp32 = export_onnx(model, work / "screennet-fp32.onnx")
         calibration = generate(128, 0.1, 5, "b", "calibration")[0][:, None]
@@ -318,6 +322,31 @@ def knee_stability(graph: dict | None, pixels: np.ndarray, threads: int, quick: 
             "factor": max(knees) / min(knees)}
 
 
+def operator_profiles(results: list[dict], ship: dict | None, threads: int, quick: bool) -> list[dict]:
+    """Where the time goes (benchmarks/profile.py) for the fastest ScreenNet engine measured and for the one that
+    ships, each at its own knee batch."""
+    from benchmarks.profile import profile
+
+    measured = [r for r in results if "error" not in r and r.get("onnx") and r["runtime"] in ("onnxruntime",
+                                                                                            "openvino")]
+    chosen = []
+    if measured:
+        fastest = max(measured, key=lambda r: r["knee"]["images_per_s"])
+        chosen.append((f"fastest: {fastest['label']}", fastest["onnx"], fastest["runtime"], fastest["knee"]["batch"]))
+    if ship is not None:
+        same = next((r for r in measured if r["onnx"] == ship["file"] and r["runtime"] == ship["engine"]), None)
+        batch = same["knee"]["batch"] if same else 32
+        if not chosen or chosen[0][1:3] != (ship["file"], ship["engine"]):
+            chosen.append((f"ships: {ship['engine']} {ship['candidate']}", ship["file"], ship["engine"], batch))
+    out = []
+    for label, file, engine, batch in chosen:
+        try:
+            out.append({"label": label, **profile(Path(file), engine, batch, 5 if quick else 100, threads)})
+        except Exception as e:  # a profiler that fails says so in the report; the measurements stand
+            out.append({"label": label, "error": f"{type(e).__name__}: {e}"})
+    return out
+
+
 def int8_peak(threads: int, quick: bool) -> dict:
     """This machine's INT8 GEMM throughput (G integer ops/s, a multiply-add counted as 2): ONNX Runtime's
     MatMulInteger, u8 × s8 → s32 (the VNNI kernel where the CPU has one), n×n×n, the best of several runs. The
@@ -403,6 +432,11 @@ def markdown(report: dict) -> str:
             f"{screen['flow']['images_per_s']:,.0f} images/s, peak RSS {screen['flow']['peak_rss_mb']:.0f} MB; the "
             f"raw engine loop on the same Parquet: {screen['engine']['images_per_s']:,.0f} images/s; flow / raw = "
             f"{screen['flow_vs_engine']:.2f}.")
+    from benchmarks.profile import markdown as profile_markdown
+
+    for prof in report.get("profiles") or []:
+        lines += ["", *(profile_markdown(prof, prof["label"]) if "error" not in prof
+                        else [f"Profile of {prof['label']}: failed: {prof['error'][:200]}"])]
     stability = report.get("knee_stability") or {}
     if "knees" in stability:
         lines.append(
@@ -503,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{result['rss_mb']['engine_growth']:.0f} MB"
                     + (f", test AUC {q['test_auc']:.4f} sensitivity {q['test_sensitivity']:.4f}" if q else "")
                     + f" ({result['seconds']:.0f} s)")
+        profiles = operator_profiles(results, context.get("ship_graph"), args.threads, args.quick)
         stability = knee_stability(context.get("ship_graph"), np.load(work / "pixels.npy"), args.threads,
                                    args.quick)
         log(f"knee stability: {stability}")
@@ -514,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     command = "make bench-quick" if args.quick else "make bench"
     report = {"date": date, "host": host, "command": command, "context": context, "machine": machine,
-              "configs": results, "knee_stability": stability, "screen": screen, "levers": levers,
+              "configs": results, "profiles": profiles, "knee_stability": stability, "screen": screen, "levers": levers,
               "seconds": time.perf_counter() - started}
     stem = out / f"{date}-{host['hostname']}{'-quick' if args.quick else ''}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
@@ -522,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep_plot(report, stem.with_name(stem.name + "-sweep.png"))
     print("\n" + markdown(report))
     log(f"wrote {stem}.json, {stem}.md, {stem}-sweep.png in {report['seconds'] / 60:.1f} min")
-    failed = [r["name"] for r in results if "error" in r] + (["levers"] if "error" in levers else [])
+    failed = ([r["name"] for r in results if "error" in r] + (["levers"] if "error" in levers else [])
+              + [p["label"] for p in profiles if "error" in p])
     return 1 if failed else 0
 
 

@@ -43,7 +43,8 @@ def make_runner(config: dict) -> Callable[[np.ndarray], np.ndarray]:
             model = load_checkpoint(Path(config["checkpoint"]))
         else:
             torch.manual_seed(0)
-            model = build_model(config["arch"], 1, config.get("width", 1.0), config.get("pool", "avg")).eval()
+            model = build_model(config["arch"], 1, config.get("width", 1.0), config.get("pool", "avg"),
+                                config.get("stem", "conv3s2")).eval()
 
         def run(x: np.ndarray) -> np.ndarray:
             with torch.inference_mode():

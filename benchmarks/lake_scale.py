@@ -64,7 +64,7 @@ def build(root: Path, n: int) -> Path:
     folder = registry.folder("sn-bench")
     calib = np.random.default_rng(0).integers(0, 256, (256, 1, 64, 64), dtype=np.uint8)
     torch.manual_seed(0)
-    fp32 = export_onnx(ScreenNet(ScreenNetConfig(width=TrainSettings().width)).eval(), folder / "fp32.onnx")
+    fp32 = export_onnx(ScreenNet(ScreenNetConfig(width=TrainSettings().width, stem=TrainSettings().stem)).eval(), folder / "fp32.onnx")
     quantize_int8(fp32, folder / "model.onnx", calib, "u8s8", per_channel=False)
     fp32.unlink()
     knee = find_knee(OrtEngine(folder / "model.onnx", "int8"), calib).as_dict()

@@ -64,6 +64,11 @@ VARIANTS: dict[str, dict] = {
     "affine aug + ema .995": {"augment": "flip-exposure-affine", "ema": 0.995},
     "kd + affine aug + ema .995": {"teacher": "baseline", "augment": "flip-exposure-affine", "ema": 0.995},
     "batch 64": {"batch_size": 64},
+    # cheaper nets (issue 18): names without commas, which --only splits on
+    "affine aug + width 1.0": {"augment": "flip-exposure-affine", "width": 1.0},
+    "affine aug + patch4 stem": {"augment": "flip-exposure-affine", "stem": "patch4"},
+    "affine aug + patch4 stem + width 1.5": {"augment": "flip-exposure-affine", "stem": "patch4", "width": 1.5},
+    "affine aug + patch4 stem + width 1.0": {"augment": "flip-exposure-affine", "stem": "patch4", "width": 1.0},
 }
 
 
@@ -121,7 +126,7 @@ def train_and_score(settings: TrainSettings, data: dict, device: str, teacher: n
     minutes = (time.perf_counter() - t0) / 60
     from models.nets import build_model
 
-    model = build_model(settings.arch, 1, settings.width, settings.pool)
+    model = build_model(settings.arch, 1, settings.width, settings.pool, settings.stem)
     model.load_state_dict(state)
     if save:
         import torch
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = replace(SCREENNET, seed=args.seed, **overrides)
         scores, _, minutes, fitted = train_and_score(settings, data, args.device, teacher if use_teacher else None)
         rows.append({"variant": name, "data": args.data, "seed": args.seed, "minutes": minutes,
-                     "epochs": settings.epochs, "width": settings.width, "best_epoch": _best_epoch(fitted),
+                     "epochs": settings.epochs, "width": settings.width, "stem": settings.stem, "best_epoch": _best_epoch(fitted),
                      **figures(scores, data, base_scores)})
         print(json.dumps(rows[-1]), flush=True)
         if keep is not None:

@@ -76,6 +76,7 @@ def optimize(
     lake: str | None = None,
     epochs: int = _TRAIN.epochs,
     width: float = _TRAIN.width,
+    stem: str = _TRAIN.stem,
     arch: str = _TRAIN.arch,
     teacher: str | None = None,
     baseline: str | None = None,
@@ -92,6 +93,7 @@ def optimize(
     folds: int = _GATES.folds,
     seed: int = _TRAIN.seed,
     max_batch: int = _GATES.max_batch,
+    knee_seconds: float = _GATES.knee_seconds,
     promote: bool = True,
     engine: str = "auto",
     test_subsets: list[str] | None = None,
@@ -99,7 +101,9 @@ def optimize(
     """Train → export (BatchNorm folded) → quantize INT8 → per-engine threshold and knee → gates → register → promote.
 
     arch: screennet (default), or the seed's resnet18 (64→224) / resnet18-native for comparison.
+    width, stem: ScreenNet's width multiplier and stem (models/nets.py; patch4 skips the 32×32 stage).
     teacher: a checkpoint to distil from (without a baseline). max_batch: top of the knee sweep (extended if the peak is there).
+    knee_seconds: each sweep point's measuring time before it repeats until stable (tiny lakes in tests use less).
     threshold_rule: pac (default: the highest threshold whose sensitivity on new images is ≥ target with probability
     ≥ 1 − delta, tasks/thresholds.py) or quantile (target + calibration_margin on validation, no guarantee; kept for
     comparison). gate_on_lower_bound: promote only when the exact lower bound of held-out test sensitivity (the
@@ -131,7 +135,7 @@ def optimize(
     root = str(lake_root(lake))
     gates = replace(GateSettings(), target_sensitivity=target_sensitivity, threshold_rule=threshold_rule, delta=delta,
                     calibration_margin=calibration_margin, int8_auc_tolerance=int8_auc_tolerance, max_batch=max_batch,
-                    gate_on_lower_bound=gate_on_lower_bound, calibrate_on=calibrate_on, folds=folds,
+                    knee_seconds=knee_seconds, gate_on_lower_bound=gate_on_lower_bound, calibrate_on=calibrate_on, folds=folds,
                     spec_margin=spec_margin)
     gates.rule  # a bad rule, delta or calibration fails here, before the lake is read
     sweep_stale_temps_task(root)
@@ -152,7 +156,7 @@ def optimize(
         logger.info("baseline %s evaluated in %.1f min", baseline, (time.perf_counter() - started) / 60)
         if distill and teacher is None:
             teacher, teacher_arch = baseline_ckpt, baseline_arch
-    settings = TrainSettings(arch=arch, width=width, epochs=epochs, seed=seed, teacher=teacher,
+    settings = TrainSettings(arch=arch, width=width, stem=stem, epochs=epochs, seed=seed, teacher=teacher,
                              teacher_arch=teacher_arch)
     checkpoint = train_task(split, settings)
     oof_file = None

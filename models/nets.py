@@ -6,7 +6,9 @@ layer (`Preprocess`), so an exported graph takes raw bytes.
 - `Baseline`: torchvision ResNet18 (2 classes, as the seed had it) with a bilinear 64→224 upsample in forward():
   ~1.8 GFLOPs an image. `native=True` skips the upsample (the same net at 64×64, ~12× cheaper).
 - `ScreenNet`: MobileNetV2-style. A 3×3 stride-2 stem, inverted residual blocks (1×1 expand, 3×3 depthwise,
-  1×1 project), a global pool, one logit. At width 1.0 it is ~7.7 M multiply-adds (~15 MFLOPs) an image. The width
+  1×1 project), a global pool, one logit. `stem="patch4"` replaces the stem with a 4×4 stride-4 patch convolution
+  (each 4×4 patch of pixels becomes one vector, as ViT and ConvNeXt stems do) and keeps every later stage at the
+  resolution it had (the second stage then does not stride): the 32×32 stage and its cost are gone. At width 1.0 it is ~7.7 M multiply-adds (~15 MFLOPs) an image. The width
   multiplier trades capacity for speed. `pool` is how the last 4×4 feature map becomes one vector: `avg` (MobileNetV2's
   own), `max`, or `avgmax` (both, concatenated). A finding is one small spot in an otherwise normal image, and an
   average over the 16 positions dilutes it 16-fold where a maximum keeps it (README "Clinical parity" measures it).
@@ -40,9 +42,11 @@ def _round(channels: float, divisor: int = 8) -> int:
 class ConvBN(nn.Sequential):
     """Conv → BatchNorm → ReLU6 (activation optional); `fold_batchnorm()` folds the BN into the conv."""
 
-    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, act: bool = True):
+    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, act: bool = True,
+                 padding: int | None = None):
         layers: list[nn.Module] = [
-            nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+            nn.Conv2d(cin, cout, kernel, stride, kernel // 2 if padding is None else padding, groups=groups,
+                      bias=False),
             nn.BatchNorm2d(cout),
         ]
         if act:
@@ -70,6 +74,7 @@ STAGES = ((1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 3, 2), (4, 64, 2, 2), (4, 96, 1,
 
 
 POOLS = ("avg", "max", "avgmax")
+STEMS = ("conv3s2", "patch4")
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,7 @@ class ScreenNetConfig:
     head: int = 320
     dropout: float = 0.1
     pool: str = "avg"  # "avg" | "max" | "avgmax"
+    stem: str = "conv3s2"  # "conv3s2" (3×3 stride 2, then a 32×32 stage) | "patch4" (4×4 stride 4, straight to 16×16)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -92,10 +98,15 @@ class ScreenNet(nn.Module):
     def __init__(self, config: ScreenNetConfig = ScreenNetConfig()):
         super().__init__()
         self.config = config
+        if config.stem not in STEMS:
+            raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {config.stem!r}")
         cin = _round(16 * config.width)
-        layers: list[nn.Module] = [ConvBN(config.channels, cin, 3, 2)]
-        for expand, cout, repeats, stride in STAGES:
+        patch = config.stem == "patch4"
+        layers: list[nn.Module] = [ConvBN(config.channels, cin, 4, 4, padding=0) if patch
+                                   else ConvBN(config.channels, cin, 3, 2)]
+        for index, (expand, cout, repeats, stride) in enumerate(STAGES):
             cout = _round(cout * config.width)
+            stride = 1 if patch and index == 1 else stride  # the patch stem already went to 16×16
             for i in range(repeats):
                 layers.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
                 cin = cout
@@ -189,10 +200,10 @@ def macs_per_image(model: nn.Module, channels: int = 1) -> int:
     return total
 
 
-def build_model(arch: str, channels: int, width: float = 1.0, pool: str = "avg") -> nn.Module:
+def build_model(arch: str, channels: int, width: float = 1.0, pool: str = "avg", stem: str = "conv3s2") -> nn.Module:
     """A fresh model by name."""
     if arch == "screennet":
-        return ScreenNet(ScreenNetConfig(channels=channels, width=width, pool=pool))
+        return ScreenNet(ScreenNetConfig(channels=channels, width=width, pool=pool, stem=stem))
     if arch in ("resnet18", "resnet18-native"):
         return Baseline(channels=channels, native=arch.endswith("native"))
     raise ValueError(f"unknown architecture {arch!r}: screennet, resnet18 or resnet18-native")

@@ -311,7 +311,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     _check_optimize_extra()
     _check_baseline(args.baseline, args.baseline_arch)
     _check_test_subsets(args.lake, args.test_subsets)
-    params = {k: v for k, v in vars(args).items() if k in ("epochs", "width", "arch", "teacher", "engine",
+    params = {k: v for k, v in vars(args).items() if k in ("epochs", "width", "stem", "arch", "teacher", "engine",
                                                           "target_sensitivity", "threshold_rule", "delta", "seed",
                                                           "gate_on_lower_bound", "calibrate_on", "folds",
                                                           "baseline", "baseline_arch", "spec_margin", "distill",
@@ -659,6 +659,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help="training epochs (default 16)")
     p.add_argument("--width", type=float, default=argparse.SUPPRESS,
                    help="width multiplier (capacity vs speed; default 1.25)")
+    # the stems are models/nets.STEMS, spelled out here because the CLI does not import torch
+    p.add_argument("--stem", default=argparse.SUPPRESS, choices=("conv3s2", "patch4"),
+                   help="ScreenNet's stem: conv3s2 (3x3 stride 2, then a 32x32 stage) or patch4 (4x4 stride 4 "
+                        "patches, straight to 16x16: ~19%% fewer multiply-adds; default conv3s2)")
     p.add_argument("--arch", default=argparse.SUPPRESS, choices=("screennet", "resnet18", "resnet18-native"),
                    help="screennet (default); the seed's resnet18 (64→224) or resnet18-native to compare")
     p.add_argument("--teacher", help="a checkpoint (state_dict) to distil from, without a baseline")

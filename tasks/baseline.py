@@ -62,7 +62,8 @@ def evaluate_baseline(checkpoint: Path, arch: str | None, split: SplitRef, gates
         "score": pa.array(np.concatenate([s_val, s_test]), pa.float32()),
         "label": pa.array(np.concatenate([y_val, y_test]).astype(np.int8))}))
     chosen = calibrate(s_val, y_val, gates.rule)
-    knee = find_knee(runner, x_val[:256], max_batch=KNEE_MAX_BATCH, limit=KNEE_MAX_BATCH).as_dict()
+    top = min(KNEE_MAX_BATCH, gates.max_batch)
+    knee = find_knee(runner, x_val[:256], max_batch=top, limit=top, seconds_per_point=gates.knee_seconds).as_dict()
     test = table_at(s_test, y_test, chosen.threshold).as_dict()
     summary = {
         "source": source, "checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint),

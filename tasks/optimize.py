@@ -54,6 +54,7 @@ class GateSettings:
     int8_variants: tuple[tuple[str, bool], ...] = (("u8s8", False), ("u8s8", True), ("s8s8", False), ("s8s8", True))
     calibration_images: int = 512
     max_batch: int = MAX_BATCH
+    knee_seconds: float = 0.3  # a knee sweep point's measuring time before it repeats to be stable (models/engine.py)
     gate_on_lower_bound: bool = False  # promote only if the exact lower bound of test sensitivity reaches the target
     calibrate_on: str = "val"  # the threshold rule on "val" (the validation split) or "crossfit" (out-of-fold scores)
     folds: int = 5  # crossfit: models trained the same way on folds of train+val, each scoring the fold it left out
@@ -148,6 +149,7 @@ def architecture(checkpoint: Path, settings: TrainSettings, channels: int) -> di
 
     config = getattr(load_checkpoint(checkpoint), "config", None)
     return {"name": settings.arch, "channels": channels, "width": settings.width, "pool": settings.pool,
+            "stem": settings.stem,
             **(config.as_dict() if config is not None else {})}
 
 
@@ -297,7 +299,8 @@ def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings,
         c.threshold = c.calibration["threshold"]
         c.val_table = table_at(s, y_val, c.threshold).as_dict()
         c.curve = operating_curve(s, y_val, shipped=c.threshold)
-        c.knee = find_knee(runner, x_val[:1024], max_batch=gates.max_batch).as_dict()
+        c.knee = find_knee(runner, x_val[:1024], max_batch=gates.max_batch,
+                           seconds_per_point=gates.knee_seconds).as_dict()
         if base_val is not None:
             c.noninferiority = noninferiority(s, base_val, y_val, gates.target_sensitivity, gates.spec_margin)
         candidates.append(c)

@@ -40,6 +40,7 @@ class TrainSettings:
     arch: str = "screennet"  # "screennet" | "resnet18" (the seed's, 64→224) | "resnet18-native" (at 64×64)
     width: float = 1.25
     pool: str = "avg"  # screennet's global pool: "avg" | "max" | "avgmax" (models/nets.py)
+    stem: str = "conv3s2"  # screennet's stem: "conv3s2" | "patch4" (models/nets.py)
     epochs: int = 16
     batch_size: int = 128
     lr: float = 4e-3
@@ -183,7 +184,7 @@ def fit(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.n
         raise ValueError("the training split needs both positives and negatives")
     from models.nets import build_model
 
-    model = build_model(settings.arch, channels, settings.width, settings.pool).to(device).to(memory_format=torch.channels_last)
+    model = build_model(settings.arch, channels, settings.width, settings.pool, settings.stem).to(device).to(memory_format=torch.channels_last)
     ema = (AveragedModel(model, multi_avg_fn=_ema_with_warmup(settings.ema), use_buffers=True)
            if settings.ema else None)
     pos_weight = torch.tensor(float((y_train == 0).sum()) / float(y_train.sum()), device=device)
@@ -279,7 +280,8 @@ def train_model(split: SplitRef, settings: TrainSettings, out_dir: Path, log=pri
         log(f"teacher logits on {len(x_train)} training images: {time.perf_counter() - t0:.0f} s")
     state, fitted = fit(x_train, y_train, x_val, y_val, settings, split.channels, teacher, log=log)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"arch": settings.arch, "channels": split.channels, "width": settings.width, "pool": settings.pool, **fitted,
+    meta = {"arch": settings.arch, "channels": split.channels, "width": settings.width, "pool": settings.pool,
+            "stem": settings.stem, **fitted,
             "settings": settings.as_dict(), "split": split.training_sha256}  # the rows it learned from
     atomic_write_bytes(out_dir / "model.json", json.dumps(meta, indent=2).encode())
     with atomic_path(out_dir / "model.pt") as tmp:  # written last: the checkpoint's presence means training finished

@@ -25,16 +25,21 @@ from helpers import images  # noqa: E402
 from tasks.samples import write_npz, write_png_folder, write_tar  # noqa: E402
 
 ENV = dict(os.environ)
-"""The environment tests give to subprocesses (the CLI, killed ingests)."""
+"""The environment tests give to subprocesses (the CLI, killed ingests). While the session's Prefect server runs it
+names that server, so a subprocess's flow does not start an ephemeral server of its own (10-20 s each); a test
+whose subprocess runs a flow asks for `prefect_server`."""
 
 
 @pytest.fixture(scope="session")
 def prefect_server():
     """One ephemeral Prefect server (SQLite in a temp dir) for every flow test of the session."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):
+        ENV["PREFECT_API_URL"] = PREFECT_API_URL.value()
         yield
+        ENV.pop("PREFECT_API_URL", None)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import sys
 from conftest import ENV
 
 
-def test_quick_bench_measures_every_configuration_and_writes_its_outputs(tmp_path):
+def test_quick_bench_measures_every_configuration_and_writes_its_outputs(tmp_path, prefect_server):
     command = [sys.executable, "-m", "benchmarks.bench", "--quick", "--threads", "2",
                "--lake", str(tmp_path / "no-lake"), "--out", str(tmp_path)]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900, check=False)
@@ -43,11 +43,11 @@ def test_a_lake_without_a_model_gets_a_small_one_built_once_and_measured(tmp_pat
 
     lake = tmp_path / "build" / "bench-lake"
     assert latest_model(lake) is None
-    assert fallback_lake(lake, images=900, epochs=1) == lake
+    assert fallback_lake(lake, images=900, epochs=1, max_batch=8, knee_seconds=0.03) == lake
     model = latest_model(lake)  # one epoch rarely passes the gate: the newest registered version is measured then
     assert model is not None and model["version"].startswith("sn-")
     assert {c["name"] for c in model["manifest"].candidates} >= {"fp32", "int8-u8s8-per-tensor"}
     manifest = model["folder"] / "manifest.json"
     built = manifest.stat().st_mtime_ns
-    fallback_lake(lake, images=900, epochs=1)  # the next bench reuses it
+    fallback_lake(lake, images=900, epochs=1, max_batch=8, knee_seconds=0.03)  # the next bench reuses it
     assert manifest.stat().st_mtime_ns == built

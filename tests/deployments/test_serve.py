@@ -58,6 +58,7 @@ def test_optimize_default_runs_through_the_cli_and_registers_a_model(served):
     info, root, env = served
     assert info.api_url.startswith("http://127.0.0.1:")
     run = prefect(env, "deployment", "run", "optimize/default", "--param", "epochs=1", "--param", "max_batch=8",
+                  "--param", "knee_seconds=0.03",
                   "--param", "calibrate_on=val", "--param", "engine=onnxruntime",  # deterministic: see test_optimize
                   "--watch", "--watch-interval", "2", "--watch-timeout", "480", timeout=540)
     output = run.stdout + run.stderr

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 # one training; cross-fitting has its own test. ONNX Runtime alone: its scores are deterministic, so which candidate
 # ships (and whether a one-epoch model passes the test gate) does not follow a noisy knee race between engines;
 # the race itself has its own test (the first below) and tests/models/test_autotune.py
-FAST = dict(epochs=1, max_batch=8, calibrate_on="val", engine="onnxruntime")
+FAST = dict(epochs=1, max_batch=8, knee_seconds=0.03, calibrate_on="val", engine="onnxruntime")
 NO_INT8 = dict(int8_auc_tolerance=-1.0)  # every INT8 graph fails the real AUC gate (FP32's minus its > -1): FP32 ships
 
 

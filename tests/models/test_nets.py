@@ -50,3 +50,38 @@ def test_folding_batchnorm_keeps_the_outputs():
         after = model(x)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert torch.allclose(before, after, atol=1e-4)
+
+
+def test_the_patch4_stem_goes_straight_to_16x16_and_keeps_every_later_stage_at_its_resolution():
+    shapes = {}
+    for stem in ("conv3s2", "patch4"):
+        model = ScreenNet(ScreenNetConfig(width=1.25, stem=stem)).eval()
+        seen = []
+        hooks = [block.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[1:])))
+                 for block in model.features]
+        with torch.inference_mode():
+            assert model(pixels(2)).shape == (2,)
+        for h in hooks:
+            h.remove()
+        shapes[stem] = seen
+    assert shapes["patch4"][0][1:] == (16, 16) and shapes["conv3s2"][0][1:] == (32, 32)
+    # from the second stage on (the stem and the first block differ) every block's output is the same shape
+    assert shapes["patch4"][2:] == shapes["conv3s2"][2:] and shapes["patch4"][-1][1:] == (4, 4)
+    cheaper = macs_per_image(ScreenNet(ScreenNetConfig(width=1.25, stem="patch4")))
+    assert cheaper < 0.85 * macs_per_image(ScreenNet(ScreenNetConfig(width=1.25)))
+    with pytest.raises(ValueError, match="stem must be one of conv3s2, patch4"):
+        ScreenNet(ScreenNetConfig(stem="patch8"))
+
+
+def test_a_checkpoint_of_the_patch4_stem_rebuilds_from_its_model_json(tmp_path):
+    import json
+
+    from models.baseline import load_baseline
+
+    model = ScreenNet(ScreenNetConfig(width=0.5, stem="patch4")).eval()
+    torch.save(model.state_dict(), tmp_path / "model.pt")  # as training saves it
+    (tmp_path / "model.json").write_text(json.dumps({"arch": "screennet", "channels": 1, "width": 0.5,
+                                                     "pool": "avg", "stem": "patch4"}))
+    loaded = load_baseline(tmp_path / "model.pt").model
+    with torch.inference_mode():
+        assert torch.allclose(loaded(pixels()), model(pixels()))

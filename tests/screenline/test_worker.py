@@ -13,6 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from conftest import ENV
 from helpers import images, register_model
 from tasks.samples import write_png_folder, write_tar
@@ -35,6 +37,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.usefixtures("prefect_server")
 def test_a_worker_without_torch_ingests_screens_audits_and_runs_the_night_and_optimize_names_the_extra(tmp_path):
     lake = tmp_path / "lake"
     write_tar(tmp_path / "holdout.tar", *images(40, "worker-holdout", prevalence=0.5), prefix="h")
