@@ -9,8 +9,10 @@ reports the best throughput over a batch sweep and the batch-1 latency:
 - ORT session options: intra-op spinning on; the memory arena off; the graph optimized once and saved (load time);
 - one engine per core (two single-thread sessions on two Python threads) vs one engine with two threads;
 - INT8 formats: U8S8 vs S8S8, per-tensor vs per-channel (the promoted model's own graphs);
-- the architecture: width multiplier 1.0 and 0.75 vs the default (random weights: speed only; the quality of a width
-  is what `optimize` measures, see README);
+- the architecture (issue 18's cheaper net): width 1.25, 1.0 and 0.75, each with the 3×3 stride-2 stem and the
+  4×4 stride-4 patch stem (models/nets.py), INT8 on ONNX Runtime and OpenVINO, each swept by `find_knee` as
+  optimize sweeps (random weights: speed only; the quality of a shape is what `benchmarks/parity.py` measures, see
+  README "Performance");
 - torch eager channels-last vs contiguous (the torch path, for reference).
 """
 
@@ -29,6 +31,9 @@ import numpy as np
 from benchmarks.bench import latest_model, log
 
 BATCHES = (8, 16, 32, 64, 128)
+SHAPES = ((1.25, "conv3s2"), (1.25, "patch4"), (1.0, "conv3s2"), (1.0, "patch4"), (0.75, "conv3s2"),
+          (0.75, "patch4"))
+"""(width, stem) of the random-weight nets whose engines are measured side by side."""
 
 
 def best_throughput(run, pixels: np.ndarray, seconds: float, batches=BATCHES) -> dict:
@@ -83,6 +88,37 @@ def parallel_throughput(runs: list, pixels: np.ndarray, seconds: float, batches=
     return {"images_per_s": rate, "batch": batch}
 
 
+def shapes(work: Path, calibration: np.ndarray, pixels: np.ndarray, threads: int, quick: bool, record) -> None:
+    """Each SHAPES net, INT8 (U8S8 per-tensor; S8S8 per-tensor too in the full run) on ONNX Runtime and, where
+    installed, OpenVINO, at its knee (`find_knee`, windows until stable), with its multiply-adds an image."""
+    from models.engine import OpenVinoEngine, OrtEngine, find_knee, openvino_missing
+    from models.export import export_onnx
+    from models.nets import ScreenNet, ScreenNetConfig, macs_per_image
+    from models.quantize import quantize_int8
+
+    kinds = [OrtEngine] + ([OpenVinoEngine] if openvino_missing() is None else [])
+    formats = (("u8s8", "INT8-U8S8-PER-TENSOR"),) if quick else (("u8s8", "INT8-U8S8-PER-TENSOR"),
+                                                                 ("s8s8", "INT8-S8S8-PER-TENSOR"))
+    sweep = {"max_batch": 8, "seconds_per_point": 0.03} if quick else {}
+    for width, stem in SHAPES[1:3] if quick else SHAPES:
+        model = ScreenNet(ScreenNetConfig(width=width, stem=stem)).eval()
+        mmacs = macs_per_image(model) / 1e6
+        fp32 = export_onnx(model, work / f"w{width}-{stem}.onnx")
+        if width == 1.0 and stem == "conv3s2":
+            record(f"width {width} FP32 (random weights)",
+                   _at_knee(find_knee(OrtEngine(fp32, threads=threads), pixels, **sweep)), mmacs=mmacs)
+        for fmt, label in formats:
+            int8 = quantize_int8(fp32, work / f"w{width}-{stem}-{fmt}.onnx", calibration, fmt, False)
+            for kind in kinds:
+                knee = find_knee(kind(int8, "int8", threads), pixels, **sweep)
+                record(f"width {width}, {stem} stem, {kind.name} {label} (random weights)", _at_knee(knee),
+                       mmacs=mmacs, width=width, stem=stem, engine=kind.name)
+
+
+def _at_knee(knee) -> dict:
+    return {"images_per_s": knee.images_per_s, "batch": knee.batch, "batch1_p50_ms": knee.batch1_latency_ms}
+
+
 def ort_session(path: Path, threads: int, spinning: bool = False, arena: bool = True, save_to: Path | None = None):
     import onnxruntime as ort
 
@@ -133,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             width = manifest.architecture["width"]
             source = f"model {shipped['version']}"
         else:
-            fp32 = export_onnx(ScreenNet(ScreenNetConfig(width=width)).eval(), work / "fp32.onnx")
+            config = ScreenNetConfig(width=width, stem=TrainSettings().stem)
+            fp32 = export_onnx(ScreenNet(config).eval(), work / "fp32.onnx")
             graphs = {"fp32": fp32, "int8-u8s8-per-tensor":
                       quantize_int8(fp32, work / "u8s8.onnx", calibration, "u8s8", False)}
             source = "random-weight ScreenNet"
@@ -166,14 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
         import torch
 
-        for w in (1.0, 0.75):
-            model = ScreenNet(ScreenNetConfig(width=w)).eval()
-            path = export_onnx(model, work / f"w{w}.onnx")
-            int8 = quantize_int8(path, work / f"w{w}-int8.onnx", calibration, "u8s8", False)
-            record(f"width {w} FP32 (random weights)", best_throughput(OrtEngine(path, threads=args.threads).infer,
-                                                                     pixels, seconds))
-            record(f"width {w} INT8-U8S8-PER-TENSOR (random weights)",
-                   best_throughput(OrtEngine(int8, "int8", args.threads).infer, pixels, seconds))
+        shapes(work, calibration, pixels, args.threads, args.quick, record)
 
         torch.set_num_threads(args.threads)
         model = ScreenNet(ScreenNetConfig(width=width)).eval()

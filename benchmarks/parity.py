@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = replace(SCREENNET, seed=args.seed, **overrides)
         scores, _, minutes, fitted = train_and_score(settings, data, args.device, teacher if use_teacher else None)
         rows.append({"variant": name, "data": args.data, "seed": args.seed, "minutes": minutes,
-                     "epochs": settings.epochs, "width": settings.width, "stem": settings.stem, "best_epoch": _best_epoch(fitted),
+                     "epochs": settings.epochs, "width": settings.width, "stem": settings.stem,
+                     "best_epoch": _best_epoch(fitted),
                      **figures(scores, data, base_scores)})
         print(json.dumps(rows[-1]), flush=True)
         if keep is not None:

@@ -119,8 +119,8 @@ def _medians(per_run: list[dict[str, float]]) -> dict[str, float]:
 
 
 def openvino_profile(model_path: Path, batch: int, runs: int, threads: int) -> dict[str, float]:
-    """Microseconds a batch by group, from OpenVINO's per-node counters (each group's median over `runs` runs); a node's kind
-    comes from its original ONNX name where OpenVINO kept it, else from its implementation's name."""
+    """Microseconds a batch by group, from OpenVINO's per-node counters (each group's median over `runs` runs); a
+    node's kind comes from its original ONNX name where OpenVINO kept it, else from its implementation's name."""
     import openvino as ov
 
     kinds = conv_kinds(onnx.load(str(model_path)))

@@ -66,7 +66,8 @@ def build_lake(root: Path, n: int, shards: int, graph: dict | None = None) -> Pa
                 "engine": graph.get("engine", "onnxruntime")}
     else:
         torch.manual_seed(0)
-        fp32 = export_onnx(ScreenNet(ScreenNetConfig(width=TrainSettings().width, stem=TrainSettings().stem)).eval(), folder / "fp32.onnx")
+        net = ScreenNet(ScreenNetConfig(width=TrainSettings().width, stem=TrainSettings().stem)).eval()
+        fp32 = export_onnx(net, folder / "fp32.onnx")
         quantize_int8(fp32, folder / "model.onnx", calib, "u8s8", per_channel=False)
         fp32.unlink()
         ship = {"candidate": "int8-u8s8-per-tensor", "precision": "int8", "engine": "onnxruntime"}

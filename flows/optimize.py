@@ -135,7 +135,8 @@ def optimize(
     root = str(lake_root(lake))
     gates = replace(GateSettings(), target_sensitivity=target_sensitivity, threshold_rule=threshold_rule, delta=delta,
                     calibration_margin=calibration_margin, int8_auc_tolerance=int8_auc_tolerance, max_batch=max_batch,
-                    knee_seconds=knee_seconds, gate_on_lower_bound=gate_on_lower_bound, calibrate_on=calibrate_on, folds=folds,
+                    knee_seconds=knee_seconds, gate_on_lower_bound=gate_on_lower_bound, calibrate_on=calibrate_on,
+                    folds=folds,
                     spec_margin=spec_margin)
     gates.rule  # a bad rule, delta or calibration fails here, before the lake is read
     sweep_stale_temps_task(root)

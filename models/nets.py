@@ -8,8 +8,9 @@ layer (`Preprocess`), so an exported graph takes raw bytes.
 - `ScreenNet`: MobileNetV2-style. A 3×3 stride-2 stem, inverted residual blocks (1×1 expand, 3×3 depthwise,
   1×1 project), a global pool, one logit. `stem="patch4"` replaces the stem with a 4×4 stride-4 patch convolution
   (each 4×4 patch of pixels becomes one vector, as ViT and ConvNeXt stems do) and keeps every later stage at the
-  resolution it had (the second stage then does not stride): the 32×32 stage and its cost are gone. At width 1.0 it is ~7.7 M multiply-adds (~15 MFLOPs) an image. The width
-  multiplier trades capacity for speed. `pool` is how the last 4×4 feature map becomes one vector: `avg` (MobileNetV2's
+  resolution it had (the second stage then does not stride): the 32×32 stage and its cost are gone. At width 1.0
+  it is ~7.7 M multiply-adds (~15 MFLOPs) an image (6.6 M with the patch stem). The width multiplier trades
+  capacity for speed. `pool` is how the last 4×4 feature map becomes one vector: `avg` (MobileNetV2's
   own), `max`, or `avgmax` (both, concatenated). A finding is one small spot in an otherwise normal image, and an
   average over the 16 positions dilutes it 16-fold where a maximum keeps it (README "Clinical parity" measures it).
   `fold_batchnorm()` folds every BatchNorm into its convolution for export.
@@ -86,7 +87,7 @@ class ScreenNetConfig:
     head: int = 320
     dropout: float = 0.1
     pool: str = "avg"  # "avg" | "max" | "avgmax"
-    stem: str = "conv3s2"  # "conv3s2" (3×3 stride 2, then a 32×32 stage) | "patch4" (4×4 stride 4, straight to 16×16)
+    stem: str = "conv3s2"  # "conv3s2" (3×3 stride 2, then a 32×32 stage) | "patch4" (4×4 stride 4, to 16×16)
 
     def as_dict(self) -> dict:
         return asdict(self)

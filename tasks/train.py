@@ -184,7 +184,8 @@ def fit(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.n
         raise ValueError("the training split needs both positives and negatives")
     from models.nets import build_model
 
-    model = build_model(settings.arch, channels, settings.width, settings.pool, settings.stem).to(device).to(memory_format=torch.channels_last)
+    model = build_model(settings.arch, channels, settings.width, settings.pool, settings.stem)
+    model = model.to(device).to(memory_format=torch.channels_last)
     ema = (AveragedModel(model, multi_avg_fn=_ema_with_warmup(settings.ema), use_buffers=True)
            if settings.ema else None)
     pos_weight = torch.tensor(float((y_train == 0).sum()) / float(y_train.sum()), device=device)

@@ -35,6 +35,13 @@ def test_quick_bench_measures_every_configuration_and_writes_its_outputs(tmp_pat
     levers = [lever["lever"] for lever in report["levers"]["levers"]]
     assert "FP32, one session, 2 threads, spinning off (as shipped)" in levers
     assert "FP32, 2 engines × 1 thread (one per core)" in levers and "width 1.0 FP32 (random weights)" in levers
+    assert "width 1.25, patch4 stem, onnxruntime INT8-U8S8-PER-TENSOR (random weights)" in levers
+    assert "width 1.0, conv3s2 stem, openvino INT8-U8S8-PER-TENSOR (random weights)" in levers
+    # where the time goes: the fastest engine profiled by operator group, in the report and its table
+    (profiled,) = report["profiles"]
+    assert profiled["label"].startswith("fastest: ScreenNet") and "error" not in profiled
+    assert {"conv stem", "conv depthwise", "conv 1×1"} <= {row[0] for row in profiled["rows"]}
+    assert "Where the time goes (fastest: ScreenNet" in table
     assert "| FP32, spinning on |" in table
 
 
