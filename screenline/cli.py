@@ -661,8 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="width multiplier (capacity vs speed; default 1.25)")
     # the stems are models/nets.STEMS, spelled out here because the CLI does not import torch
     p.add_argument("--stem", default=argparse.SUPPRESS, choices=("conv3s2", "patch4"),
-                   help="ScreenNet's stem: conv3s2 (3x3 stride 2, then a 32x32 stage) or patch4 (4x4 stride 4 "
-                        "patches, straight to 16x16: ~19%% fewer multiply-adds; default conv3s2)")
+                   help="ScreenNet's stem: patch4 (4x4 stride-4 patches straight to 16x16; default patch4) or "
+                        "conv3s2 (3x3 stride 2, then a 32x32 stage: the stem before 2026-12-01)")
     p.add_argument("--arch", default=argparse.SUPPRESS, choices=("screennet", "resnet18", "resnet18-native"),
                    help="screennet (default); the seed's resnet18 (64→224) or resnet18-native to compare")
     p.add_argument("--teacher", help="a checkpoint (state_dict) to distil from, without a baseline")

@@ -92,9 +92,10 @@ def test_optimize_registers_a_version_whose_promotion_matches_its_test_gate(tiny
     assert manifest.export["fp32_max_abs_diff_vs_torch"] < 1e-4
     assert manifest.export["batchnorm_folded"] is True  # counted in the graph: no BatchNormalization node
     from models.nets import ScreenNetConfig
+    from tasks.train import TrainSettings
 
-    assert {k: manifest.architecture[k] for k in ScreenNetConfig().as_dict()} == \
-        ScreenNetConfig(channels=1, width=manifest.architecture["width"]).as_dict()  # all of it: rebuildable
+    assert {k: manifest.architecture[k] for k in ScreenNetConfig().as_dict()} == ScreenNetConfig(
+        channels=1, width=TrainSettings().width, stem=TrainSettings().stem).as_dict()  # all of it: rebuildable
     # the threshold with its rule, and the operating curves on validation and test, shipped point marked
     calibration = ship.calibration
     val_positives = make_split(Lake(tiny_lake)).counts["val"]["positives"]
