@@ -153,7 +153,7 @@ def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
                  {c["name"]: c["file"] for c in manifest.candidates}.items()}
         gates = manifest.gates
         context.update(quality=True, version=shipped["version"], ships=manifest.shipping.candidate,
-                       width=arch["width"], rule={"name": gates.get("threshold_rule", "quantile"),
+                       width=arch["width"], stem=arch.get("stem", "conv3s2"), rule={"name": gates.get("threshold_rule", "quantile"),
                                                   "target": gates["target_sensitivity"],
                                                   "delta": gates.get("delta", 0.05),
                                                   "margin": gates.get("calibration_margin", 0.01)})
@@ -178,7 +178,8 @@ def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
         for fmt, per_channel in variants:
             name = f"int8-{fmt}-{'per-channel' if per_channel else 'per-tensor'}"
             files[name] = quantize_int8(fp32, work / f"screennet-{name}.onnx", calibration, fmt, per_channel)
-        context.update(version="random weights (no promoted model in the lake)", width=width)
+        context.update(version="random weights (no promoted model in the lake)", width=width,
+                       stem=TrainSettings().stem)
     mflops["screennet"] = 2 * macs_per_image(model) / 1e6
 
     big = 8 if quick else 512
@@ -191,8 +192,8 @@ def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
          "onnx": str(work / "resnet18-native.onnx"), "max_batch": 4 if quick else 256,
          "mflops": mflops["resnet18-native"]},
         {"name": "screennet-torch", "label": "ScreenNet, torch eager FP32", "runtime": "torch", "arch": "screennet",
-         "width": context["width"], "checkpoint": checkpoint, "max_batch": big, "mflops": mflops["screennet"],
-         "scored": True},
+         "width": context["width"], "stem": context["stem"], "checkpoint": checkpoint, "max_batch": big,
+         "mflops": mflops["screennet"], "scored": True},
     ]
     from models.quantize import uint8_input
 
