@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         width = TrainSettings().width
         if shipped:
             folder, manifest = shipped["folder"], shipped["manifest"]
-            graphs = {c["name"]: folder / c["file"] for c in manifest.candidates}
+            # the graphs (an ov- or trt- candidate is one of them on another engine; these levers are ORT's)
+            graphs = {c["name"]: folder / c["file"] for c in manifest.candidates
+                      if not c["name"].startswith(("ov-", "trt-"))}
             width = manifest.architecture["width"]
             source = f"model {shipped['version']}"
         else:
