@@ -33,22 +33,22 @@ def _is_conv(op: str) -> bool:
 def conv_kinds(model: onnx.ModelProto) -> dict[str, str]:
     """Each Conv-like node's kind by name: "stem" (reads the input), "depthwise", "1×1", or "k×k"."""
     kinds, inputs = {}, {i.name for i in model.graph.input}
+    producers = {o: n for n in model.graph.node for o in n.output}
     for node in model.graph.node:
         if not _is_conv(node.op_type):
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         kernel = list(attrs.get("kernel_shape", []))
         group = int(attrs.get("group", 1))
-        first = _reads_input(model, node, inputs)
+        first = _reads_input(producers, node, inputs)
         kinds[node.name] = ("stem" if first else "depthwise" if group > 1
                             else "1×1" if kernel == [1, 1] else f"{'×'.join(map(str, kernel)) or 'k×k'}")
     return kinds
 
 
-def _reads_input(model: onnx.ModelProto, node: onnx.NodeProto, inputs: set[str]) -> bool:
+def _reads_input(producers: dict[str, onnx.NodeProto], node: onnx.NodeProto, inputs: set[str]) -> bool:
     """Whether `node`'s data input comes from the graph input without passing another convolution (through the
-    cast, the normalisation, quantize/dequantize)."""
-    producers = {o: n for n in model.graph.node for o in n.output}
+    cast, the normalisation, quantize/dequantize); `producers` maps each tensor to the node that writes it."""
     seen, todo = set(), [node.input[0]]
     while todo:
         name = todo.pop()

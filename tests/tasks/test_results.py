@@ -38,7 +38,7 @@ def test_results_go_to_parquet_or_csv_whole_with_source_and_label(screened, tmp_
                                 str(tmp_path / "out" / "p.parquet"))
     table = pq.read_table(parquet)
     assert n2 == table.num_rows == sum(r["positive"] == "true" for r in rows)
-    assert set(table.column("positive").to_pylist()) <= {True} and n2 > 0
+    assert set(table.column("positive").to_pylist()) == {True}  # some rows, every one positive
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p.parquet", "r.csv"]  # no temp file left
 
 
