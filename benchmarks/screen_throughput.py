@@ -107,11 +107,10 @@ def measure_flow(lake: Path, profile: bool) -> dict:
 
 
 def measure_engine(lake: Path) -> dict:
-    """The raw loop: the same Parquet pixels through the same engine, no Prefect, no writing."""
-    import pyarrow.parquet as pq
-
+    """The raw loop: the same Parquet pixels, read as screening reads them, through the same engine at its knee,
+    called from one thread; no Prefect, no writing."""
     from models.registry import Registry
-    from tasks.lake import Lake, pixel_array
+    from tasks.lake import Lake, pixel_array, streaming_reader
 
     registry = Registry(Lake(lake))
     manifest = registry.manifest("sn-bench")
@@ -121,7 +120,7 @@ def measure_engine(lake: Path) -> dict:
     t0 = time.perf_counter()
     n, reading, inferring = 0, 0.0, 0.0
     for file in files:
-        batches = pq.ParquetFile(file).iter_batches(batch_size=batch, columns=["pixels"])
+        batches = streaming_reader(file).iter_batches(batch_size=batch, columns=["pixels"])
         while True:
             t = time.perf_counter()
             b = next(batches, None)

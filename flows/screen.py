@@ -9,6 +9,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_table_artifact
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -73,16 +74,18 @@ def screen(lake: str | None = None, version: str | None = None, workers: int | N
     shards = list_shards_task(root)
     # Fewer shards than workers: give each engine call the spare cores instead of leaving them idle.
     workers = max(1, min(workers or default_threads(), len(shards)))
-    model = resolve_model_task(root, version, workers, engine, allow_failed_gate)
+    model = resolve_model_task(root, version, workers, engine, allow_failed_gate, _callers(workers))
     if model.gate != "passed":
         logger.warning("screening with %s although it %s (--allow-failed-gate)", model.version, model.gate)
     superseded = sweep_orphans_task(root)
     pending, current = triage_task(model, shards)
     if 0 < len(pending) < workers:  # the work is fewer shards than workers: the spare cores go to each engine call
-        model = dataclasses.replace(model, threads=max(1, default_threads() // len(pending)))
+        model = dataclasses.replace(model, threads=max(1, default_threads() // len(pending)),
+                                    callers=min(model.callers, len(pending)))
     logger.info("screening %d of %d shard(s) with %s (%s %s, threshold %.4f, batch %d, %d thread(s) per engine "
-                "call); %d already current", len(pending), len(shards), model.version, model.engine,
-                model.precision, model.threshold, model.batch, model.threads, len(current))
+                "call, %d call(s) at once an engine); %d already current", len(pending), len(shards), model.version,
+                model.engine, model.precision, model.threshold, model.batch, model.threads, model.callers,
+                len(current))
     report = ScreenReport(root, model.version, model.batch, gate=model.gate, superseded=superseded)
     report.shards = list(current)
     if not pending:
@@ -107,6 +110,14 @@ def screen(lake: str | None = None, version: str | None = None, workers: int | N
         raise RuntimeError(f"{len(report.failed)} shard(s) failed (the others were scored): "
                            + "; ".join(report.failed))
     return report
+
+
+def _callers(workers: int) -> int:
+    """Shard tasks that call one process's engine at once: all of them on this flow run's threads, one on a Dask
+    worker (a process each, one thread)."""
+    context = FlowRunContext.get()
+    runner = context.task_runner if context else None
+    return workers if runner is None or isinstance(runner, ThreadPoolTaskRunner) else 1
 
 
 def screen_on(workers: int | None = None, dask: str | None = None) -> Any:

@@ -3,7 +3,9 @@ floor; OpenVINO competes with it on CPUs; TensorRT runs on NVIDIA GPUs.
 
 `Engine` is the small interface every backend implements: ONNX Runtime and OpenVINO here (on a CPU host optimize
 lets them compete on the same graphs, `competing_engines`), TensorRT in `models.tensorrt`. Sessions are expensive
-to create and safe to call from several threads, so a process creates one per model file and shares it.
+to create and safe to call from several threads, so a process creates one per model file and shares it: `threads`
+is what one call uses, `callers` how many threads call it at once (the screen flow's shard tasks), so that
+`threads × callers` cores are busy.
 """
 
 from __future__ import annotations
@@ -102,11 +104,13 @@ class OrtEngine:
     """An ONNX Runtime CPU session behind `Engine`.
 
     Spinning is off: on a shared or busy CPU, spinning threads burn the cores the reader and other shards need.
+    Concurrent calls run side by side (each on its caller's thread with one intra-op thread), so `callers` needs no
+    setting here.
     """
 
     name = "onnxruntime"
 
-    def __init__(self, model_path: Path, precision: str = "fp32", threads: int | None = None):
+    def __init__(self, model_path: Path, precision: str = "fp32", threads: int | None = None, callers: int = 1):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -133,21 +137,25 @@ class OpenVinoEngine:
     """OpenVINO on the CPU behind `Engine`, reading the same ONNX graphs (FP32, or INT8 from their Q/DQ nodes).
 
     Inference precision is pinned to f32 so a CPU with bf16 units does not silently
-    score in bf16; one infer request per thread, since a request is not safe to share.
+    score in bf16; one infer request per thread, since a request is not safe to share. A compiled model runs its
+    requests on its streams, one at a time each: `callers` threads calling at once need as many streams (one stream
+    of one thread serialises two callers onto one core: the screen flow ran at half speed so), each of `threads`.
     """
 
     name = "openvino"
 
-    def __init__(self, model_path: Path, precision: str = "fp32", threads: int | None = None):
+    def __init__(self, model_path: Path, precision: str = "fp32", threads: int | None = None, callers: int = 1):
         import threading
 
         import openvino as ov
 
         self.threads = threads or default_threads()
+        self.streams = max(1, callers)
         core = ov.Core()
         model = core.read_model(str(model_path))
         self.compiled = core.compile_model(model, "CPU", {
-            "INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": self.threads * self.streams, "NUM_STREAMS": self.streams,
+            "PERFORMANCE_HINT": "LATENCY" if self.streams == 1 else "THROUGHPUT",
             "INFERENCE_PRECISION_HINT": "f32",
         })
         self.precision = precision
@@ -173,10 +181,10 @@ def scores(engine: Engine, pixels: np.ndarray, batch: int = 256) -> np.ndarray:
 @dataclass
 class KneePoint:
     batch: int
-    images_per_s: float
+    images_per_s: float  # the median of its windows: throughput sustained over each window's calls
     ms_per_batch: float
-    spread: float = 0.0  # (max - min) / median of the windows the figure is the median of
-    windows: int = 1  # measurement windows it took to get there
+    spread: float = 0.0  # (max - min) / median of its last windows' share of their round's fastest point
+    windows: int = 1  # measurement windows (rounds of the sweep) it took to get there
 
 
 @dataclass
@@ -199,32 +207,18 @@ class Knee:
 STABLE_WINDOWS = 3
 STABILITY = 0.05
 MAX_WINDOWS = 6
-"""A sweep point is measured in windows until its last STABLE_WINDOWS agree within STABILITY of their median
-(perf_analyzer's rule, its 10% tightened to 5%), or MAX_WINDOWS are spent (twice the point's budget); its figure
-is their median."""
+"""The sweep runs in rounds, one window of every batch size a round, until each point's last STABLE_WINDOWS shares
+of their round's fastest agree within STABILITY of their median (perf_analyzer's rule, its 10% tightened to 5%), or
+MAX_WINDOWS rounds are spent (twice a point's budget)."""
 
 
-def _throughput(engine: Engine, pixels: np.ndarray, batch: int, seconds: float) -> KneePoint:
-    """One sweep point: windows of `seconds` / STABLE_WINDOWS (at least two calls each), each scored by its fastest
-    call (the engine's speed, not a neighbour's burst on a shared machine), repeated until stable (see STABILITY);
-    the figure is the median of the last windows, so one lucky call is not the figure either. A point that never
-    settles says so in its spread."""
-    x = np.ascontiguousarray(pixels[:batch]) if len(pixels) >= batch else np.resize(pixels, (batch, *pixels.shape[1:]))
-    engine.infer(x)  # warm-up
-    window, figures = seconds / STABLE_WINDOWS, []
-    while True:
-        calls, t0 = [], time.perf_counter()
-        while len(calls) < 2 or time.perf_counter() - t0 < window:
-            t = time.perf_counter()
-            engine.infer(x)
-            calls.append(time.perf_counter() - t)
-        figures.append(batch / min(calls))
-        last = figures[-STABLE_WINDOWS:]
-        if len(last) == STABLE_WINDOWS:
-            middle = statistics.median(last)
-            spread = (max(last) - min(last)) / middle
-            if spread <= STABILITY or len(figures) >= MAX_WINDOWS:
-                return KneePoint(batch, middle, batch / middle * 1000, spread, len(figures))
+def _window(engine: Engine, x: np.ndarray, seconds: float) -> float:
+    """One measurement window: images/s sustained over `seconds` (at least two calls), as screening sees it."""
+    calls, t0 = 0, time.perf_counter()
+    while calls < 2 or time.perf_counter() - t0 < seconds:
+        engine.infer(x)
+        calls += 1
+    return calls * len(x) / (time.perf_counter() - t0)
 
 
 MAX_BATCH = 512
@@ -235,22 +229,49 @@ def find_knee(engine: Engine, pixels: np.ndarray, max_batch: int = MAX_BATCH, fr
               seconds_per_point: float = 0.3, limit: int = 4096) -> Knee:
     """Sweep batch sizes 1…max_batch (powers of two) and take the smallest reaching `fraction` of the peak.
 
-    Each point is measured until stable (`_throughput`), and "reaching" allows for what was measured of the noise:
-    a point reaches the peak when the top of its spread reaches `fraction` of the bottom of the peak's. On a
-    plateau, a noisy high reading at a large batch then does not drag the knee up a power of two, and with clean
-    measurements (spread 0) it is the plain rule. If the peak is at the top of the sweep, the sweep extends (up to
-    `limit`) until throughput stops growing. An engine with a largest batch of its own (a TensorRT plan's
-    `max_batch`) is never swept past it.
+    The points are measured in rounds, one window each a round (`_window`), so a busy neighbour or a CPU clock that
+    drifts during the sweep slows every point alike instead of the ones measured while it lasted; each window is
+    compared with its round's fastest, and a point's share is the median of its rounds' (rounds continue until
+    stable, see STABILITY), so one noisy reading moves no knee. No allowance for the spread is made: a knee too
+    large costs a screen nothing but a few MB, one too small costs throughput. If the first round's fastest is at
+    the top of the sweep, the sweep extends (up to `limit`) until throughput stops growing. An engine with a largest batch of its own (a TensorRT plan's `max_batch`) is never swept past it.
     """
     if (largest := getattr(engine, "max_batch", None)) is not None:
         max_batch, limit = min(max_batch, largest), min(limit, largest)
-    sweep: list[KneePoint] = []
+    window = seconds_per_point / STABLE_WINDOWS
+    inputs: dict[int, np.ndarray] = {}
+    figures: dict[int, list[float]] = {}
+
+    def measure(batch: int) -> None:
+        if batch not in inputs:
+            inputs[batch] = (np.ascontiguousarray(pixels[:batch]) if len(pixels) >= batch
+                             else np.resize(pixels, (batch, *pixels.shape[1:])))
+            engine.infer(inputs[batch])  # warm-up
+        figures.setdefault(batch, []).append(_window(engine, inputs[batch], window))
+
     batch = 1
-    while batch <= max_batch or (sweep and sweep[-1].images_per_s == max(p.images_per_s for p in sweep)
-                                  and batch <= limit):
-        sweep.append(_throughput(engine, pixels, batch, seconds_per_point))
+    while batch <= max_batch or (batch <= limit and figures[batch // 2][0] == max(f[0] for f in figures.values())):
+        measure(batch)
         batch *= 2
-    peak = max(sweep, key=lambda p: p.images_per_s)
-    floor = fraction * peak.images_per_s * (1 - peak.spread / 2)
-    knee = next(p for p in sweep if p.images_per_s * (1 + p.spread / 2) >= floor)
+    batches = list(figures)
+    while True:
+        rounds = len(figures[1])
+        shares = {b: [figures[b][r] / max(figures[c][r] for c in batches) for r in range(rounds)] for b in batches}
+        spreads = {b: _spread(shares[b][-STABLE_WINDOWS:]) for b in batches}
+        if rounds >= MAX_WINDOWS or (rounds >= STABLE_WINDOWS and max(spreads.values()) <= STABILITY):
+            break
+        for b in batches:
+            measure(b)
+    share = {b: statistics.median(shares[b]) for b in batches}
+    sweep = [KneePoint(b, statistics.median(figures[b]), b / statistics.median(figures[b]) * 1000, spreads[b],
+                       rounds) for b in batches]
+    floor = fraction * max(share.values())
+    knee = next(p for p in sweep if share[p.batch] >= floor)
     return Knee(knee.batch, knee.images_per_s, sweep[0].ms_per_batch, sweep)
+
+
+def _spread(values: list[float]) -> float:
+    """(max - min) / median; infinite for fewer than STABLE_WINDOWS values (not yet measured enough to say)."""
+    if len(values) < STABLE_WINDOWS:
+        return float("inf")
+    return (max(values) - min(values)) / statistics.median(values)

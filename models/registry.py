@@ -329,18 +329,19 @@ class Registry:
         pick = self.pick(version, engine, allow_failed_gate)
         return self.load_shipped(pick.version, pick.shipped, threads)
 
-    def load_shipped(self, version: str, shipped: Shipped, threads: int | None = None):
-        """The engine for one of a version's shipped engines, its file verified against the manifest first."""
+    def load_shipped(self, version: str, shipped: Shipped, threads: int | None = None, callers: int = 1):
+        """The engine for one of a version's shipped engines, its file verified against the manifest first; `threads`
+        a call, `callers` calling at once (models/engine.py)."""
         from models.engine import OpenVinoEngine, OrtEngine
 
         if shipped.engine == "openvino":
-            return OpenVinoEngine(self.verified_file(version, shipped.file), shipped.precision, threads)
+            return OpenVinoEngine(self.verified_file(version, shipped.file), shipped.precision, threads, callers)
         if shipped.engine == "tensorrt":
             knee = self.manifest(version).knees.get(host_fingerprint("tensorrt", shipped.precision), {}).get("batch")
             return self.tensorrt_engine(version, shipped.file, shipped.precision, knee)
         if shipped.engine != "onnxruntime":
             raise ModelNotFound(f"{version} ships engine {shipped.engine!r}, which this build cannot load")
-        return OrtEngine(self.verified_file(version, shipped.file), shipped.precision, threads)
+        return OrtEngine(self.verified_file(version, shipped.file), shipped.precision, threads, callers)
 
     def tensorrt_engine(self, version: str, file: str, precision: str, knee: int | None = None):
         """A TensorRT engine for one of the version's graphs: its plan for this GPU, TensorRT, graph, profile

@@ -22,7 +22,6 @@ from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 
 from models.manifest import Manifest, Shipped
 from screenline.files import SAFE_NAME
@@ -168,4 +167,6 @@ def read_current(files: dict[str, Path], shard_ids: Iterable[str], columns: list
     paths = [str(files[s]) for s in sorted(set(shard_ids)) if s in files]
     if not paths:
         return PREDICTIONS_SCHEMA.empty_table().select(columns)
+    import pyarrow.dataset as ds  # here, not at the top: it imports pandas (~40 MB), which screening never needs
+
     return ds.dataset(paths, format="parquet").to_table(columns=columns)

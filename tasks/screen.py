@@ -9,8 +9,8 @@ re-scored; one whose threshold alone changed is re-decided from its scores; pred
 lake are moved aside. So re-running scores nothing new, promoting another model re-scores everything, and kill -9
 then re-run, or any change to images/, leaves exactly one current prediction per image per model version.
 
-One engine per process (ONNX Runtime sessions are expensive to create and safe to share between threads): the shard
-tasks of a flow run, or of a Dask worker, share it through `shared_engine`.
+One engine per process (sessions are expensive to create and safe to share between threads): the shard tasks of a flow
+run, or of a Dask worker, share it through `shared_engine`, made for as many callers at once as run there.
 """
 
 from __future__ import annotations
@@ -33,12 +33,14 @@ from tasks.caching import IO_RETRIES, OutputCache
 from tasks.lake import (
     IMAGE_IDS_KEY,
     PREDICTIONS_SCHEMA,
+    ROW_GROUP_ROWS,
     Lake,
     atomic_parquet_writer,
     footer,
     image_ids_digest,
     images_digest,
     pixel_array,
+    streaming_reader,
 )
 from tasks.predictions import (
     GATE_KEY,
@@ -70,11 +72,12 @@ class ScreenModel:
     file: str
     threshold: float
     batch: int
-    threads: int
+    threads: int  # a call's
     file_sha256: str
     gate: str  # "passed", or the override screen was told to make (--allow-failed-gate)
     points: tuple[OperatingPoint, ...]  # every operating point the version holds now (shipping, fallback)
     operating_point: str = "shipped"  # which decides here: "shipped", or the site point calibrate applied
+    callers: int = 1  # shard tasks calling this process's engine at once (threads × callers cores busy)
 
     @property
     def point(self) -> OperatingPoint:
@@ -98,7 +101,7 @@ _ENGINES_LOCK = threading.Lock()
 
 def shared_engine(model: ScreenModel) -> Engine:
     """This process's engine for `model` (created once, file verified against the manifest first)."""
-    key = (model.lake_root, model.version, model.engine, model.file, model.threads)
+    key = (model.lake_root, model.version, model.engine, model.file, model.threads, model.callers)
     with _ENGINES_LOCK:
         if key not in _ENGINES:
             registry = Registry(Lake.at(model.lake_root))
@@ -106,17 +109,19 @@ def shared_engine(model: ScreenModel) -> Engine:
             shipped = next((s for s in manifest.picks if s.engine == model.engine and s.file == model.file), None)
             if shipped is None or manifest.files.get(model.file) != model.file_sha256:
                 raise ModelIntegrityError(f"{model.version}'s {model.file} changed during this screen run; re-run it")
-            engine = registry.load_shipped(model.version, shipped, model.threads)
+            engine = registry.load_shipped(model.version, shipped, model.threads, model.callers)
             _ENGINES[key] = engine
         return _ENGINES[key]
 
 
 def resolve_model(lake: Lake, version: str | None, workers: int, engine: str = "auto",
-                  allow_failed_gate: bool = False) -> ScreenModel:
+                  allow_failed_gate: bool = False, callers: int = 1) -> ScreenModel:
     """The model to screen with (default: the promoted one), the engine this host runs it on (TensorRT where it
     can and the version has a TensorRT threshold, else ONNX Runtime), that engine's threshold, and this host's knee
     (measured and stored in the manifest when this host has none yet). A version whose held-out gate failed is
-    refused unless `allow_failed_gate` (registry.Registry.pick)."""
+    refused unless `allow_failed_gate` (registry.Registry.pick). `workers` shard tasks run at once on this host,
+    `callers` of them in one process (all of them on threads, one a process on Dask): a call gets
+    cores // workers threads."""
     registry = Registry(lake)
     pick = registry.pick(version, engine, allow_failed_gate)
     manifest = registry.manifest(pick.version)
@@ -130,7 +135,7 @@ def resolve_model(lake: Lake, version: str | None, workers: int, engine: str = "
         registry.record(pick.version, "knees", host, knee)
     return ScreenModel(str(lake.root), pick.version, shipped.engine, shipped.precision, shipped.file,
                        float(pick.threshold), int(knee["batch"]), threads, manifest.files[shipped.file], pick.gate,
-                       tuple(operating_points(manifest)), pick.operating_point)
+                       tuple(operating_points(manifest)), pick.operating_point, max(1, callers))
 
 
 def _believable(knee: Any) -> bool:
@@ -157,7 +162,7 @@ def screen_shard(shard_id: str, model: ScreenModel, run_id: str, engine: Engine 
     if not source.exists():
         raise ShardUnavailable(f"shard {shard_id}: {source} is missing from the lake; re-ingest the shard")
     try:
-        reader = pq.ParquetFile(source)  # one handle: the digest and the rows come from the same file
+        reader = streaming_reader(source)  # one handle: the digest and the rows come from the same file
         recorded = (reader.metadata.metadata or {}).get(IMAGE_IDS_KEY.encode(), b"").decode()
         digest = recorded or images_digest(source)
     except (pa.ArrowInvalid, OSError) as exc:
@@ -208,29 +213,42 @@ def _score(reader: pq.ParquetFile, source: Path, out: Path, shard_id: str, diges
     images = flagged = 0
     scored_ids: list[str] = []
     now = datetime.now(timezone.utc)
-    # The lineage columns are the same for every row: built once at batch size, sliced per batch.
+    # The lineage columns are the same for every row: one value each, repeated to a row group's length.
     lineage = {
-        "shard_id": pa.array([shard_id] * model.batch, pa.string()),
-        "threshold": pa.array(np.full(model.batch, model.threshold, np.float32)),
-        "operating_point": pa.array([model.point.name] * model.batch, pa.string()),
-        "model_version": pa.array([model.version] * model.batch, pa.string()),
-        "engine": pa.array([model.engine] * model.batch, pa.string()),
-        "precision": pa.array([model.precision] * model.batch, pa.string()),
-        "run_id": pa.array([run_id] * model.batch, pa.string()),
-        "scored_at": pa.array([now] * model.batch, pa.timestamp("us", tz="UTC")),
+        "shard_id": pa.scalar(shard_id, pa.string()),
+        "threshold": pa.scalar(model.threshold, pa.float32()),
+        "operating_point": pa.scalar(model.point.name, pa.string()),
+        "model_version": pa.scalar(model.version, pa.string()),
+        "engine": pa.scalar(model.engine, pa.string()),
+        "precision": pa.scalar(model.precision, pa.string()),
+        "run_id": pa.scalar(run_id, pa.string()),
+        "scored_at": pa.scalar(now, pa.timestamp("us", tz="UTC")),
     }
+    pending_ids: list[pa.Array] = []
+    pending_scores: list[np.ndarray] = []
+
+    def write(writer: pq.ParquetWriter) -> None:
+        """The batches scored so far as one row group (a full disk: OSError, retried)."""
+        scores = np.concatenate(pending_scores)
+        columns = {name: pa.repeat(value, len(scores)) for name, value in lineage.items()}
+        columns.update(image_id=pa.concat_arrays(pending_ids), score=pa.array(scores, pa.float32()),
+                       positive=pa.array(scores >= np.float32(model.threshold)))
+        writer.write_table(pa.table(columns, schema=PREDICTIONS_SCHEMA))
+        pending_ids.clear()
+        pending_scores.clear()
+
     with atomic_parquet_writer(out, PREDICTIONS_SCHEMA, _footer(model, run_id, digest)) as writer:
         for batch in _batches(reader, model.batch, source, shard_id):
             scores = engine.infer(pixel_array(batch.column(1), channels))
-            positive = scores >= np.float32(model.threshold)
-            n = len(scores)
-            columns = {name: values.slice(0, n) for name, values in lineage.items()}
-            columns.update(image_id=batch.column(0), score=pa.array(scores, pa.float32()),
-                           positive=pa.array(positive))
-            writer.write_table(pa.table(columns, schema=PREDICTIONS_SCHEMA))  # a full disk: OSError, retried
+            pending_ids.append(batch.column(0))
+            pending_scores.append(scores)
             scored_ids.extend(batch.column(0).to_pylist())
-            images += n
-            flagged += int(positive.sum())
+            images += len(scores)
+            flagged += int(np.count_nonzero(scores >= np.float32(model.threshold)))
+            if images % ROW_GROUP_ROWS < len(scores):  # crossed a multiple: row groups like images/' own
+                write(writer)
+        if pending_scores:
+            write(writer)
         if image_ids_digest(scored_ids) != digest:  # checked before the file is committed: nothing lands
             raise ShardUnavailable(f"shard {shard_id}: {source} holds other images than its footer records; it was "
                                    f"altered after ingest: delete it and re-ingest the shard")
@@ -315,9 +333,9 @@ def triage_task(model: ScreenModel, shards: list[tuple[str, str]]) -> tuple[list
 
 @task(name="resolve-model", **IO_RETRIES)
 def resolve_model_task(lake_root: str, version: str | None, workers: int, engine: str = "auto",
-                       allow_failed_gate: bool = False) -> ScreenModel:
+                       allow_failed_gate: bool = False, callers: int = 1) -> ScreenModel:
     """The model, engine, threshold and knee batch to screen with."""
-    return resolve_model(Lake.at(lake_root), version, workers, engine, allow_failed_gate)
+    return resolve_model(Lake.at(lake_root), version, workers, engine, allow_failed_gate, callers)
 
 
 @task(name="list-shards", **IO_RETRIES)

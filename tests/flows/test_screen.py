@@ -86,6 +86,36 @@ def test_second_run_scores_nothing_and_a_new_model_rescores(screened):
     assert len(predictions(lake, "sn-b")["image_id"]) == 120 and len(predictions(lake, "sn-a")["image_id"]) == 120
 
 
+def test_a_threaded_run_shares_one_engine_made_for_as_many_callers_as_shard_tasks_run_at_once(screened):
+    from models.engine import default_threads
+    from tasks.screen import _ENGINES
+
+    lake, _ = screened
+    made = [key for key in _ENGINES if key[0] == str(lake) and key[1] == "sn-a"]
+    workers = min(default_threads(), 3)  # three shards
+    assert [(threads, callers) for *_, threads, callers in made] == [(default_threads() // workers, workers)]
+
+
+def test_predictions_are_written_in_row_groups_of_the_images_files_size_not_one_a_batch(screened, tmp_path,
+                                                                                       monkeypatch):
+    import tasks.screen
+
+    lake, _ = screened
+    copy = tmp_path / "lake"
+    shutil.copytree(lake, copy)
+    shutil.rmtree(copy / "predictions")
+    monkeypatch.setattr(tasks.screen, "ROW_GROUP_ROWS", 32)  # 40 images a shard, batches of 16 (the knee)
+    screen_plain(Lake(copy), "sn-a")
+    for file in (copy / "predictions" / "sn-a").glob("*.parquet"):
+        meta = pq.ParquetFile(file).metadata
+        assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [32, 8]  # not 16, 16, 8
+    def rows(root):  # but for the run's own lineage (run_id, scored_at)
+        table = predictions(root, "sn-a")
+        return sorted(zip(*(v for k, v in table.items() if k not in ("run_id", "scored_at"))))
+
+    assert rows(copy) == rows(lake) and len(rows(copy)) == 120
+
+
 def test_results_join_source_and_filter(screened, tmp_path):
     lake, _ = screened
     everything = query_results(str(lake), ResultsQuery(version="sn-a"))

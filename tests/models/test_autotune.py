@@ -125,3 +125,19 @@ def test_openvino_scores_the_same_graph_as_onnxruntime(fp32_graph):
     x = np.random.default_rng(3).integers(0, 256, (300, 1, 64, 64), dtype=np.uint8)
     np.testing.assert_allclose(scores(OpenVinoEngine(fp32_graph, threads=1), x, batch=64),
                                scores(OrtEngine(fp32_graph, threads=1), x, batch=64), rtol=0, atol=1e-5)
+
+
+def test_an_openvino_engine_for_two_callers_runs_them_on_two_streams_with_the_same_scores(fp32_graph):
+    """Two shard tasks calling one engine at once: one stream would run their requests one after the other on one
+    thread (the screen flow ran at half speed so); two streams of one thread each keep both cores busy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = OpenVinoEngine(fp32_graph, threads=1, callers=2)
+    assert (engine.compiled.get_property("NUM_STREAMS"), engine.compiled.get_property("INFERENCE_NUM_THREADS")) \
+        == (2, 2)
+    assert OpenVinoEngine(fp32_graph, threads=2).compiled.get_property("NUM_STREAMS") == 1
+    x = np.random.default_rng(4).integers(0, 256, (256, 1, 64, 64), dtype=np.uint8)
+    with ThreadPoolExecutor(2) as pool:
+        halves = list(pool.map(lambda part: scores(engine, part, batch=32), (x[:128], x[128:])))
+    np.testing.assert_allclose(np.concatenate(halves), scores(OrtEngine(fp32_graph, threads=1), x, batch=64),
+                               rtol=0, atol=1e-5)

@@ -11,10 +11,10 @@ from models.engine import KneePoint, find_knee, scores
 
 
 def sweep_of(speeds: dict[int, float]):
-    """A stand-in for one timed sweep point: images/s read from `speeds` (so the test times nothing)."""
-    def throughput(_engine, _pixels, batch, _seconds):
-        return KneePoint(batch, speeds[batch], 1000 * batch / speeds[batch])
-    return throughput
+    """A stand-in for one timed window: images/s read from `speeds` by batch (so the test times nothing)."""
+    def window(_engine, x, _seconds):
+        return speeds[len(x)]
+    return window
 
 
 class Scorer:
@@ -25,7 +25,7 @@ class Scorer:
 
 
 def test_the_knee_is_the_smallest_batch_within_5_percent_of_the_peak(monkeypatch):
-    monkeypatch.setattr(engines, "_throughput", sweep_of({1: 100, 2: 180, 4: 300, 8: 390, 16: 400, 32: 398}))
+    monkeypatch.setattr(engines, "_window", sweep_of({1: 100, 2: 180, 4: 300, 8: 390, 16: 400, 32: 398}))
     knee = find_knee(Scorer(), np.zeros((4, 1, 64, 64), np.uint8), max_batch=32)
     assert (knee.batch, knee.images_per_s) == (8, 390)  # 390 ≥ 0.95 × 400; 300 is not
     assert knee.batch1_latency_ms == pytest.approx(10.0) and [p.batch for p in knee.sweep] == [1, 2, 4, 8, 16, 32]
@@ -33,36 +33,63 @@ def test_the_knee_is_the_smallest_batch_within_5_percent_of_the_peak(monkeypatch
 
 def test_a_peak_at_the_top_of_the_sweep_extends_it_until_throughput_stops_growing(monkeypatch):
     speeds = {1: 10, 2: 20, 4: 40, 8: 80, 16: 160, 32: 200, 64: 150, 128: 1e9}
-    monkeypatch.setattr(engines, "_throughput", sweep_of(speeds))
+    monkeypatch.setattr(engines, "_window", sweep_of(speeds))
     knee = find_knee(Scorer(), np.zeros((4, 1, 64, 64), np.uint8), max_batch=8)
     assert [p.batch for p in knee.sweep] == [1, 2, 4, 8, 16, 32, 64] and knee.batch == 32  # stopped after 64 fell
 
 
 def test_an_engine_with_its_own_largest_batch_is_never_swept_past_it(monkeypatch):
-    monkeypatch.setattr(engines, "_throughput", sweep_of({b: float(b) for b in (1, 2, 4, 8, 16, 32, 64)}))
+    monkeypatch.setattr(engines, "_window", sweep_of({b: float(b) for b in (1, 2, 4, 8, 16, 32, 64)}))
     capped = Scorer()
     capped.max_batch = 16  # a TensorRT plan's profile
     knee = find_knee(capped, np.zeros((4, 1, 64, 64), np.uint8), max_batch=64)
     assert [p.batch for p in knee.sweep] == [1, 2, 4, 8, 16] and knee.batch == 16
 
 
-def test_a_point_within_its_measured_noise_of_the_peak_is_the_knee(monkeypatch):
-    """On a plateau a noisy high reading at a big batch does not drag the knee up: spreads are part of the rule."""
-    points = {1: (100, 0.0), 2: (180, 0.0), 4: (300, 0.0), 8: (350, 0.2), 16: (400, 0.1)}
+def rounds_of(speeds: dict[int, float], factor):
+    """Windows of a sweep in rounds over `speeds`' batches: the images/s of window `i` of batch b is
+    speeds[b] × factor(round, b), the round counted from the calls (every batch once a round)."""
+    calls = {b: 0 for b in speeds}
 
-    def throughput(_engine, _pixels, batch, _seconds):
-        ips, spread = points[batch]
-        return KneePoint(batch, ips, 1000 * batch / ips, spread, 3)
+    def window(_engine, x, _seconds):
+        batch = len(x)
+        calls[batch] += 1
+        return speeds[batch] * factor(calls[batch] - 1, batch)
+    return window
 
-    monkeypatch.setattr(engines, "_throughput", throughput)
+
+PLATEAU = {1: 100, 2: 180, 4: 300, 8: 390, 16: 400}  # knee 8: 390 ≥ 0.95 × 400 = 380; 300 is not
+
+
+def test_a_host_that_slows_down_between_rounds_moves_no_knee_and_adds_no_spread(monkeypatch):
+    """A neighbour that halves the speed every other round slows every point alike: each window is compared with its
+    own round's fastest, so the shares, the knee and the stopping rule see no noise at all."""
+    monkeypatch.setattr(engines, "_window", rounds_of(PLATEAU, lambda r, _b: 0.5 if r % 2 else 1.0))
     knee = find_knee(Scorer(), np.zeros((4, 1, 64, 64), np.uint8), max_batch=16, limit=16)
-    assert knee.batch == 8  # 350 × 1.1 = 385 ≥ 0.95 × 400 × 0.95 = 361; 300 is not, spread 0
-    points[8] = (350, 0.0)  # the same figure measured cleanly is below 361: then 16 is the knee
-    assert find_knee(Scorer(), np.zeros((4, 1, 64, 64), np.uint8), max_batch=16, limit=16).batch == 16
+    assert knee.batch == 8 and knee.images_per_s == 390  # the median of 390, 195, 390
+    assert {(p.spread, p.windows) for p in knee.sweep} == {(0.0, engines.STABLE_WINDOWS)}
+
+
+def test_one_burst_at_one_point_moves_no_knee_and_the_sweep_runs_until_it_has_passed(monkeypatch):
+    """Batch 16 reads 2.5× its speed in the second round only (a burst): the other points' shares of that round
+    drop, the rounds go on until the last three agree again, and the median share keeps the knee where it is."""
+    monkeypatch.setattr(engines, "_window", rounds_of(PLATEAU, lambda r, b: 2.5 if (r, b) == (1, 16) else 1.0))
+    knee = find_knee(Scorer(), np.zeros((4, 1, 64, 64), np.uint8), max_batch=16, limit=16)
+    assert knee.batch == 8
+    assert {p.windows for p in knee.sweep} == {5}  # rounds 3, 4 still hold the burst's round in their last three
+    assert max(p.spread for p in knee.sweep) == 0.0
+
+
+def test_a_sweep_that_never_settles_stops_at_its_budget_and_says_how_noisy_it_was(monkeypatch):
+    monkeypatch.setattr(engines, "_window", rounds_of(PLATEAU, lambda r, b: 0.5 if (b == 4 and r % 2) else 1.0))
+    knee = find_knee(Scorer(), np.zeros((4, 1, 64, 64), np.uint8), max_batch=16, limit=16)
+    point = {p.batch: p for p in knee.sweep}[4]
+    assert point.windows == engines.MAX_WINDOWS and point.spread == pytest.approx((0.75 - 0.375) / 0.375)
+    assert knee.batch == 8
 
 
 class Clock:
-    """perf_counter for `_throughput`, advanced only by the engine's calls: windows without timing anything."""
+    """perf_counter for `_window`, advanced only by the engine's calls: windows without timing anything."""
 
     def __init__(self, call_seconds: list[float]):
         self.now, self.calls = 0.0, iter(call_seconds)
@@ -75,23 +102,13 @@ class Clock:
         return np.zeros(len(pixels), np.float32)
 
 
-def test_a_sweep_point_is_measured_until_its_last_three_windows_agree(monkeypatch):
-    # seconds=0.375: windows of 0.125 s, here two calls each (durations exact in binary, so no window is a call
-    # longer by rounding); batch 8 at 0.0625 s a call is 128 images/s
-    fast, slow, steady = 0.0625, 0.125, 0.064453125  # 128, 64 and 124.1 images/s
-    windows = [fast, slow, fast, steady, fast]  # noise, then three windows within 5% of their median
-    clock = Clock([fast] + [d for w in windows for d in (w, w)])
+def test_a_window_is_the_throughput_sustained_over_its_calls_not_its_fastest_call(monkeypatch):
+    clock = Clock([0.0625, 0.125, 0.0625])  # batch 8: 128 and 64 images/s calls
     monkeypatch.setattr(engines, "time", clock)
-    point = engines._throughput(clock, np.zeros((8, 1, 64, 64), np.uint8), 8, 0.375)
-    assert point.windows == 5 and point.images_per_s == 128.0
-    assert point.spread == pytest.approx((128 - 8 / steady) / 128)
-
-
-def test_a_point_that_never_settles_stops_at_its_budget_and_says_how_noisy_it_was(monkeypatch):
-    clock = Clock([0.0625] + [0.0625, 0.0625, 0.125, 0.125] * engines.MAX_WINDOWS)
+    assert engines._window(clock, np.zeros((8, 1, 64, 64), np.uint8), 0.1) == pytest.approx(16 / 0.1875)
+    clock = Clock([1 / 64] * 9)  # exact in binary: the window ends on its eighth call
     monkeypatch.setattr(engines, "time", clock)
-    point = engines._throughput(clock, np.zeros((8, 1, 64, 64), np.uint8), 8, 0.375)
-    assert point.windows == engines.MAX_WINDOWS and point.spread == 1.0  # its last three: 64, 128, 64 images/s
+    assert engines._window(clock, np.zeros((8, 1, 64, 64), np.uint8), 0.125) == 512.0
 
 
 def test_scores_batch_any_number_of_images_in_order():
