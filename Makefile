@@ -32,8 +32,9 @@ test: install  ## the whole test suite (tiny lakes; minutes, not hours)
 test-gpu: install  ## the GPU tests, on a host with an NVIDIA GPU and the `gpu` extra (see README); elsewhere they skip
 	$(PY) -m pytest -m gpu -rs tests/models/test_tensorrt.py tests/flows/test_optimize.py
 
-bench: install  ## every engine side by side with the seed baseline (uses ./lake's promoted model: `make demo` first)
+bench: install  ## every engine side by side with the seed baseline (uses ./lake's promoted model: `make demo` first), then cost in lake size
 	$(PY) -m benchmarks.bench
+	$(PY) -m benchmarks.lake_scale --out benchmarks/results/$$(date -u +%Y-%m-%d)-lake-scale.json
 
 bench-quick: install  ## the benchmark harness as a smoke run (seconds; asserts nothing about speed); make test runs it
 	$(PY) -m benchmarks.bench --quick --out build/bench-quick

@@ -106,7 +106,11 @@ def night_shard(root: Path, night: int) -> Path:
 def measure(lake_root: Path, shard: Path, step: str) -> dict:
     """One step on the lake, in this (fresh) process: its time (imports excluded: the same at every size) and peak
     RSS."""
+    import pyarrow as pa
+
     import tasks.screen  # noqa: F401  (Prefect's import, ~1 s)
+
+    pa.array([0])  # pyarrow imports pandas on its first conversion (~0.3 s): an import too, not the lake's cost
     from tasks.ingest import IngestOptions, ingest_shard
     from tasks.lake import Lake
     from tasks.shards import fingerprint

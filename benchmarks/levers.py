@@ -8,6 +8,7 @@ reports the best throughput over a batch sweep and the batch-1 latency:
 
 - ORT session options: intra-op spinning on; the memory arena off; the graph optimized once and saved (load time);
 - one engine per core (two single-thread sessions on two Python threads) vs one engine with two threads;
+- OpenVINO on the INT8 graphs, one caller on one stream vs two callers at once on two streams (the screen flow);
 - INT8 formats: U8S8 vs S8S8, per-tensor vs per-channel (the promoted model's own graphs);
 - the architecture (issue 18's cheaper net): width 1.25, 1.0 and 0.75, each with the 3×3 stride-2 stem and the
   4×4 stride-4 patch stem (models/nets.py), INT8 on ONNX Runtime and OpenVINO, each swept by `find_knee` as
@@ -115,6 +116,24 @@ def shapes(work: Path, calibration: np.ndarray, pixels: np.ndarray, threads: int
                        mmacs=mmacs, width=width, stem=stem, engine=kind.name)
 
 
+def openvino_callers(graphs: dict[str, Path], pixels: np.ndarray, threads: int, seconds: float, record) -> None:
+    """Each INT8 graph on OpenVINO called as a single caller calls it (one stream of `threads` threads: the bench's
+    table, the raw loop) and as the screen flow's shard tasks call it (`threads` callers at once, a stream of one
+    thread each; models/engine.py)."""
+    from models.engine import OpenVinoEngine, openvino_missing
+
+    if openvino_missing() is not None:
+        return
+    for name, path in graphs.items():
+        if name == "fp32":
+            continue
+        record(f"OV {name.upper()}, one caller, one stream of {threads} threads",
+               best_throughput(OpenVinoEngine(path, "int8", threads).infer, pixels, seconds), engine="openvino")
+        shared = OpenVinoEngine(path, "int8", threads=1, callers=threads)
+        record(f"OV {name.upper()}, {threads} callers at once, {threads} streams × 1 thread (as screen calls it)",
+               parallel_throughput([shared.infer] * threads, pixels, seconds), engine="openvino")
+
+
 def _at_knee(knee) -> dict:
     return {"images_per_s": knee.images_per_s, "batch": knee.batch, "batch1_p50_ms": knee.batch1_latency_ms}
 
@@ -202,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             per_core = [OrtEngine(path, "int8", threads=1).infer for _ in range(args.threads)]
             record(f"{name.upper()}, {args.threads} engines × 1 thread",
                    parallel_throughput(per_core, pixels, seconds))
+
+        openvino_callers(graphs, pixels, args.threads, seconds, record)
 
         import torch
 
