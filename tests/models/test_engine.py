@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from models import engine as engines
-from models.engine import KneePoint, find_knee, scores
+from models.engine import find_knee, scores
 
 
 def sweep_of(speeds: dict[int, float]):
