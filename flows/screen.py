@@ -59,8 +59,9 @@ def screen(lake: str | None = None, version: str | None = None, workers: int | N
            engine: str = "auto", allow_failed_gate: bool = False) -> ScreenReport:
     """Score every image in the lake with the promoted model (or `version`), a task per shard.
 
-    engine: auto (TensorRT where this host has a GPU and the version a TensorRT threshold, else ONNX Runtime),
-    onnxruntime, or tensorrt (fails at once, saying what is missing, where it cannot run).
+    engine: auto (TensorRT where this host has a GPU and the version a TensorRT threshold, else the fastest CPU
+    engine the version ships that this host runs: OpenVINO or ONNX Runtime), onnxruntime, openvino, or tensorrt
+    (fails at once, saying what is missing, where it cannot run).
     workers: shard tasks running at once (default: one per core), at most the task runner's threads (one per core
     as deployed; `screen_on(workers)` runs it on that many); each engine call then uses cores // workers threads,
     so the cores are busy and not oversubscribed. Shards whose predictions by this version are current are
