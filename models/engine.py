@@ -234,7 +234,8 @@ def find_knee(engine: Engine, pixels: np.ndarray, max_batch: int = MAX_BATCH, fr
     compared with its round's fastest, and a point's share is the median of its rounds' (rounds continue until
     stable, see STABILITY), so one noisy reading moves no knee. No allowance for the spread is made: a knee too
     large costs a screen nothing but a few MB, one too small costs throughput. If the first round's fastest is at
-    the top of the sweep, the sweep extends (up to `limit`) until throughput stops growing. An engine with a largest batch of its own (a TensorRT plan's `max_batch`) is never swept past it.
+    the top of the sweep, the sweep extends (up to `limit`) until throughput stops growing. An engine with a largest
+    batch of its own (a TensorRT plan's `max_batch`) is never swept past it.
     """
     if (largest := getattr(engine, "max_batch", None)) is not None:
         max_batch, limit = min(max_batch, largest), min(limit, largest)
