@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,6 +29,12 @@ ENV = dict(os.environ)
 """The environment tests give to subprocesses (the CLI, killed ingests). While the session's Prefect server runs it
 names that server, so a subprocess's flow does not start an ephemeral server of its own (10-20 s each); a test
 whose subprocess runs a flow asks for `prefect_server`."""
+
+
+def pytest_unconfigure(config) -> None:
+    """The session's Prefect home and keys go with it (every fixture and subprocess has finished by now)."""
+    for folder in (_PREFECT_HOME, os.environ["SCREENLINE_KEYS"]):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
