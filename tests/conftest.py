@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
-# Before anything imports Prefect: runs never touch ~/.prefect or a configured server, and the ephemeral server
-# gets the time it needs to start on a loaded 2-core machine.
-_PREFECT_HOME = tempfile.mkdtemp(prefix="screenline-prefect-")
-os.environ["PREFECT_HOME"] = _PREFECT_HOME
-os.environ.pop("PREFECT_API_URL", None)
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
-os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
-os.environ.pop("SCREENLINE_LAKE", None)
-# The session's own signing and trusted keys (models/signing.py): never the user's ~/.config/screenline.
-os.environ["SCREENLINE_KEYS"] = tempfile.mkdtemp(prefix="screenline-keys-")
+from session_env import ENV, KEYS, PREFECT_HOME  # first: it sets the environment before Prefect is imported
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -25,15 +13,10 @@ import pytest  # noqa: E402
 from helpers import images  # noqa: E402
 from tasks.samples import write_npz, write_png_folder, write_tar  # noqa: E402
 
-ENV = dict(os.environ)
-"""The environment tests give to subprocesses (the CLI, killed ingests). While the session's Prefect server runs it
-names that server, so a subprocess's flow does not start an ephemeral server of its own (10-20 s each); a test
-whose subprocess runs a flow asks for `prefect_server`."""
-
 
 def pytest_unconfigure(config) -> None:
     """The session's Prefect home and keys go with it (every fixture and subprocess has finished by now)."""
-    for folder in (_PREFECT_HOME, os.environ["SCREENLINE_KEYS"]):
+    for folder in (PREFECT_HOME, KEYS):
         shutil.rmtree(folder, ignore_errors=True)
 
 

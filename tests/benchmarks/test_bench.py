@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ENV
+from session_env import ENV
 
 
 def test_quick_bench_measures_every_configuration_and_writes_its_outputs(tmp_path, prefect_server):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import ENV
+from session_env import ENV
 from helpers import images, labelled_lake_with_model, task_states
 from PIL import Image
 

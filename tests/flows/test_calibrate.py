@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ENV
+from session_env import ENV
 from helpers import site_lake
 
 from flows.calibrate import calibrate

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ENV
+from session_env import ENV
 from flows.ingest import ingest
 from helpers import images, lake_rows, task_states
 from tasks.samples import make_samples, write_tar

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ENV
+from session_env import ENV
 from flows.ingest import ingest
 from flows.screen import screen
 from helpers import images, register_model, screen_plain, task_states

@@ -277,7 +277,7 @@ def test_the_cli_shows_trust_signs_a_reviewed_change_and_promotes_only_a_passed_
     import subprocess
     import sys
 
-    from conftest import ENV
+    from session_env import ENV
 
     make_version(registry, "sn-failed", passed_gate=False)
     edit(registry, "sn-test", lambda m: m["shipping"].update(threshold=0.3))

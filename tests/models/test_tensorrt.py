@@ -15,7 +15,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from conftest import ENV
+from session_env import ENV
 
 from models import tensorrt
 from models.engine import OrtEngine, resolve_engine, scores

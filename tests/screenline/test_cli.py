@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ENV
+from session_env import ENV
 from screenline.cli import build_parser
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ENV
+from session_env import ENV
 from helpers import images, register_model
 from tasks.samples import write_png_folder, write_tar
 
