@@ -226,25 +226,29 @@ def _score(reader: pq.ParquetFile, source: Path, out: Path, shard_id: str, diges
     }
     pending_ids: list[pa.Array] = []
     pending_scores: list[np.ndarray] = []
+    pending_positive: list[np.ndarray] = []
+    threshold = np.float32(model.threshold)
 
     def write(writer: pq.ParquetWriter) -> None:
         """The batches scored so far as one row group (a full disk: OSError, retried)."""
         scores = np.concatenate(pending_scores)
         columns = {name: pa.repeat(value, len(scores)) for name, value in lineage.items()}
         columns.update(image_id=pa.concat_arrays(pending_ids), score=pa.array(scores, pa.float32()),
-                       positive=pa.array(scores >= np.float32(model.threshold)))
+                       positive=pa.array(np.concatenate(pending_positive)))
         writer.write_table(pa.table(columns, schema=PREDICTIONS_SCHEMA))
-        pending_ids.clear()
-        pending_scores.clear()
+        for pending in (pending_ids, pending_scores, pending_positive):
+            pending.clear()
 
     with atomic_parquet_writer(out, PREDICTIONS_SCHEMA, _footer(model, run_id, digest)) as writer:
         for batch in _batches(reader, model.batch, source, shard_id):
             scores = engine.infer(pixel_array(batch.column(1), channels))
+            positive = scores >= threshold
             pending_ids.append(batch.column(0))
             pending_scores.append(scores)
+            pending_positive.append(positive)
             scored_ids.extend(batch.column(0).to_pylist())
             images += len(scores)
-            flagged += int(np.count_nonzero(scores >= np.float32(model.threshold)))
+            flagged += int(np.count_nonzero(positive))
             if images % ROW_GROUP_ROWS < len(scores):  # crossed a multiple: row groups like images/' own
                 write(writer)
         if pending_scores:
