@@ -1,5 +1,6 @@
 """End-to-end screen throughput and memory: the `screen` flow on an N-image lake (Parquet in → Parquet out,
-Prefect included, server warm), against the raw engine loop on the same pixels.
+Prefect included: a client of a warm Prefect server, and on its own ephemeral server), against the raw engine loop
+on the same pixels.
 
     python -m benchmarks.screen_throughput [--n 100000] [--shards 10] [--profile]
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,8 +37,6 @@ def build_lake(root: Path, n: int, shards: int, graph: dict | None = None) -> Pa
     """n generated images in `shards` MedMNIST .npz shards, ingested; a shipping-like model registered: `graph`
     ({"file": ONNX path, "candidate": name, "precision": fp32|int8}, e.g. the graph a promoted model ships), else a
     random-weight ScreenNet quantized INT8 U8S8 per-tensor."""
-    import shutil
-
     import numpy as np
     import torch
 
@@ -138,27 +138,46 @@ def measure_engine(lake: Path) -> dict:
 
 
 def run(n: int, shards: int, profile: bool = False, log=print, graph: dict | None = None) -> dict:
-    """Build an n-image lake, then measure the raw engine loop and the flow, each in a fresh process."""
+    """Build an n-image lake, then measure the raw engine loop and the flow, each in a fresh process: the flow as
+    deployments and `make serve` run it, a client of a Prefect server (PREFECT_API_URL's, else one started here),
+    and as a one-off `screenline screen` with no server runs it, starting Prefect's ephemeral server from its own
+    process (which imports the server's code there: ~70 MB more)."""
+    from prefect.server.api.server import SubprocessASGIServer
+
     results = {}
     with tempfile.TemporaryDirectory(prefix="screenline-screen-bench-") as tmp:
         t0 = time.perf_counter()
         lake = build_lake(Path(tmp), n, shards, graph)
         log(f"built a {n}-image lake in {time.perf_counter() - t0:.0f} s")
-        for what in ("engine", "flow"):
-            cmd = [sys.executable, "-m", "benchmarks.screen_throughput", "--measure", what, str(lake)]
-            out = subprocess.run(cmd + (["--profile"] if profile and what == "flow" else []),
-                                 capture_output=True, text=True, check=True).stdout
-            if profile and what == "flow":
-                log(out[: out.find("RESULT")])
-            result = results[what] = json.loads(out[out.find("RESULT") + 7:].splitlines()[0])
-            split = (f" (Parquet read + pixel view {result['read_s']:.2f} s, engine {result['infer_s']:.2f} s)"
-                     if "read_s" in result else "")
-            log(f"{what:>6}: {result['images']} images in {result['seconds']:.2f} s = "
-                f"{result['images_per_s']:,.0f} images/s at batch {result['batch']}, "
-                f"peak RSS {result['peak_rss_mb']:.0f} MB{split}")
+        server = None if os.environ.get("PREFECT_API_URL") else SubprocessASGIServer()
+        if server:
+            server.start(timeout=float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+        api = {"PREFECT_API_URL": server.api_url if server else os.environ["PREFECT_API_URL"]}
+        try:
+            for what, env in (("engine", {}), ("flow", api), ("flow_ephemeral", None)):
+                shutil.rmtree(lake / "predictions", ignore_errors=True)  # every flow run scores every image
+                cmd = [sys.executable, "-m", "benchmarks.screen_throughput", "--measure", what, str(lake)]
+                out = subprocess.run(cmd + (["--profile"] if profile and what == "flow" else []),
+                                     capture_output=True, text=True, check=True,
+                                     env=_without_api(os.environ) if env is None else {**os.environ, **env}).stdout
+                if profile and what == "flow":
+                    log(out[: out.find("RESULT")])
+                result = results[what] = json.loads(out[out.find("RESULT") + 7:].splitlines()[0])
+                split = (f" (Parquet read + pixel view {result['read_s']:.2f} s, engine {result['infer_s']:.2f} s)"
+                         if "read_s" in result else "")
+                log(f"{what:>14}: {result['images']} images in {result['seconds']:.2f} s = "
+                    f"{result['images_per_s']:,.0f} images/s at batch {result['batch']}, "
+                    f"peak RSS {result['peak_rss_mb']:.0f} MB{split}")
+        finally:
+            if server:
+                server.stop()
     results["candidate"] = (graph or {}).get("candidate", "int8-u8s8-per-tensor (random weights)")
     results["flow_vs_engine"] = results["flow"]["images_per_s"] / results["engine"]["images_per_s"]
     return results
+
+
+def _without_api(env) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
 
 
 def main() -> None:
@@ -170,7 +189,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.measure:
         what, lake = args.measure
-        result = measure_flow(Path(lake), args.profile) if what == "flow" else measure_engine(Path(lake))
+        result = measure_engine(Path(lake)) if what == "engine" else measure_flow(Path(lake), args.profile)
         print("RESULT " + json.dumps(result))
         return
     run(args.n, args.shards, args.profile, log=lambda line: print(line, flush=True))

@@ -29,7 +29,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -188,7 +188,7 @@ def landed_with(path: Path) -> dict:
 ROW_GROUP_ROWS = 8192
 """Rows per Parquet row group in images/: 32 MiB of grayscale pixels, so readers stream in modest batches."""
 
-STREAM_BUFFER = 4 << 20
+STREAM_BUFFER = 1 << 20
 
 
 def streaming_reader(path: Path) -> pq.ParquetFile:
@@ -319,15 +319,22 @@ class Lake:
                 "rejects": sum(pq.ParquetFile(f).metadata.num_rows for f in rejects)}
 
 
+UNIQUE_COLUMNS = frozenset({"image_id", "pixels", "sha256", "score"})
+"""Written without dictionary encoding: a value an image, so Parquet's writer only gave up on a dictionary after
+filling a page of it (4 MB a row group of pixels), which every reader then held (~4 MB each, and slower reads)."""
+
 
 @contextlib.contextmanager
 def atomic_parquet_writer(
     path: Path, schema: pa.Schema, metadata: dict[str, str] | None = None
 ) -> Iterator[pq.ParquetWriter]:
-    """A zstd ParquetWriter whose file appears at `path` only if the block exits cleanly."""
+    """A zstd ParquetWriter whose file appears at `path` only if the block exits cleanly; no dictionary for the
+    columns whose every value is its own (UNIQUE_COLUMNS)."""
     if metadata:
         schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
-    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+    dictionary = [name for name in schema.names if name not in UNIQUE_COLUMNS]
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd",
+                                                    use_dictionary=dictionary) as writer:
         yield writer
 
 
@@ -335,6 +342,39 @@ def write_table_atomic(path: Path, table: pa.Table, metadata: dict[str, str] | N
     """Write one small table atomically (rejects, audits)."""
     with atomic_parquet_writer(path, table.schema, metadata) as writer:
         writer.write_table(table)
+
+
+def numpy_column(values: np.ndarray, type: pa.DataType) -> pa.Array:
+    """A 1-D numpy array as an Arrow array of `type` (bool, or fixed-width: its values cast to `type`'s width;
+    timestamps as int64 in `type`'s unit).
+
+    `pa.array` and `pa.scalar` import pandas (~48 MB) the first time a process calls them, to check whether they
+    were given pandas objects; the screen path builds its columns with this and `repeated` instead.
+    """
+    if pa.types.is_boolean(type):
+        data = np.packbits(np.asarray(values, np.bool_), bitorder="little")
+    else:
+        data = np.ascontiguousarray(values, np.int64 if pa.types.is_timestamp(type) else type.to_pandas_dtype())
+    return pa.Array.from_buffers(type, len(values), [None, pa.py_buffer(data)])
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def repeated(value: str | float | datetime, type: pa.DataType, n: int) -> pa.Array:
+    """`value` n times as an Arrow array of `type`: string, a number, or a timestamp in microseconds (see
+    `numpy_column`: no pandas)."""
+    if pa.types.is_string(type):
+        encoded = str(value).encode()
+        if (n + 1) * len(encoded) >= 2**31:
+            raise ValueError(f"{n} copies of a {len(encoded)}-byte string exceed a string array's 2 GiB")
+        offsets = np.arange(n + 1, dtype=np.int32) * np.int32(len(encoded))
+        return pa.Array.from_buffers(type, n, [None, pa.py_buffer(offsets), pa.py_buffer(encoded * n)])
+    if pa.types.is_timestamp(type):
+        if type.unit != "us" or not isinstance(value, datetime):
+            raise TypeError(f"repeated: a datetime into microseconds, not {value!r} into {type}")
+        return numpy_column(np.full(n, (value - EPOCH) // timedelta(microseconds=1), np.int64), type)
+    return numpy_column(np.full(n, value), type)
 
 
 def pixel_array(pixels: pa.Array | pa.ChunkedArray, channels: int) -> np.ndarray:

@@ -39,7 +39,9 @@ from tasks.lake import (
     footer,
     image_ids_digest,
     images_digest,
+    numpy_column,
     pixel_array,
+    repeated,
     streaming_reader,
 )
 from tasks.predictions import (
@@ -215,14 +217,14 @@ def _score(reader: pq.ParquetFile, source: Path, out: Path, shard_id: str, diges
     now = datetime.now(timezone.utc)
     # The lineage columns are the same for every row: one value each, repeated to a row group's length.
     lineage = {
-        "shard_id": pa.scalar(shard_id, pa.string()),
-        "threshold": pa.scalar(model.threshold, pa.float32()),
-        "operating_point": pa.scalar(model.point.name, pa.string()),
-        "model_version": pa.scalar(model.version, pa.string()),
-        "engine": pa.scalar(model.engine, pa.string()),
-        "precision": pa.scalar(model.precision, pa.string()),
-        "run_id": pa.scalar(run_id, pa.string()),
-        "scored_at": pa.scalar(now, pa.timestamp("us", tz="UTC")),
+        "shard_id": (shard_id, pa.string()),
+        "threshold": (model.threshold, pa.float32()),
+        "operating_point": (model.point.name, pa.string()),
+        "model_version": (model.version, pa.string()),
+        "engine": (model.engine, pa.string()),
+        "precision": (model.precision, pa.string()),
+        "run_id": (run_id, pa.string()),
+        "scored_at": (now, pa.timestamp("us", tz="UTC")),
     }
     pending_ids: list[pa.Array] = []
     pending_scores: list[np.ndarray] = []
@@ -232,9 +234,9 @@ def _score(reader: pq.ParquetFile, source: Path, out: Path, shard_id: str, diges
     def write(writer: pq.ParquetWriter) -> None:
         """The batches scored so far as one row group (a full disk: OSError, retried)."""
         scores = np.concatenate(pending_scores)
-        columns = {name: pa.repeat(value, len(scores)) for name, value in lineage.items()}
-        columns.update(image_id=pa.concat_arrays(pending_ids), score=pa.array(scores, pa.float32()),
-                       positive=pa.array(np.concatenate(pending_positive)))
+        columns = {name: repeated(value, type, len(scores)) for name, (value, type) in lineage.items()}
+        columns.update(image_id=pa.concat_arrays(pending_ids), score=numpy_column(scores, pa.float32()),
+                       positive=numpy_column(np.concatenate(pending_positive), pa.bool_()))
         writer.write_table(pa.table(columns, schema=PREDICTIONS_SCHEMA))
         for pending in (pending_ids, pending_scores, pending_positive):
             pending.clear()
@@ -267,7 +269,9 @@ def _system_error(exc: BaseException) -> bool:
 def _batches(reader: pq.ParquetFile, size: int, source: Path, shard_id: str) -> Iterator[pa.RecordBatch]:
     """The images file's (image_id, pixels) in batches; ShardUnavailable when its bytes are bad (re-ingest), the
     OSError itself when the disk is (retried: the file may be fine)."""
-    batches = reader.iter_batches(batch_size=size, columns=["image_id", "pixels"])
+    # One thread decodes: the pages of two columns give Arrow's thread pool nothing to share, and its threads'
+    # allocator caches held ~40 MB a reader.
+    batches = reader.iter_batches(batch_size=size, columns=["image_id", "pixels"], use_threads=False)
     while True:
         try:
             batch = next(batches)
@@ -288,11 +292,11 @@ def _redecide(out: Path, shard_id: str, state: State, run_id: str) -> ShardScree
     threshold = np.float32(state.point.threshold)
     positive = old.column("score").to_numpy() >= threshold
     n = old.num_rows
-    table = old.set_column(old.schema.get_field_index("positive"), "positive", pa.array(positive)) \
-        .set_column(old.schema.get_field_index("threshold"), "threshold", pa.array(np.full(n, threshold))) \
-        .set_column(old.schema.get_field_index("run_id"), "run_id", pa.array([run_id] * n, pa.string())) \
+    table = old.set_column(old.schema.get_field_index("positive"), "positive", numpy_column(positive, pa.bool_())) \
+        .set_column(old.schema.get_field_index("threshold"), "threshold", repeated(threshold, pa.float32(), n)) \
+        .set_column(old.schema.get_field_index("run_id"), "run_id", repeated(run_id, pa.string(), n)) \
         .set_column(old.schema.get_field_index("operating_point"), "operating_point",
-                    pa.array([state.point.name] * n, pa.string()))
+                    repeated(state.point.name, pa.string(), n))
     meta = {**footer(out), THRESHOLD_KEY: repr(state.point.threshold), POINT_KEY: state.point.name, RUN_KEY: run_id}
     supersede(out)
     with atomic_parquet_writer(out, PREDICTIONS_SCHEMA, meta) as writer:

@@ -116,6 +116,25 @@ def test_predictions_are_written_in_row_groups_of_the_images_files_size_not_one_
     assert rows(copy) == rows(lake) and len(rows(copy)) == 120
 
 
+def test_scoring_a_shard_imports_no_pandas_and_allocates_from_jemalloc(screened, tmp_path):
+    """pyarrow imports pandas (~48 MB) the first time pa.array or pa.scalar runs; screening builds its columns
+    without them, and its Arrow memory comes from jemalloc (screenline/__init__.py)."""
+    lake, _ = screened
+    copy = tmp_path / "lake"
+    shutil.copytree(lake, copy)
+    shutil.rmtree(copy / "predictions")
+    code = ("import sys; from tasks.lake import Lake; from helpers import screen_plain; import pyarrow as pa; "
+            f"statuses = screen_plain(Lake.at({str(copy)!r}), 'sn-a'); "
+            "print(sorted(set(statuses.values())), 'pandas' in sys.modules, pa.default_memory_pool().backend_name)")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in ENV.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         env={**env, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "['scored'] False jemalloc"
+    assert predictions(copy, "sn-a")["positive"] == [s >= 0.5 for s in predictions(copy, "sn-a")["score"]]
+
+
 def test_results_join_source_and_filter(screened, tmp_path):
     lake, _ = screened
     everything = query_results(str(lake), ResultsQuery(version="sn-a"))

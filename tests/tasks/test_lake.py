@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from tasks.lake import LAKE_ENV, Lake, atomic_parquet_writer, lake_root
+from tasks.lake import LAKE_ENV, Lake, atomic_parquet_writer, lake_root, numpy_column, repeated
 
 
 def test_lake_root_precedence(monkeypatch, tmp_path):
@@ -49,3 +49,35 @@ def test_counts_are_the_images_the_labelled_and_the_rejects(tmp_path):
     for shard in (tmp_path / "labelled.tar", folder):
         ingest_shard(fingerprint(shard), lake, IngestOptions(channels=1))
     assert lake.counts() == {"images": 17, "labelled": 12, "rejects": 1}
+
+
+def test_repeated_and_numpy_columns_hold_what_pa_array_would():
+    from datetime import datetime, timezone
+
+    import numpy as np
+
+    at = datetime(2026, 12, 1, 21, 30, 5, 123456, tzinfo=timezone.utc)
+    stamp = pa.timestamp("us", tz="UTC")
+    assert repeated("sn-a", pa.string(), 3).equals(pa.array(["sn-a"] * 3, pa.string()))
+    assert repeated("", pa.string(), 2).equals(pa.array(["", ""], pa.string()))
+    assert repeated(0.0431, pa.float32(), 2).equals(pa.array([0.0431] * 2, pa.float32()))
+    assert repeated(at, stamp, 2).equals(pa.array([at, at], stamp))
+    assert repeated("x", pa.string(), 0).equals(pa.array([], pa.string()))
+    bools = np.array([True, False, True, True, False, False, False, True, True])  # more than a byte of bits
+    assert numpy_column(bools, pa.bool_()).equals(pa.array(bools.tolist(), pa.bool_()))
+    scores = np.array([0.25, 0.5, 1e-8], np.float32)
+    assert numpy_column(scores, pa.float32()).equals(pa.array(scores.tolist(), pa.float32()))
+    with pytest.raises(TypeError):
+        repeated("2026-12-01", stamp, 1)
+
+
+def test_columns_whose_every_value_is_its_own_are_written_without_a_dictionary(tmp_path):
+    table = pa.table({"image_id": ["a", "b"], "shard_id": ["s", "s"], "pixels": [b"\x00" * 16, b"\x01" * 16]})
+    with atomic_parquet_writer(tmp_path / "t.parquet", table.schema) as writer:
+        writer.write_table(table)
+    import pyarrow.parquet as pq
+
+    group = pq.ParquetFile(tmp_path / "t.parquet").metadata.row_group(0)
+    assert {group.column(i).path_in_schema: group.column(i).has_dictionary_page for i in range(3)} == {
+        "image_id": False, "shard_id": True, "pixels": False}
+    assert pq.read_table(tmp_path / "t.parquet").equals(table)
