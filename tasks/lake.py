@@ -160,8 +160,13 @@ def image_ids_digest(ids: Iterable[str]) -> str:
 
 def footer(path: Path) -> dict[str, str]:
     """A Parquet file's key-value metadata (screenline's lineage keys), without Arrow's own schema entry."""
-    raw = pq.read_metadata(path).metadata or {}
-    return {k.decode(): v.decode() for k, v in raw.items() if k != b"ARROW:schema"}
+    return footer_and_rows(path)[0]
+
+
+def footer_and_rows(path: Path) -> tuple[dict[str, str], int]:
+    """`footer`, and how many rows the file holds, from one read of its footer."""
+    meta = pq.read_metadata(path)
+    return {k.decode(): v.decode() for k, v in (meta.metadata or {}).items() if k != b"ARROW:schema"}, meta.num_rows
 
 
 def images_digest(path: Path) -> str:
@@ -192,8 +197,9 @@ STREAM_BUFFER = 1 << 20
 
 
 def streaming_reader(path: Path) -> pq.ParquetFile:
-    """An images file opened to stream: column chunks read through a 4 MiB buffer, not a row group's 32 MiB at
-    once (each concurrent shard reader holds ~13 MB of Arrow memory instead of ~47 MB, and reads no slower)."""
+    """An images file opened to stream: column chunks read through a 1 MiB buffer, not a row group's 32 MiB at
+    once (each concurrent shard reader holds ~11 MB of Arrow memory instead of ~47 MB, and reads no slower: an
+    images file without a pixels dictionary in 33 ms, as with 4 MiB, against 52 ms with one)."""
     return pq.ParquetFile(path, buffer_size=STREAM_BUFFER, pre_buffer=False)
 
 

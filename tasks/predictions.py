@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from models.manifest import Manifest, Shipped
 from screenline.files import SAFE_NAME
-from tasks.lake import PREDICTIONS_SCHEMA, SHARD_ID, Lake, footer, images_digest, move_aside
+from tasks.lake import PREDICTIONS_SCHEMA, SHARD_ID, Lake, footer_and_rows, images_digest, move_aside
 
 IMAGES_KEY = "screenline.images_digest"  # the image-id digest of the images file that was scored
 ENGINE_KEY = "screenline.engine"
@@ -81,6 +81,7 @@ class State:
     kind: str  # "current" | "missing" | "redecide" | "rescore" | "orphan" | "unreadable" (its images file)
     why: str = ""
     point: OperatingPoint | None = None  # for "current" and "redecide": the operating point that made the scores
+    rows: int = -1  # for "current" and "redecide": predictions the file holds
 
     @property
     def current(self) -> bool:
@@ -101,7 +102,7 @@ def state_of(lake: Lake, version: str, shard_id: str, points: Iterable[Operating
     except (pa.ArrowInvalid, OSError) as exc:
         return State("unreadable", f"its images file cannot be read ({exc}): delete it and re-ingest the shard")
     try:
-        meta = footer(path)
+        meta, rows = footer_and_rows(path)
     except (pa.ArrowInvalid, OSError):
         return State("rescore", "its predictions file cannot be read")
     if meta.get(IMAGES_KEY) != digest:
@@ -117,8 +118,8 @@ def state_of(lake: Lake, version: str, shard_id: str, points: Iterable[Operating
     if recorded != point.threshold or meta[POINT_KEY] != point.name:
         return State("redecide", f"decided at threshold {recorded:.6g} ({meta.get(POINT_KEY, 'shipped')}); "
                                  f"{version}'s {point.engine} decides at {point.threshold:.6g} ({point.name}) now",
-                     point)
-    return State("current", "", point)
+                     point, rows)
+    return State("current", "", point, rows)
 
 
 def prediction_files(lake: Lake, version: str) -> dict[str, Path]:

@@ -174,7 +174,7 @@ def screen_shard(shard_id: str, model: ScreenModel, run_id: str, engine: Engine 
                                f"(delete the file, then run ingest on its source again)") from None
     state = state_of(lake, model.version, shard_id, model.points, digest)
     if state.current:
-        return ShardScreenSummary(shard_id, pq.ParquetFile(out).metadata.num_rows, -1, 0.0, "already_scored")
+        return ShardScreenSummary(shard_id, state.rows, -1, 0.0, "already_scored")
     if state.kind == "redecide":
         return _redecide(out, shard_id, state, run_id)
     if out.exists():
@@ -186,16 +186,16 @@ def screen_shard(shard_id: str, model: ScreenModel, run_id: str, engine: Engine 
 
 def triage(model: ScreenModel, shards: list[tuple[str, str]]) -> tuple[list[tuple[str, str]],
                                                                        list[ShardScreenSummary]]:
-    """The shards with work to do, and a summary of each current one: two footers read a current shard and no task
-    started for it, so a nightly run over a lake of many shards costs the new shards' tasks, not one per shard.
-    A shard whose state cannot be read here is left to its task, which says what is wrong with it."""
+    """The shards with work to do, and a summary of each current one: its predictions file's footer read once (the
+    images file's was, listing the shards) and no task started for it, so a nightly run over a lake of many shards
+    costs the new shards' tasks, not one per shard. A shard whose state cannot be read here is left to its task,
+    which says what is wrong with it."""
     lake = Lake.at(model.lake_root)
     pending, current = [], []
     for shard_id, digest in shards:
         try:
-            if digest and state_of(lake, model.version, shard_id, model.points, digest).current:
-                rows = pq.ParquetFile(lake.predictions_file(model.version, shard_id)).metadata.num_rows
-                current.append(ShardScreenSummary(shard_id, rows, -1, 0.0, "already_scored"))
+            if digest and (state := state_of(lake, model.version, shard_id, model.points, digest)).current:
+                current.append(ShardScreenSummary(shard_id, state.rows, -1, 0.0, "already_scored"))
                 continue
         except (pa.ArrowInvalid, OSError):
             pass
