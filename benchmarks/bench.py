@@ -435,7 +435,10 @@ def markdown(report: dict) -> str:
             + (f"; as a one-off run on Prefect's ephemeral server: {one_off['images_per_s']:,.0f} images/s, peak RSS "
                f"{one_off['peak_rss_mb']:.0f} MB" if (one_off := screen.get("flow_ephemeral")) else "")
             + f"; the raw engine loop on the same Parquet: {screen['engine']['images_per_s']:,.0f} images/s; "
-            f"flow / raw = {screen['flow_vs_engine']:.2f}.")
+            f"flow / raw = {screen['flow_vs_engine']:.2f}"
+            + (f" (medians of {len(screen['flow']['runs'])} runs each, in turns: [images/s, MB] "
+               + "; ".join(f"{what} {screen[what]['runs']}" for what in ("flow", "flow_ephemeral", "engine")
+                           if what in screen) + ")" if "runs" in screen["flow"] else "") + ".")
     from benchmarks.profile import markdown as profile_markdown
 
     for prof in report.get("profiles") or []:
@@ -548,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.screen_throughput import run as screen_run
 
         n = args.screen_n or (2000 if args.quick else 100_000)
-        screen = screen_run(n, 1 if args.quick else 10, log=log, graph=context.get("ship_graph"))
+        screen = screen_run(n, 1 if args.quick else 10, log=log, graph=context.get("ship_graph"),
+                            repeats=1 if args.quick else 3)
         levers = run_levers(lake, work, args.threads, args.quick)
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     command = "make bench-quick" if args.quick else "make bench"

@@ -2,7 +2,7 @@
 Prefect included: a client of a warm Prefect server, and on its own ephemeral server), against the raw engine loop
 on the same pixels.
 
-    python -m benchmarks.screen_throughput [--n 100000] [--shards 10] [--profile]
+    python -m benchmarks.screen_throughput [--n 100000] [--shards 10] [--repeats 3] [--profile]
 
 The model is a ScreenNet at optimize's default width, exported and quantized INT8 U8S8 per-tensor; its weights are
 random, which changes no timing (`make bench` passes the graph its model ships instead). Each measurement runs in a
@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -137,14 +138,15 @@ def measure_engine(lake: Path) -> dict:
             "peak_rss_mb": peak_rss_mb(), "read_s": reading, "infer_s": inferring}
 
 
-def run(n: int, shards: int, profile: bool = False, log=print, graph: dict | None = None) -> dict:
+def run(n: int, shards: int, profile: bool = False, log=print, graph: dict | None = None, repeats: int = 3) -> dict:
     """Build an n-image lake, then measure the raw engine loop and the flow, each in a fresh process: the flow as
     deployments and `make serve` run it, a client of a Prefect server (PREFECT_API_URL's, else one started here),
     and as a one-off `screenline screen` with no server runs it, starting Prefect's ephemeral server from its own
-    process (which imports the server's code there: ~70 MB more)."""
+    process (which imports the server's code there: ~70 MB more). Each is measured `repeats` times, in turns (a
+    busy neighbour slows all three alike); each figure is the median of its runs, "runs" lists them."""
     from prefect.server.api.server import SubprocessASGIServer
 
-    results = {}
+    runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="screenline-screen-bench-") as tmp:
         t0 = time.perf_counter()
         lake = build_lake(Path(tmp), n, shards, graph)
@@ -154,23 +156,31 @@ def run(n: int, shards: int, profile: bool = False, log=print, graph: dict | Non
             server.start(timeout=float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
         api = {"PREFECT_API_URL": server.api_url if server else os.environ["PREFECT_API_URL"]}
         try:
-            for what, env in (("engine", {}), ("flow", api), ("flow_ephemeral", None)):
-                shutil.rmtree(lake / "predictions", ignore_errors=True)  # every flow run scores every image
-                cmd = [sys.executable, "-m", "benchmarks.screen_throughput", "--measure", what, str(lake)]
-                out = subprocess.run(cmd + (["--profile"] if profile and what == "flow" else []),
-                                     capture_output=True, text=True, check=True,
-                                     env=_without_api(os.environ) if env is None else {**os.environ, **env}).stdout
-                if profile and what == "flow":
-                    log(out[: out.find("RESULT")])
-                result = results[what] = json.loads(out[out.find("RESULT") + 7:].splitlines()[0])
-                split = (f" (Parquet read + pixel view {result['read_s']:.2f} s, engine {result['infer_s']:.2f} s)"
-                         if "read_s" in result else "")
-                log(f"{what:>14}: {result['images']} images in {result['seconds']:.2f} s = "
-                    f"{result['images_per_s']:,.0f} images/s at batch {result['batch']}, "
-                    f"peak RSS {result['peak_rss_mb']:.0f} MB{split}")
+            for _ in range(repeats):
+                for what, env in (("engine", {}), ("flow", api), ("flow_ephemeral", None)):
+                    shutil.rmtree(lake / "predictions", ignore_errors=True)  # every flow run scores every image
+                    cmd = [sys.executable, "-m", "benchmarks.screen_throughput", "--measure", what, str(lake)]
+                    profiling = profile and what == "flow" and not runs.get("flow")
+                    out = subprocess.run(cmd + (["--profile"] if profiling else []), capture_output=True, text=True,
+                                         check=True, env=_without_api(os.environ) if env is None
+                                         else {**os.environ, **env}).stdout
+                    if profiling:
+                        log(out[: out.find("RESULT")])
+                    result = json.loads(out[out.find("RESULT") + 7:].splitlines()[0])
+                    runs.setdefault(what, []).append(result)
+                    split = (f" (Parquet read + pixel view {result['read_s']:.2f} s, engine "
+                             f"{result['infer_s']:.2f} s)" if "read_s" in result else "")
+                    log(f"{what:>14}: {result['images']} images in {result['seconds']:.2f} s = "
+                        f"{result['images_per_s']:,.0f} images/s at batch {result['batch']}, "
+                        f"peak RSS {result['peak_rss_mb']:.0f} MB{split}")
         finally:
             if server:
                 server.stop()
+    results: dict = {what: {**done[0], "images_per_s": statistics.median(r["images_per_s"] for r in done),
+                            "seconds": statistics.median(r["seconds"] for r in done),
+                            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in done),
+                            "runs": [[round(r["images_per_s"]), round(r["peak_rss_mb"])] for r in done]}
+                     for what, done in runs.items()}
     results["candidate"] = (graph or {}).get("candidate", "int8-u8s8-per-tensor (random weights)")
     results["flow_vs_engine"] = results["flow"]["images_per_s"] / results["engine"]["images_per_s"]
     return results
@@ -184,6 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--shards", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement, in turns (median)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the flow run")
     parser.add_argument("--measure", nargs=2, metavar=("WHAT", "LAKE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -192,7 +203,7 @@ def main() -> None:
         result = measure_engine(Path(lake)) if what == "engine" else measure_flow(Path(lake), args.profile)
         print("RESULT " + json.dumps(result))
         return
-    run(args.n, args.shards, args.profile, log=lambda line: print(line, flush=True))
+    run(args.n, args.shards, args.profile, log=lambda line: print(line, flush=True), repeats=args.repeats)
 
 
 if __name__ == "__main__":
