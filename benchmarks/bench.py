@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
 
         n = args.screen_n or (2000 if args.quick else 100_000)
         screen = screen_run(n, 1 if args.quick else 10, log=log, graph=context.get("ship_graph"),
-                            repeats=1 if args.quick else 3)
+                            repeats=1 if args.quick else 3, one_off=not args.quick)
         levers = run_levers(lake, work, args.threads, args.quick)
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     command = "make bench-quick" if args.quick else "make bench"

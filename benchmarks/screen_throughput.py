@@ -138,12 +138,14 @@ def measure_engine(lake: Path) -> dict:
             "peak_rss_mb": peak_rss_mb(), "read_s": reading, "infer_s": inferring}
 
 
-def run(n: int, shards: int, profile: bool = False, log=print, graph: dict | None = None, repeats: int = 3) -> dict:
+def run(n: int, shards: int, profile: bool = False, log=print, graph: dict | None = None, repeats: int = 3,
+        one_off: bool = True) -> dict:
     """Build an n-image lake, then measure the raw engine loop and the flow, each in a fresh process: the flow as
     deployments and `make serve` run it, a client of a Prefect server (PREFECT_API_URL's, else one started here),
     and as a one-off `screenline screen` with no server runs it, starting Prefect's ephemeral server from its own
     process (which imports the server's code there: ~70 MB more). Each is measured `repeats` times, in turns (a
-    busy neighbour slows all three alike); each figure is the median of its runs, "runs" lists them."""
+    busy neighbour slows all three alike); each figure is the median of its runs, "runs" lists them. `one_off`
+    False leaves the ephemeral-server run out (the smoke run's ~15 s of server start)."""
     from prefect.server.api.server import SubprocessASGIServer
 
     runs: dict[str, list[dict]] = {}
@@ -157,7 +159,7 @@ def run(n: int, shards: int, profile: bool = False, log=print, graph: dict | Non
         api = {"PREFECT_API_URL": server.api_url if server else os.environ["PREFECT_API_URL"]}
         try:
             for _ in range(repeats):
-                for what, env in (("engine", {}), ("flow", api), ("flow_ephemeral", None)):
+                for what, env in (("engine", {}), ("flow", api), ("flow_ephemeral", None))[: 3 if one_off else 2]:
                     shutil.rmtree(lake / "predictions", ignore_errors=True)  # every flow run scores every image
                     cmd = [sys.executable, "-m", "benchmarks.screen_throughput", "--measure", what, str(lake)]
                     profiling = profile and what == "flow" and not runs.get("flow")
