@@ -156,16 +156,17 @@ def run(n: int, shards: int, profile: bool = False, log=print, graph: dict | Non
         server = None if os.environ.get("PREFECT_API_URL") else SubprocessASGIServer()
         if server:
             server.start(timeout=float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
-        api = {"PREFECT_API_URL": server.api_url if server else os.environ["PREFECT_API_URL"]}
+        plain = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # no server: an ephemeral one
+        client = {**plain, "PREFECT_API_URL": server.api_url if server else os.environ["PREFECT_API_URL"]}
+        measures = [("engine", plain), ("flow", client)] + ([("flow_ephemeral", plain)] if one_off else [])
         try:
             for _ in range(repeats):
-                for what, env in (("engine", {}), ("flow", api), ("flow_ephemeral", None))[: 3 if one_off else 2]:
+                for what, env in measures:
                     shutil.rmtree(lake / "predictions", ignore_errors=True)  # every flow run scores every image
                     cmd = [sys.executable, "-m", "benchmarks.screen_throughput", "--measure", what, str(lake)]
                     profiling = profile and what == "flow" and not runs.get("flow")
                     out = subprocess.run(cmd + (["--profile"] if profiling else []), capture_output=True, text=True,
-                                         check=True, env=_without_api(os.environ) if env is None
-                                         else {**os.environ, **env}).stdout
+                                         check=True, env=env).stdout
                     if profiling:
                         log(out[: out.find("RESULT")])
                     result = json.loads(out[out.find("RESULT") + 7:].splitlines()[0])
@@ -186,10 +187,6 @@ def run(n: int, shards: int, profile: bool = False, log=print, graph: dict | Non
     results["candidate"] = (graph or {}).get("candidate", "int8-u8s8-per-tensor (random weights)")
     results["flow_vs_engine"] = results["flow"]["images_per_s"] / results["engine"]["images_per_s"]
     return results
-
-
-def _without_api(env) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
 
 
 def main() -> None:
