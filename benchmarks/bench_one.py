@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from models.engine import find_knee
+from models.engine import Engine, find_knee
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -29,8 +29,9 @@ def rss_mb(field: str = "VmRSS") -> float:
     return float("nan")
 
 
-def make_runner(config: dict) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 N×C×64×64 → float32 scores, for the configured runtime and model."""
+def make_engine(config: dict, batch: int | None = None) -> Engine:
+    """uint8 N×C×64×64 → float32 scores (`infer`), for the configured runtime and model; `batch` the images a call
+    an engine that compiles for one (OpenVINO) is compiled for."""
     runtime, threads = config["runtime"], int(config["threads"])
     if runtime == "torch":
         import torch
@@ -49,24 +50,27 @@ def make_runner(config: dict) -> Callable[[np.ndarray], np.ndarray]:
         def run(x: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
                 return torch.sigmoid(model(torch.from_numpy(x))).reshape(-1).numpy()
-        return run
+        return SimpleNamespace(infer=run)
     if runtime == "onnxruntime":
         from models.engine import OrtEngine
 
-        engine = OrtEngine(Path(config["onnx"]), config.get("precision", "fp32"), threads)
-        return engine.infer
+        return OrtEngine(Path(config["onnx"]), config.get("precision", "fp32"), threads)
     if runtime == "openvino":
         from models.engine import OpenVinoEngine
 
-        engine = OpenVinoEngine(Path(config["onnx"]), config.get("precision", "fp32"), threads)
-        return engine.infer
+        return OpenVinoEngine(Path(config["onnx"]), config.get("precision", "fp32"), threads, batch=batch)
     if runtime == "tensorrt":
         from models import tensorrt
 
-        batch, onnx = int(config["max_batch"]), Path(config["onnx"])
-        return tensorrt.engine_from_onnx(onnx, config.get("precision", "fp32"), 1, tensorrt.Profile(1, batch, batch),
-                                         onnx.parent).infer
+        top, onnx = int(config["max_batch"]), Path(config["onnx"])
+        return tensorrt.engine_from_onnx(onnx, config.get("precision", "fp32"), 1, tensorrt.Profile(1, top, top),
+                                         onnx.parent)
     raise ValueError(f"unknown runtime {runtime!r}")
+
+
+def at_batch(engine: Engine, batch: int) -> Engine:
+    """The engine as screening runs it at `batch`: compiled for it where the engine compiles one (OpenVINO)."""
+    return engine.at_batch(batch) if hasattr(engine, "at_batch") else engine
 
 
 def timed(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, seconds: float, min_runs: int = 3) -> list[float]:
@@ -87,10 +91,10 @@ def measure_memory(config: dict) -> dict:
     batch = int(config["memory_at_batch"])
     x = np.ascontiguousarray(np.resize(pixels, (batch, *pixels.shape[1:])))
     rss_before = rss_mb()
-    run = make_runner(config)
+    engine = make_engine(config, batch)
     rss_created = rss_mb()
     for _ in range(10):
-        run(x)
+        engine.infer(x)
     rss_knee = rss_mb()
     return {"before_engine": rss_before, "after_create": rss_created, "after_knee": rss_knee,
             "engine_growth": rss_knee - rss_before, "peak": rss_mb("VmHWM"), "batch": batch}
@@ -102,20 +106,21 @@ def measure(config: dict) -> dict:
     pixels = np.load(config["pixels"])
     rss_before = rss_mb()
     t = time.perf_counter()
-    run = make_runner(config)
+    engine = make_engine(config)
     create_s = time.perf_counter() - t
     rss_created = rss_mb()
 
     one = pixels[:1].copy()
-    lat = np.array(timed(run, one, config["latency_seconds"], config["latency_min_runs"])) * 1000
+    lat = np.array(timed(at_batch(engine, 1).infer, one, config["latency_seconds"], config["latency_min_runs"])) * 1000
     # the sweep optimize and screen measure knees with (models/engine.find_knee: windows until stable), not a copy
-    found = find_knee(SimpleNamespace(infer=run), pixels, max_batch=config["max_batch"], limit=config["max_batch"],
+    found = find_knee(engine, pixels, max_batch=config["max_batch"], limit=config["max_batch"],
                       seconds_per_point=config["seconds_per_point"])
     sweep = [{"batch": p.batch, "images_per_s": p.images_per_s, "ms_per_batch": p.ms_per_batch, "spread": p.spread,
               "windows": p.windows} for p in found.sweep]
     peak = max(p["images_per_s"] for p in sweep)
     knee = next(p for p in sweep if p["batch"] == found.batch)
     x = np.ascontiguousarray(np.resize(pixels, (knee["batch"], *pixels.shape[1:])))
+    run = at_batch(engine, knee["batch"]).infer
     for _ in range(20):
         run(x)
     rss_knee = rss_mb()
@@ -131,7 +136,7 @@ def measure(config: dict) -> dict:
     for split in ("val", "test"):
         if config.get(split):
             data = np.load(config[split])
-            out = [run(np.ascontiguousarray(data[i: i + 256])) for i in range(0, len(data), 256)]
+            out = [engine.infer(np.ascontiguousarray(data[i: i + 256])) for i in range(0, len(data), 256)]
             np.save(Path(config["out"]).with_name(f"{config['name']}-{split}-scores.npy"), np.concatenate(out))
     return result
 

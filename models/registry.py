@@ -324,18 +324,20 @@ class Registry:
         return f"overridden: {why}"
 
     def load_engine(self, version: str | None = None, threads: int | None = None, engine: str = "auto",
-                    allow_failed_gate: bool = False):
+                    allow_failed_gate: bool = False, batch: int | None = None):
         """The engine to screen `version` with (default: the promoted one) on this host, its file verified first."""
         pick = self.pick(version, engine, allow_failed_gate)
-        return self.load_shipped(pick.version, pick.shipped, threads)
+        return self.load_shipped(pick.version, pick.shipped, threads, batch=batch)
 
-    def load_shipped(self, version: str, shipped: Shipped, threads: int | None = None, callers: int = 1):
+    def load_shipped(self, version: str, shipped: Shipped, threads: int | None = None, callers: int = 1,
+                     batch: int | None = None):
         """The engine for one of a version's shipped engines, its file verified against the manifest first; `threads`
-        a call, `callers` calling at once (models/engine.py)."""
+        a call, `callers` calling at once, `batch` the images a call that OpenVINO compiles for (models/engine.py)."""
         from models.engine import OpenVinoEngine, OrtEngine
 
         if shipped.engine == "openvino":
-            return OpenVinoEngine(self.verified_file(version, shipped.file), shipped.precision, threads, callers)
+            return OpenVinoEngine(self.verified_file(version, shipped.file), shipped.precision, threads, callers,
+                                  batch)
         if shipped.engine == "tensorrt":
             knee = self.manifest(version).knees.get(host_fingerprint("tensorrt", shipped.precision), {}).get("batch")
             return self.tensorrt_engine(version, shipped.file, shipped.precision, knee)

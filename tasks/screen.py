@@ -97,13 +97,13 @@ class ShardScreenSummary:
     why: str = ""  # why a shard was scored again or re-decided
 
 
-_ENGINES: dict[tuple[str, str, str, int], Engine] = {}
+_ENGINES: dict[tuple, Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
 def shared_engine(model: ScreenModel) -> Engine:
     """This process's engine for `model` (created once, file verified against the manifest first)."""
-    key = (model.lake_root, model.version, model.engine, model.file, model.threads, model.callers)
+    key = (model.lake_root, model.version, model.engine, model.file, model.threads, model.callers, model.batch)
     with _ENGINES_LOCK:
         if key not in _ENGINES:
             registry = Registry(Lake.at(model.lake_root))
@@ -111,7 +111,7 @@ def shared_engine(model: ScreenModel) -> Engine:
             shipped = next((s for s in manifest.picks if s.engine == model.engine and s.file == model.file), None)
             if shipped is None or manifest.files.get(model.file) != model.file_sha256:
                 raise ModelIntegrityError(f"{model.version}'s {model.file} changed during this screen run; re-run it")
-            engine = registry.load_shipped(model.version, shipped, model.threads, model.callers)
+            engine = registry.load_shipped(model.version, shipped, model.threads, model.callers, model.batch)
             _ENGINES[key] = engine
         return _ENGINES[key]
 

@@ -93,7 +93,7 @@ def test_a_threaded_run_shares_one_engine_made_for_as_many_callers_as_shard_task
     lake, _ = screened
     made = [key for key in _ENGINES if key[0] == str(lake) and key[1] == "sn-a"]
     workers = min(default_threads(), 3)  # three shards
-    assert [(threads, callers) for *_, threads, callers in made] == [(default_threads() // workers, workers)]
+    assert [(threads, callers) for *_, threads, callers, _batch in made] == [(default_threads() // workers, workers)]
 
 
 def test_predictions_are_written_in_row_groups_of_the_images_files_size_not_one_a_batch(screened, tmp_path,

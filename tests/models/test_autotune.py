@@ -141,3 +141,25 @@ def test_an_openvino_engine_for_two_callers_runs_them_on_two_streams_with_the_sa
         halves = list(pool.map(lambda part: scores(engine, part, batch=32), (x[:128], x[128:])))
     np.testing.assert_allclose(np.concatenate(halves), scores(OrtEngine(fp32_graph, threads=1), x, batch=64),
                                rtol=0, atol=1e-5)
+
+
+def test_an_openvino_engine_compiled_for_its_batch_pads_fewer_and_chunks_more_with_the_same_scores(fp32_graph):
+    """Screening compiles the knee's batch (static shapes, less memory a stream): a shard's last images are padded
+    to it and more than a batch run in chunks, each image scored as the dynamic graph scores it."""
+    x = np.random.default_rng(5).integers(0, 256, (70, 1, 64, 64), dtype=np.uint8)
+    dynamic = OpenVinoEngine(fp32_graph, threads=1)
+    static = dynamic.at_batch(32)
+    assert static.batch == 32 and dynamic.batch is None
+    assert list(static.compiled.inputs[0].get_partial_shape()) == [32, 1, 64, 64]
+    expected = dynamic.infer(x)
+    for n in (70, 32, 5, 1):
+        np.testing.assert_allclose(static.infer(x[:n]), expected[:n], rtol=0, atol=1e-5)
+    assert static.infer(x[:0]).shape == (0,)
+    with pytest.raises(ValueError, match="batch must be at least 1"):
+        OpenVinoEngine(fp32_graph, batch=0)
+
+
+def test_the_registry_compiles_openvino_for_the_batch_it_is_asked_for(openvino_version):
+    pick = openvino_version.pick(engine="openvino")
+    assert openvino_version.load_shipped("sn-ov", pick.shipped, threads=1, batch=48).batch == 48
+    assert openvino_version.load_shipped("sn-ov", pick.shipped, threads=1).batch is None
