@@ -222,8 +222,8 @@ class Knee:
     images_per_s: float
     batch1_latency_ms: float
     sweep: list[KneePoint]
-    call_ms: float = float("nan")  # the fit's fixed cost of a call (t = call_ms + image_ms × batch)
-    image_ms: float = float("nan")  # and its cost an image
+    call_ms: float  # the fit's fixed cost of a call (t = call_ms + image_ms × batch)
+    image_ms: float  # and its cost an image
 
     def as_dict(self) -> dict:
         """[batch, images/s, ms a batch, spread, windows] a sweep point."""
@@ -268,13 +268,14 @@ def find_knee(engine: Engine, pixels: np.ndarray, max_batch: int = MAX_BATCH, fr
     The points are measured in rounds, one window each a round (`_window`), so a busy neighbour or a CPU clock that
     drifts during the sweep slows every point alike instead of the ones measured while it lasted; each window is
     compared with its round's fastest, and a point's share is the median of its rounds' (rounds continue until
-    stable, see STABILITY). On a throughput curve that flattens the points past the bend differ by less than their
-    noise, so the first point within 5% of the peak moved from 64 to 512 between runs on a quiet host (the bench's
-    knee stability): the fit uses every point up to the plateau's end and its knee moved 64 to 96 over the same
-    runs. If the first round's fastest is at the top of the sweep, the sweep extends (up to `limit`) until
-    throughput stops growing. An engine with a largest batch of its own (a TensorRT plan's `max_batch`) is never
-    swept past it; one that compiles a batch size of its own (`at_batch`: OpenVINO's static shapes, as screening
-    runs the knee) is measured so at each point, the knee too where it is not a point of the sweep.
+    stable, see STABILITY). On a throughput curve that flattens, the points past the bend differ by less than their
+    noise, so the first point within 5% of the peak, the rule before, moved between 16 and 512 from one sweep to the
+    next on this host (five in a row: 512, 16, 256, 16, 32); the fit uses every point up to the plateau's end, and
+    its knee read 64 five times in a row and 64–96 over ten more sweeps. If the first round's fastest is at the top
+    of the sweep, the sweep extends (up to `limit`) until throughput stops growing. An engine with a largest batch
+    of its own (a TensorRT plan's `max_batch`) is never swept past it; one that compiles a batch size of its own
+    (`at_batch`: OpenVINO's static shapes, as screening runs the knee) is measured so at each point, and at the
+    knee where it is not a point of the sweep (its spread then that of its own windows).
     """
     if (largest := getattr(engine, "max_batch", None)) is not None:
         max_batch, limit = min(max_batch, largest), min(limit, largest)

@@ -213,12 +213,20 @@ def run_optimize(lake: str | None, **params: object) -> dict:
         f"{test['sensitivity_ci95'][0]:.4f}–"
         f"{test['sensitivity_ci95'][1]:.4f}), specificity {test['specificity']:.4f}, AUC {test['auc']:.4f}\n"
         f"  this host: knee batch {knee['batch']}, {knee['images_per_s']:,.0f} images/s, "
-        f"batch-1 latency {knee['batch1_latency_ms']:.3f} ms"
+        f"batch-1 latency {knee['batch1_latency_ms']:.3f} ms{_fit(knee)}"
     )
     if test.get("curve"):
         print_curve("  operating curve on the held-out test split (threshold frozen):", test["curve"])
     print_parity(result.get("baseline") or {})
     return result
+
+
+def _fit(knee: dict) -> str:
+    """The knee's fit, where the manifest records one (knees measured before 2026-12-02 do not)."""
+    fit = knee.get("fit") or {}
+    if not {"call_ms", "image_ms"} <= fit.keys():
+        return ""
+    return f" (a call {fit['call_ms']:.3f} ms + {fit['image_ms']:.4f} ms an image)"
 
 
 def _held_out(test: dict) -> str:

@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from models.contract import IMAGE_SIZE
-from screenline.files import SAFE_NAME, UnsafePath, atomic_path, atomic_write_bytes, confined, safe_name
+from screenline.files import UnsafePath, atomic_path, atomic_write_bytes, confined, safe_name
 
 LAKE_ENV = "SCREENLINE_LAKE"
 DEFAULT_LAKE = "lake"

@@ -116,3 +116,11 @@ def test_every_bad_invocation_is_one_error_line_without_a_traceback(lakes, tmp_p
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and "Traceback" not in out.stdout, out.stderr[-3000:]
     assert len(errors) == 1 and errors[0].startswith("screenline: error: ") and says in errors[0], errors
+
+
+def test_optimize_says_the_knees_fit_where_the_manifest_records_one_and_nothing_where_it_does_not():
+    from screenline.cli import _fit
+
+    assert _fit({"batch": 64, "fit": {"call_ms": 0.2733, "image_ms": 0.0881}}) == \
+        " (a call 0.273 ms + 0.0881 ms an image)"
+    assert _fit({"batch": 64}) == "" and _fit({"batch": 64, "fit": {"call_ms": 0.3}}) == ""
