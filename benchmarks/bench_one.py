@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from models.engine import Engine, find_knee
+from models.engine import Engine, compiled_for, find_knee
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -68,11 +68,6 @@ def make_engine(config: dict, batch: int | None = None) -> Engine:
     raise ValueError(f"unknown runtime {runtime!r}")
 
 
-def at_batch(engine: Engine, batch: int) -> Engine:
-    """The engine as screening runs it at `batch`: compiled for it where the engine compiles one (OpenVINO)."""
-    return engine.at_batch(batch) if hasattr(engine, "at_batch") else engine
-
-
 def timed(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, seconds: float, min_runs: int = 3) -> list[float]:
     """Durations (s) of repeated calls on x, for at least `seconds` and `min_runs` calls, after one warm-up."""
     run(x)
@@ -111,7 +106,7 @@ def measure(config: dict) -> dict:
     rss_created = rss_mb()
 
     one = pixels[:1].copy()
-    lat = np.array(timed(at_batch(engine, 1).infer, one, config["latency_seconds"], config["latency_min_runs"])) * 1000
+    lat = np.array(timed(compiled_for(engine, 1).infer, one, config["latency_seconds"], config["latency_min_runs"])) * 1000
     # the sweep optimize and screen measure knees with (models/engine.find_knee: windows until stable), not a copy
     found = find_knee(engine, pixels, max_batch=config["max_batch"], limit=config["max_batch"],
                       seconds_per_point=config["seconds_per_point"])
@@ -120,7 +115,7 @@ def measure(config: dict) -> dict:
     peak = max(p["images_per_s"] for p in sweep)
     knee = next(p for p in sweep if p["batch"] == found.batch)
     x = np.ascontiguousarray(np.resize(pixels, (knee["batch"], *pixels.shape[1:])))
-    run = at_batch(engine, knee["batch"]).infer
+    run = compiled_for(engine, knee["batch"]).infer
     for _ in range(20):
         run(x)
     rss_knee = rss_mb()

@@ -282,14 +282,13 @@ def find_knee(engine: Engine, pixels: np.ndarray, max_batch: int = MAX_BATCH, fr
     window = seconds_per_point / STABLE_WINDOWS
     inputs: dict[int, np.ndarray] = {}
     figures: dict[int, list[float]] = {}
-    at_batch = getattr(engine, "at_batch", None)
     engines: dict[int, Engine] = {}
 
     def measure(batch: int) -> None:
         if batch not in inputs:
             inputs[batch] = (np.ascontiguousarray(pixels[:batch]) if len(pixels) >= batch
                              else np.resize(pixels, (batch, *pixels.shape[1:])))
-            engines[batch] = at_batch(batch) if at_batch is not None else engine
+            engines[batch] = compiled_for(engine, batch)
             engines[batch].infer(inputs[batch])  # warm-up
         figures.setdefault(batch, []).append(_window(engines[batch], inputs[batch], window))
 
@@ -321,6 +320,13 @@ def find_knee(engine: Engine, pixels: np.ndarray, max_batch: int = MAX_BATCH, fr
     return Knee(knee, point.images_per_s, sweep[0].ms_per_batch, sweep, call * scale, image * scale)
 
 
+def compiled_for(engine: Engine, batch: int) -> Engine:
+    """The engine as screening runs it at `batch`: compiled for it where the engine compiles one (OpenVINO's
+    `at_batch`), else the engine itself."""
+    at_batch = getattr(engine, "at_batch", None)
+    return at_batch(batch) if at_batch is not None else engine
+
+
 def _fitted_knee(share: dict[int, float], fraction: float) -> tuple[int, float, float]:
     """The knee of a sweep's median shares of the fastest, with the fit it came from: (batch, a, c).
 
@@ -333,15 +339,16 @@ def _fitted_knee(share: dict[int, float], fraction: float) -> tuple[int, float, 
     grow with the batch (c ≤ 0): the plateau's end."""
     top = max(share.values())
     end = max(b for b in share if share[b] >= fraction * top)
-    b = np.array([x for x in share if x <= end], dtype=float)
-    t = b / np.array([share[int(x)] for x in b])
+    fitted = [x for x in share if x <= end]
+    b = np.array(fitted, dtype=float)
+    t = b / np.array([share[x] for x in fitted])
     if len(b) < 2:
         return end, float(t[0]), 0.0
     (a, c), *_ = np.linalg.lstsq(np.stack([1 / t, b / t], axis=1), np.ones_like(b), rcond=None)
     if c <= 0 or fraction >= 1:
         return end, float(a), float(c)
     if a <= 0:
-        return int(b[0]), float(a), float(c)
+        return fitted[0], float(a), float(c)
     want = fraction / (1 - fraction) * a / c
     grid = 1 << max(0, math.ceil(math.log2(want))) if want <= KNEE_STEP else KNEE_STEP * math.ceil(want / KNEE_STEP)
     return min(end, grid), float(a), float(c)
