@@ -3,13 +3,14 @@
     python -m benchmarks.bench [--lake lake] [--quick] [--threads 2] [--screen-n 100000] [--out benchmarks/results]
 
 Each configuration runs in its own process (benchmarks.bench_one), so its memory is its own: batch-1 latency
-p50/p95/p99, a throughput sweep over batch sizes and its knee, engine memory (RSS growth from creating the engine and
-running at the knee) and peak RSS, MFLOPs an image and the GFLOP/s it achieves against this machine's measured
-FP32 GEMM peak. The optimized engines are the lake's promoted model (as optimize built it; `make demo` makes one;
-without one, a smaller model is built the same way in build/bench-lake, minutes, and reused by later runs), scored
-on its held-out test split at a threshold each engine calibrates on validation, so no speed is quoted without the
-sensitivity it keeps. Ratios are against the seed baseline (ResNet18, 64→224, torch eager FP32) measured in the same
-run: absolute times drift on a shared machine, ratios much less.
+p50/p95/p99 (on one thread or the configured ones, whichever is faster for one image), a throughput sweep over batch
+sizes and its knee, engine memory (RSS growth from creating the engine and running at the knee) and peak RSS, MFLOPs
+an image and the GFLOP/s it achieves against this machine's measured FP32 GEMM peak. The optimized engines are the
+lake's promoted model (as optimize built it; `make demo` makes one; without one, a smaller model is built the same
+way in build/bench-lake, minutes, and reused by later runs), scored on its held-out test split at a threshold each
+engine calibrates on validation, so no speed is quoted without the sensitivity it keeps. Ratios are against the seed
+baseline (ResNet18, 64→224, torch eager FP32) measured in the same run: absolute times drift on a shared machine,
+ratios much less.
 
 Then the end-to-end `screen` flow on an N-image lake (Parquet → Parquet, Prefect included, the graph the model
 ships) against the raw engine loop on the same pixels, and each speed lever one at a time (benchmarks.levers). Writes <out>/<date>-<host>.json, .md and -sweep.png. `--quick` is a smoke run (seconds,
@@ -397,8 +398,8 @@ def add_quality(result: dict, work: Path, rule: dict) -> None:
 
 def markdown(report: dict) -> str:
     ref = next(r for r in report["configs"] if r.get("reference") and "error" not in r)
-    rows = ["| configuration | images/s (knee) | × baseline | knee | batch-1 p50 / p95 / p99 ms | engine MB | "
-            "peak RSS MB | MFLOPs/img | G(FL)OP/s (% of its GEMM peak) | test AUC | test sensitivity |",
+    rows = ["| configuration | images/s (knee) | × baseline | knee | batch-1 p50 / p95 / p99 ms (threads) | "
+            "engine MB | peak RSS MB | MFLOPs/img | G(FL)OP/s (% of its GEMM peak) | test AUC | test sensitivity |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     peak = report["machine"]["fp32_gemm_gflops"]
     for r in report["configs"]:
@@ -412,7 +413,8 @@ def markdown(report: dict) -> str:
         rows.append(
             f"| {r['label']} | {r['knee']['images_per_s']:,.0f} | "
             f"{r['knee']['images_per_s'] / ref['knee']['images_per_s']:,.0f}× | {r['knee']['batch']} | "
-            f"{lat['p50']:.3f} / {lat['p95']:.3f} / {lat['p99']:.3f} | {mem['engine_growth']:.0f} | "
+            f"{lat['p50']:.3f} / {lat['p95']:.3f} / {lat['p99']:.3f} ({lat.get('threads', '–')}) | "
+            f"{mem['engine_growth']:.0f} | "
             f"{mem['peak']:.0f} | {r['mflops']:,.1f} | {gflops:,.1f} ({100 * gflops / ceiling:.0f}%) | "
             + (f"{q['test_auc']:.4f} | {q['test_sensitivity']:.4f} ({q['test_positives']} pos) |" if q else "– | – |"))
     screen = report.get("screen")
@@ -540,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 q = result.get("quality")
                 log(f"{config['name']}: {result['knee']['images_per_s']:,.0f} images/s at batch "
-                    f"{result['knee']['batch']}, batch-1 p50 {result['latency_ms']['p50']:.3f} ms, engine "
+                    f"{result['knee']['batch']}, batch-1 p50 {result['latency_ms']['p50']:.3f} ms "
+                    f"({result['latency_ms'].get('threads', args.threads)} thread(s)), engine "
                     f"{result['rss_mb']['engine_growth']:.0f} MB"
                     + (f", test AUC {q['test_auc']:.4f} sensitivity {q['test_sensitivity']:.4f}" if q else "")
                     + f" ({result['seconds']:.0f} s)")

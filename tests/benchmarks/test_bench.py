@@ -24,7 +24,12 @@ def test_quick_bench_measures_every_configuration_and_writes_its_outputs(tmp_pat
     for config in report["configs"]:
         assert "error" not in config, config.get("error")
         assert config["knee"]["batch"] in [p["batch"] for p in config["sweep"]]
-        assert config["latency_ms"]["p50"] <= config["latency_ms"]["p99"]
+        latency = config["latency_ms"]
+        assert latency["p50"] <= latency["p99"]
+        # batch 1 on one thread and on the two configured, the faster quoted with its count
+        assert set(latency["p50_by_threads"]) == {"1", "2"}
+        assert latency["p50"] == min(latency["p50_by_threads"].values())
+        assert latency["p50_by_threads"][str(latency["threads"])] == latency["p50"]
         assert config["rss_mb"]["peak"] >= config["rss_mb"]["after_knee"] > 0
     assert report["machine"]["fp32_gemm_gflops"] > 0 and report["machine"]["int8_gemm_gops"] > 0
     assert "INT8 GEMM peak" in report_file.with_suffix(".md").read_text()
