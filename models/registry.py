@@ -332,12 +332,14 @@ class Registry:
     def load_shipped(self, version: str, shipped: Shipped, threads: int | None = None, callers: int = 1,
                      batch: int | None = None):
         """The engine for one of a version's shipped engines, its file verified against the manifest first; `threads`
-        a call, `callers` calling at once, `batch` the images a call that OpenVINO compiles for (models/engine.py)."""
-        from models.engine import OpenVinoEngine, OrtEngine
+        a call, `callers` calling at once, `batch` the images a call that OpenVINO compiles for (models/engine.py),
+        and keeps compiled in this host's engine cache (`engine_cache`: imported by later loads, not compiled)."""
+        from models.engine import OpenVinoEngine, OrtEngine, engine_cache
 
         if shipped.engine == "openvino":
-            return OpenVinoEngine(self.verified_file(version, shipped.file), shipped.precision, threads, callers,
-                                  batch)
+            path = self.verified_file(version, shipped.file)
+            return OpenVinoEngine(path, shipped.precision, threads, callers, batch, engine_cache(),
+                                  self.manifest(version).files[shipped.file])
         if shipped.engine == "tensorrt":
             knee = self.manifest(version).knees.get(host_fingerprint("tensorrt", shipped.precision), {}).get("batch")
             return self.tensorrt_engine(version, shipped.file, shipped.precision, knee)

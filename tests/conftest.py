@@ -5,7 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from session_env import ENV, KEYS, PREFECT_HOME  # first: it sets the environment before Prefect is imported
+# first: it sets the environment before Prefect is imported
+from session_env import ENGINE_CACHE, ENV, KEYS, PREFECT_HOME
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -15,8 +16,8 @@ from tasks.samples import write_npz, write_png_folder, write_tar  # noqa: E402
 
 
 def pytest_unconfigure(config) -> None:
-    """The session's Prefect home and keys go with it (every fixture and subprocess has finished by now)."""
-    for folder in (PREFECT_HOME, KEYS):
+    """The session's Prefect home, keys and engine cache go with it (every fixture and subprocess is done by now)."""
+    for folder in (PREFECT_HOME, KEYS, ENGINE_CACHE):
         shutil.rmtree(folder, ignore_errors=True)
 
 

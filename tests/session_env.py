@@ -22,6 +22,9 @@ os.environ.pop("SCREENLINE_LAKE", None)
 # The session's own signing and trusted keys (models/signing.py): never the user's ~/.config/screenline.
 KEYS = tempfile.mkdtemp(prefix="screenline-keys-")
 os.environ["SCREENLINE_KEYS"] = KEYS
+# and its own engine cache (models/engine.engine_cache): never the user's ~/.cache/screenline.
+ENGINE_CACHE = tempfile.mkdtemp(prefix="screenline-engines-")
+os.environ["SCREENLINE_ENGINE_CACHE"] = ENGINE_CACHE
 
 ENV = dict(os.environ)
 """The environment tests give to subprocesses (the CLI, killed ingests). While the session's Prefect server runs it
