@@ -16,6 +16,7 @@ import json
 import math
 import os
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,10 @@ class OrtEngine:
         return self.session.run(None, {INPUT_NAME: pixels})[0].reshape(-1)
 
 
+_FIRST_CALLS = threading.Lock()
+"""Held for every OpenVINO engine's first call (`OpenVinoEngine._first_call`)."""
+
+
 class OpenVinoEngine:
     """OpenVINO on the CPU behind `Engine`, reading the same ONNX graphs (FP32, or INT8 from their Q/DQ nodes).
 
@@ -196,8 +201,6 @@ class OpenVinoEngine:
 
     def __init__(self, model_path: Path, precision: str = "fp32", threads: int | None = None, callers: int = 1,
                  batch: int | None = None, cache: Path | None = None, sha256: str | None = None):
-        import threading
-
         import openvino as ov
 
         if batch is not None and batch < 1:
@@ -223,6 +226,7 @@ class OpenVinoEngine:
                 else:
                     self.channels = int(self.compiled.inputs[0].get_partial_shape()[1].get_length())
                     self.source = "imported"
+                    self._first_call()
                     return
         model = core.read_model(str(model_path))
         self.channels = int(model.inputs[0].get_partial_shape()[1].get_length())
@@ -240,6 +244,15 @@ class OpenVinoEngine:
                 self.source = "cached"
             except OSError:
                 pass
+        self._first_call()
+
+    def _first_call(self) -> None:
+        """One call from this thread, under `_FIRST_CALLS`, before any caller's: OpenVINO's Python binding (2026.4)
+        initialises a static the first time it hands out an output tensor, and two threads doing that at once
+        deadlock (one holds the GIL waiting on the static's guard, the other holds the guard waiting on the GIL: two
+        shard tasks' first calls hung a screen run 1 time in ~25, and a bare two-thread script 1 in 40)."""
+        with _FIRST_CALLS:
+            self._run(np.zeros((self.batch or 1, self.channels, IMAGE_SIZE, IMAGE_SIZE), np.uint8))
 
     def at_batch(self, batch: int) -> OpenVinoEngine:
         """The same graph, threads and streams compiled for exactly `batch` images a call."""

@@ -199,3 +199,15 @@ def test_the_registry_keeps_screens_openvino_engine_in_the_hosts_cache(openvino_
     assert not list((tmp_path / "lake").rglob("*.blob"))  # on the host, not in the lake
     monkeypatch.setenv("SCREENLINE_ENGINE_CACHE", "off")
     assert openvino_version.load_shipped("sn-ov", pick.shipped, threads=1, batch=48).source == "compiled"
+
+
+def test_an_openvino_engine_makes_its_first_call_before_any_callers(fp32_graph):
+    """OpenVINO's binding deadlocks when two threads make a process's first calls at once (one shard task's first
+    call waits on a static the other's holds, which waits on the GIL): every engine's first call is made when it is
+    built, in the thread that builds it, under one lock, before a shard task can call it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for engine in (OpenVinoEngine(fp32_graph, threads=1, callers=2, batch=8), OpenVinoEngine(fp32_graph, threads=1)):
+        assert getattr(engine._local, "request", None) is not None  # this thread has called it
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(lambda: getattr(engine._local, "request", None)).result() is None
