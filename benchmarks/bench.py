@@ -438,6 +438,9 @@ def markdown(report: dict) -> str:
                f"{one_off['peak_rss_mb']:.0f} MB" if (one_off := screen.get("flow_ephemeral")) else "")
             + f"; the raw engine loop on the same Parquet: {screen['engine']['images_per_s']:,.0f} images/s; "
             f"flow / raw = {screen['flow_vs_engine']:.2f}"
+            + (f"; of a flow run's time, Prefect's teardown after the run completed (its heartbeat thread's join) "
+               f"{screen['flow']['teardown_s']:.2f} s (runs {screen['flow']['teardowns_s']})"
+               if "teardowns_s" in screen["flow"] else "")
             + (f" (medians of {len(screen['flow']['runs'])} runs each, in turns: [images/s, MB] "
                + "; ".join(f"{what} {screen[what]['runs']}" for what in ("flow", "flow_ephemeral", "engine")
                            if what in screen) + ")" if "runs" in screen["flow"] else "") + ".")

@@ -35,6 +35,7 @@ def test_quick_bench_measures_every_configuration_and_writes_its_outputs(tmp_pat
     assert "INT8 GEMM peak" in report_file.with_suffix(".md").read_text()
     assert report["screen"]["flow"]["images"] == 2000 and report["screen"]["engine"]["images"] == 2000
     assert len(report["screen"]["flow"]["runs"]) == 1  # the smoke run: once, as a client of the session's server
+    assert 0 <= report["screen"]["flow"]["teardown_s"] < report["screen"]["flow"]["seconds"]
     table = report_file.with_suffix(".md").read_text()
     assert "a client of a Prefect server, as deployed" in table
     assert "seed baseline: ResNet18 64→224, torch eager FP32" in table and "× baseline" in table
