@@ -53,6 +53,23 @@ def cpu_features() -> list[str]:
     return []
 
 
+PACKAGES = ("numpy", "pyarrow", "prefect", "onnxruntime", "openvino", "torch")
+"""The packages whose versions a report records: a figure moves with them (screen's and ingest's memory rose
+~35 MB between two machines with the same code, on other versions of these)."""
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
 def log(message: str) -> None:
     print(f"[{datetime.now():%H:%M:%S}] {message}", flush=True)
 
@@ -423,7 +440,8 @@ def markdown(report: dict) -> str:
     lines = [f"Benchmarks of {report['date']} on {report['host']['cpu']} ({isa or 'no AVX2'}; "
              f"{report['host']['threads']} threads), "
              f"`{report['command']}`; model {report['context']['version']}"
-             + (f", ships {report['context']['ships']}" if report["context"].get("ships") else "") + ".", "",
+             + (f", ships {report['context']['ships']}" if report["context"].get("ships") else "") + "; "
+             + ", ".join(f"{name} {v}" for name, v in report["host"].get("packages", {}).items()) + ".", "",
              *rows, "",
              f"Machine FP32 GEMM peak (torch, {report['machine']['gemm_n']}³, {report['machine']['threads']} "
              f"threads): {peak:,.0f} GFLOP/s; INT8 GEMM peak (ONNX Runtime MatMulInteger u8×s8, "
@@ -518,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     host = {"cpu": cpu_model(), "features": cpu_features(), "threads": args.threads, "hostname": socket.gethostname(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "packages": package_versions()}
     with tempfile.TemporaryDirectory(prefix="screenline-bench-") as tmp:
         work = Path(tmp)
         lake = Path(args.lake).resolve()

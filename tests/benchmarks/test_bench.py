@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from importlib.metadata import version
 
 from session_env import ENV
 
@@ -33,6 +34,8 @@ def test_quick_bench_measures_every_configuration_and_writes_its_outputs(tmp_pat
         assert config["rss_mb"]["peak"] >= config["rss_mb"]["after_knee"] > 0
     assert report["machine"]["fp32_gemm_gflops"] > 0 and report["machine"]["int8_gemm_gops"] > 0
     assert "INT8 GEMM peak" in report_file.with_suffix(".md").read_text()
+    assert report["host"]["packages"]["pyarrow"] == version("pyarrow")  # what the figures were measured on
+    assert f"openvino {version('openvino')}" in report_file.with_suffix(".md").read_text()
     assert report["screen"]["flow"]["images"] == 2000 and report["screen"]["engine"]["images"] == 2000
     assert len(report["screen"]["flow"]["runs"]) == 1  # the smoke run: once, as a client of the session's server
     assert 0 <= report["screen"]["flow"]["teardown_s"] < report["screen"]["flow"]["seconds"]
