@@ -430,7 +430,7 @@ def markdown(report: dict) -> str:
         rows.append(
             f"| {r['label']} | {r['knee']['images_per_s']:,.0f} | "
             f"{r['knee']['images_per_s'] / ref['knee']['images_per_s']:,.0f}× | {r['knee']['batch']} | "
-            f"{lat['p50']:.3f} / {lat['p95']:.3f} / {lat['p99']:.3f} ({lat.get('threads', '–')}) | "
+            f"{lat['p50']:.3f} / {lat['p95']:.3f} / {lat['p99']:.3f} ({lat['threads']}) | "
             f"{mem['engine_growth']:.0f} | "
             f"{mem['peak']:.0f} | {r['mflops']:,.1f} | {gflops:,.1f} ({100 * gflops / ceiling:.0f}%) | "
             + (f"{q['test_auc']:.4f} | {q['test_sensitivity']:.4f} ({q['test_positives']} pos) |" if q else "– | – |"))
@@ -441,7 +441,7 @@ def markdown(report: dict) -> str:
              f"{report['host']['threads']} threads), "
              f"`{report['command']}`; model {report['context']['version']}"
              + (f", ships {report['context']['ships']}" if report["context"].get("ships") else "") + "; "
-             + ", ".join(f"{name} {v}" for name, v in report["host"].get("packages", {}).items()) + ".", "",
+             + ", ".join(f"{name} {v}" for name, v in report["host"]["packages"].items()) + ".", "",
              *rows, "",
              f"Machine FP32 GEMM peak (torch, {report['machine']['gemm_n']}³, {report['machine']['threads']} "
              f"threads): {peak:,.0f} GFLOP/s; INT8 GEMM peak (ONNX Runtime MatMulInteger u8×s8, "
@@ -456,9 +456,8 @@ def markdown(report: dict) -> str:
                f"{one_off['peak_rss_mb']:.0f} MB" if (one_off := screen.get("flow_ephemeral")) else "")
             + f"; the raw engine loop on the same Parquet: {screen['engine']['images_per_s']:,.0f} images/s; "
             f"flow / raw = {screen['flow_vs_engine']:.2f}"
-            + (f"; of a flow run's time, Prefect's teardown after the run completed (its heartbeat thread's join) "
-               f"{screen['flow']['teardown_s']:.2f} s (runs {screen['flow']['teardowns_s']})"
-               if "teardowns_s" in screen["flow"] else "")
+            + f"; of a flow run's time, Prefect's teardown after the run completed (its heartbeat thread's join) "
+            f"{screen['flow']['teardown_s']:.2f} s (runs {screen['flow']['teardowns_s']})"
             + (f" (medians of {len(screen['flow']['runs'])} runs each, in turns: [images/s, MB] "
                + "; ".join(f"{what} {screen[what]['runs']}" for what in ("flow", "flow_ephemeral", "engine")
                            if what in screen) + ")" if "runs" in screen["flow"] else "") + ".")
@@ -564,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                 q = result.get("quality")
                 log(f"{config['name']}: {result['knee']['images_per_s']:,.0f} images/s at batch "
                     f"{result['knee']['batch']}, batch-1 p50 {result['latency_ms']['p50']:.3f} ms "
-                    f"({result['latency_ms'].get('threads', args.threads)} thread(s)), engine "
+                    f"({result['latency_ms']['threads']} thread(s)), engine "
                     f"{result['rss_mb']['engine_growth']:.0f} MB"
                     + (f", test AUC {q['test_auc']:.4f} sensitivity {q['test_sensitivity']:.4f}" if q else "")
                     + f" ({result['seconds']:.0f} s)")

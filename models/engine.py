@@ -121,8 +121,12 @@ def engine_cache() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "screenline" / "engines"
 
 
-def cpu_flags() -> str:
-    """This CPU's model name and instruction set flags (what a compiled engine may depend on)."""
+def cpu_info() -> tuple[str, str]:
+    """This CPU's model name ("unknown cpu" where neither /proc/cpuinfo nor the platform names it) and its instruction
+    set flags, sorted: where a knee was measured (registry.host_fingerprint) and what a compiled engine may depend
+    on (`cache_key`)."""
+    import platform
+
     model = flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -133,9 +137,7 @@ def cpu_flags() -> str:
                 flags = " ".join(sorted(value.split()))
     except OSError:
         pass
-    import platform
-
-    return f"{model or platform.processor()} | {flags or platform.machine()}"
+    return model or platform.processor() or "unknown cpu", flags or platform.machine()
 
 
 class OrtEngine:
@@ -405,7 +407,7 @@ def cache_key(sha256: str, precision: str, batch: int, config: dict) -> str:
     its precision, the batch it was compiled for and the compile configuration (threads, streams, hints)."""
     import openvino as ov
 
-    facts = {"openvino": ov.get_version(), "cpu": cpu_flags(), "graph": sha256, "precision": precision,
+    facts = {"openvino": ov.get_version(), "cpu": cpu_info(), "graph": sha256, "precision": precision,
              "batch": batch, "config": config}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
 

@@ -19,14 +19,13 @@ import hashlib
 import json
 import math
 import os
-import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Protocol
 
 from models import signing
-from models.engine import MAX_BATCH
+from models.engine import MAX_BATCH, cpu_info
 from models.manifest import MANIFEST_FORMAT, Manifest, ManifestInvalid, ManifestTooNew, Shipped
 from screenline.files import SAFE_NAME, atomic_write_bytes, safe_name, sha256_file
 
@@ -66,14 +65,7 @@ def valid_threshold(value: Any) -> bool:
 
 def host_fingerprint(engine: str, precision: str) -> str:
     """Where a knee was measured: CPU model, cores available, engine and precision (and the GPU for TensorRT)."""
-    cpu = platform.processor() or "unknown cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu, _ = cpu_info()
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
