@@ -8,6 +8,7 @@ One root (`--lake`, default `./lake`, `SCREENLINE_LAKE` overrides) holds:
     images/.superseded/, rejects/.superseded/   earlier landings a re-delivery replaced, kept, read by nobody
     predictions/<model_version>/<shard>.parquet  a row per image scored by that model version
     audits/ models/<version>/    written by audit and optimize
+    index/                       the pixel-hash index of images/ ingest finds duplicates with (tasks/hashes.py)
 
 Every write goes to a hidden temp file in the same folder and is renamed into place (screenline/files.py), so
 readers (pyarrow, pandas, DuckDB) only ever see whole files.

@@ -99,3 +99,79 @@ def test_a_key_prefix_match_is_confirmed_by_the_full_hash_before_it_is_called_a_
     write_tar(tmp_path / "c.tar", x, y, prefix="c")
     other = land(tmp_path / "c.tar", lake)
     assert other.accepted == 10 and not other.reasons  # proposed by the prefix, refuted by the holder's file
+
+
+@pytest.fixture
+def small_shards(tmp_path):
+    """Six 3-image shards of distinct images, as tars, and a seventh holding the first image of each of the first
+    five and one new: (lake, [paths], mixed path)."""
+    x, y = images(19, "index-runs", prevalence=0.5)
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"s{i}.tar")
+        write_tar(paths[-1], x[3 * i: 3 * i + 3], y[3 * i: 3 * i + 3], prefix=f"s{i}")
+    picks = [0, 3, 6, 9, 12, 18]
+    write_tar(tmp_path / "mixed.tar", x[picks], y[picks], prefix="mixed")
+    lake = Lake(tmp_path / "lake")
+    lake.ensure_channels(1)
+    return lake, paths, tmp_path / "mixed.tar"
+
+
+def test_runs_merge_level_by_level_and_still_find_every_duplicate(small_shards, monkeypatch):
+    from tasks import hashes
+
+    lake, paths, mixed = small_shards
+    monkeypatch.setattr(hashes, "FANOUT", 2)
+    for path in paths[:5]:
+        land(path, lake)
+    with lake.lock(), HashIndex.open(lake) as index:
+        assert index.levels() == {0: 1, 2: 1}  # 5 shards, merged in twos: 0b101
+        assert index.size() == 15
+    assert sorted(p.name.split("-")[0] for p in (lake.root / hashes.RUNS_DIR).glob("*.npy")) == ["0", "2"]
+    # one image of each shard: four in the run merged twice, one in the level-0 run
+    assert land(mixed, lake).reasons == {"duplicate": 5}
+
+
+def test_a_merge_drops_the_keys_of_shards_no_longer_in_the_lake(small_shards, monkeypatch):
+    import numpy as np
+
+    from tasks import hashes
+
+    lake, paths, _ = small_shards
+    monkeypatch.setattr(hashes, "FANOUT", 2)
+    first = land(paths[0], lake)
+    lake.image_file(first.shard_id).unlink()  # forgotten by the next commit; its keys dead in their run
+    land(paths[1], lake)  # the second level-0 run: merged with the first, without its dead keys
+    (run,) = (lake.root / hashes.RUNS_DIR).glob("*.npy")
+    assert np.load(run, allow_pickle=False).shape == (2, 3)
+    assert land(paths[0], lake).accepted == 3  # its images are not in the lake any more
+
+
+def test_a_run_lost_by_hand_rebuilds_the_index_and_an_unregistered_one_is_deleted(two_shards):
+    from tasks import hashes
+
+    lake, a, b = two_shards
+    land(a, lake)
+    runs = lake.root / hashes.RUNS_DIR
+    (run,) = runs.glob("*.npy")
+    run.unlink()  # the index would miss a's images
+    stray = runs / "0-from-a-killed-commit.npy"
+    stray.write_bytes(b"not registered")
+    assert land(b, lake).reasons == {"duplicate": 5}
+    assert not stray.exists()
+    with lake.lock(), HashIndex.open(lake) as index:
+        assert index.size() == 15 and index.levels() == {0: 2}
+
+
+def test_an_index_of_the_older_layout_is_rebuilt(two_shards):
+    import sqlite3
+
+    lake, a, b = two_shards
+    land(a, lake)
+    db = sqlite3.connect(lake.root / INDEX_FILE)
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    db.close()
+    assert land(b, lake).reasons == {"duplicate": 5}
+    with lake.lock(), HashIndex.open(lake) as index:
+        assert index.size() == 15 and index.levels() == {0: 2}
