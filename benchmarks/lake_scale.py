@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,8 +33,9 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def build(root: Path, n: int) -> Path:
-    """A lake of n images in shards of PER_SHARD, a registered model, every image screened."""
+def build(root: Path, n: int) -> tuple[Path, dict]:
+    """A lake of n images in shards of PER_SHARD, a registered model, every image screened; and what its ingests
+    took (each shard's time: the nights whose index merged runs stand out)."""
     import numpy as np
     import torch
 
@@ -42,6 +44,7 @@ def build(root: Path, n: int) -> Path:
     from models.nets import ScreenNet, ScreenNetConfig
     from models.quantize import quantize_int8
     from models.registry import Registry, host_fingerprint
+    from tasks.hashes import HashIndex
     from tasks.ingest import IngestOptions, ingest_shard
     from tasks.lake import Lake
     from tasks.samples import write_npz
@@ -50,6 +53,7 @@ def build(root: Path, n: int) -> Path:
 
     lake = Lake(root / "lake")
     lake.ensure_channels(1)
+    took: list[float] = []
     for start in range(0, n, PER_SHARD):
         ids = np.arange(start, min(n, start + PER_SHARD))
         x = np.zeros((len(ids), 64, 64), np.uint8)
@@ -58,7 +62,9 @@ def build(root: Path, n: int) -> Path:
         x[:, 63, 3] = 255
         path = root / "shards" / f"base-{start:08d}.npz"
         write_npz(path, {"train": (x, (ids % 2).astype(np.uint8))})
+        t0 = time.perf_counter()
         ingest_shard(fingerprint(path), lake, IngestOptions(channels=1))
+        took.append(time.perf_counter() - t0)
         path.unlink()
     registry = Registry(lake)
     folder = registry.folder("sn-bench")
@@ -74,7 +80,11 @@ def build(root: Path, n: int) -> Path:
                      "file": "model.onnx", "threshold": 0.5},
         "knees": {host_fingerprint("onnxruntime", "int8"): knee}})
     screen_lake(lake)
-    return lake.root
+    with lake.lock(), HashIndex.open(lake) as index:
+        levels = index.levels()
+    slowest = max(range(len(took)), key=took.__getitem__)
+    return lake.root, {"lake_images": n, "shards": len(took), "ingest_median_s": statistics.median(took),
+                       "ingest_max_s": took[slowest], "slowest_shard": slowest, "index_runs_by_level": levels}
 
 
 def screen_lake(lake) -> dict:
@@ -130,8 +140,6 @@ REPEATS = 3
 
 
 def main() -> None:
-    import statistics
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--out", type=Path)
@@ -142,16 +150,20 @@ def main() -> None:
     if args.step:
         print(json.dumps(measure(args.lake, args.shard, args.step)))
         return
-    rows = []
+    rows, builds = [], []
     with tempfile.TemporaryDirectory(prefix="screenline-scale-") as tmp:
         os.environ["SCREENLINE_KEYS"] = str(Path(tmp) / "keys")
         nights = [night_shard(Path(tmp), i) for i in range(REPEATS)]
         for n in (int(s) for s in args.sizes.split(",")):
             root = Path(tmp) / f"lake-{n}"
             t0 = time.perf_counter()
-            lake = build(root, n)
+            lake, built = build(root, n)
+            builds.append(built)
             os.sync()  # the build's writes on disk before anything is timed, not in a timed fsync's way
-            print(f"lake of {n:,} images built and screened in {time.perf_counter() - t0:.0f} s", flush=True)
+            print(f"lake of {n:,} images built and screened in {time.perf_counter() - t0:.0f} s; its "
+                  f"{built['shards']} {PER_SHARD:,}-image ingests: median {built['ingest_median_s']:.2f} s, slowest "
+                  f"{built['ingest_max_s']:.2f} s (shard {built['slowest_shard']}); index runs by level "
+                  f"{built['index_runs_by_level']}", flush=True)
             for night, shard in enumerate(nights):
                 for step in ("ingest", "screen"):
                     done = subprocess.run([sys.executable, "-m", "benchmarks.lake_scale", "--step", step, "--lake",
@@ -167,7 +179,7 @@ def main() -> None:
 
             shutil.rmtree(root)
     if args.out:
-        args.out.write_text(json.dumps(rows, indent=2))
+        args.out.write_text(json.dumps({"nights": rows, "builds": builds}, indent=2))
     median = {(n, step): (statistics.median(r["seconds"] for r in rows if (r["lake_images"], r["step"]) == (n, step)),
                           statistics.median(r["peak_rss_mb"] for r in rows if (r["lake_images"], r["step"]) == (n, step)))
               for n, step in dict.fromkeys((r["lake_images"], r["step"]) for r in rows)}
