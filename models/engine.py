@@ -10,6 +10,7 @@ is what one call uses, `callers` how many threads call it at once (the screen fl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -107,6 +108,7 @@ def default_threads() -> int:
 
 
 ENGINE_CACHE_ENV = "SCREENLINE_ENGINE_CACHE"
+ENGINE_CACHE_DAYS = 30  # a cached engine not imported for this long is deleted when another is stored
 
 
 def engine_cache() -> Path | None:
@@ -228,6 +230,8 @@ class OpenVinoEngine:
                 else:
                     self.channels = int(self.compiled.inputs[0].get_partial_shape()[1].get_length())
                     self.source = "imported"
+                    with contextlib.suppress(OSError):  # its time is its last use: what pruning keeps by
+                        os.utime(stored)
                     self._first_call()
                     return
         model = core.read_model(str(model_path))
@@ -246,6 +250,8 @@ class OpenVinoEngine:
                 self.source = "cached"
             except OSError:
                 pass
+            else:
+                prune_engine_cache(stored.parent)
         self._first_call()
 
     def _first_call(self) -> None:
@@ -410,6 +416,19 @@ def cache_key(sha256: str, precision: str, batch: int, config: dict) -> str:
     facts = {"openvino": ov.get_version(), "cpu": cpu_info(), "graph": sha256, "precision": precision,
              "batch": batch, "config": config}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def prune_engine_cache(folder: Path, days: float = ENGINE_CACHE_DAYS) -> list[Path]:
+    """Delete the cached engines not imported (nor stored) for `days`: those of versions no longer screened with,
+    of old batches and thread counts, of an OpenVINO since upgraded. Returns what it deleted. Without it the cache
+    would grow by an engine a promoted version and configuration, forever."""
+    cutoff, gone = time.time() - days * 86400, []
+    for blob in folder.glob("ov-*.blob"):
+        with contextlib.suppress(OSError):  # another process pruning, or just importing it: not an error
+            if blob.stat().st_mtime < cutoff:
+                blob.unlink()
+                gone.append(blob)
+    return gone
 
 
 def _verified_blob(path: Path) -> bytes | None:

@@ -191,6 +191,29 @@ def test_a_compiled_engine_is_cached_on_the_host_and_imported_with_the_same_scor
     np.testing.assert_array_equal(rebuilt.infer(x), first.infer(x))
 
 
+def test_engines_not_used_for_a_month_are_pruned_when_another_is_stored(fp32_graph, tmp_path):
+    """The cache keeps what screening imports: an import renews an engine's time, and storing a new engine deletes
+    the ones not used for ENGINE_CACHE_DAYS (a version no longer screened with, an old batch)."""
+    import os
+    import time
+
+    from models.engine import ENGINE_CACHE_DAYS
+    from screenline.files import sha256_file
+
+    cache, digest = tmp_path / "engines", sha256_file(fp32_graph)
+    month = time.time() - (ENGINE_CACHE_DAYS + 1) * 86400
+    OpenVinoEngine(fp32_graph, threads=1, batch=8, cache=cache, sha256=digest)
+    (used,) = cache.glob("ov-*.blob")
+    OpenVinoEngine(fp32_graph, threads=1, batch=16, cache=cache, sha256=digest)
+    (unused,) = set(cache.glob("ov-*.blob")) - {used}
+    for blob in (used, unused):
+        os.utime(blob, (month, month))
+    assert OpenVinoEngine(fp32_graph, threads=1, batch=8, cache=cache, sha256=digest).source == "imported"
+    assert used.stat().st_mtime > month + 86400  # renewed by the import
+    OpenVinoEngine(fp32_graph, threads=1, batch=24, cache=cache, sha256=digest)  # stores a third: prunes
+    assert used.exists() and not unused.exists() and len(list(cache.glob("ov-*.blob"))) == 2
+
+
 def test_the_registry_keeps_screens_openvino_engine_in_the_hosts_cache(openvino_version, tmp_path, monkeypatch):
     monkeypatch.setenv("SCREENLINE_ENGINE_CACHE", str(tmp_path / "engines"))
     pick = openvino_version.pick(engine="openvino")
