@@ -1,8 +1,8 @@
 """The deployments on a real Prefect server: `prefect deployment run optimize/default` through the real CLI.
 
 Starts what `make serve` starts (a server on a free 127.0.0.1 port with its own database, the process pool, the
-deployments of prefect.yaml, a worker), runs optimize on a tiny lake through the deployment, waits for Completed,
-checks the registered model, and stops everything by PID.
+deployments of prefect.yaml, a worker), runs optimize on a tiny lake through the deployment, waits for it to
+finish, checks the registered model and that the run's final state is its gate's verdict, and stops everything by PID.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from helpers import images, running
 
 from deployments.serve import REPO, start, stop
 from flows.ingest import ingest
-from models.registry import Registry
+from models.registry import PROMOTED, GateFailed, Registry
 from tasks.lake import Lake
 from tasks.samples import Site, write_tar
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
-CLEAR = Site("clear", lesion_scale=3.0)  # obvious findings: one epoch passes the 98% gate, so the run Completes
+CLEAR = Site("clear", lesion_scale=3.0)
 
 
 def free_port() -> int:
@@ -62,14 +62,27 @@ def test_optimize_default_runs_through_the_cli_and_registers_a_model(served):
                   "--param", "calibrate_on=val", "--param", "engine=onnxruntime",  # deterministic: see test_optimize
                   "--watch", "--watch-interval", "2", "--watch-timeout", "480", timeout=540)
     output = run.stdout + run.stderr
-    assert run.returncode == 0, output + (root / "state" / "worker.log").read_text()[-4000:]
-    assert "Completed" in output
+    worker_log = (root / "state" / "worker.log").read_text()
     registry = Registry(Lake(root / "lake"))
-    (version,) = registry.versions()
+    versions = registry.versions()
+    assert len(versions) == 1, output + worker_log[-4000:]  # it ran to register
+    (version,) = versions
     manifest = registry.manifest(version)
-    assert registry.promoted() == version and manifest.test["sensitivity"] >= 0.98
     assert manifest.training["settings"]["epochs"] == 1  # the CLI's parameter reached the flow
-    registry.load_engine(version)  # files verified against the manifest
+    # One epoch on ~560 training images learns little (test AUC 0.4-0.6 over seeds, ~1.0 only after ~24 epochs), so
+    # whether its val-calibrated threshold keeps 98% of the 57 test positives is a coin flip that differs between
+    # hosts; what the CLI must show is the gate's verdict, whichever it is
+    if manifest.promoted:
+        assert run.returncode == 0, output + worker_log[-4000:]
+        assert "Completed" in output
+        assert registry.promoted() == version and manifest.test["sensitivity"] >= 0.98
+    else:
+        assert run.returncode != 0 and "Failed" in output, output
+        assert f"{version} registered but NOT promoted" in worker_log  # the flow's own words, in the worker's log
+        assert manifest.test["sensitivity"] < 0.98 and not (registry.root / PROMOTED).exists()
+        with pytest.raises(GateFailed, match="did not pass its held-out sensitivity gate"):
+            registry.load_engine(version)  # screening refuses it unless told otherwise
+    registry.load_engine(version, allow_failed_gate=True)  # files verified against the manifest
 
 
 def test_the_nightly_deployment_runs_at_two_in_the_configured_time_zone(served):
