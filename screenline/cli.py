@@ -278,6 +278,8 @@ def _check_baseline(baseline: str | None, arch: str | None) -> None:
     """A baseline checkpoint that cannot be loaded safely fails in one line, before any flow starts."""
     if baseline is None or baseline == "train":
         return
+    if not Path(baseline).expanduser().is_file():  # before importing torch to load it
+        raise CliError(f"baseline checkpoint {baseline} does not exist: pass a state_dict file, or --baseline train")
     from models.baseline import BaselineError, load_baseline
 
     try:
@@ -290,15 +292,20 @@ OPTIMIZE_EXTRA = "torch, torchvision and onnxscript"
 
 
 def _check_optimize_extra() -> None:
-    """Training needs the `optimize` extra; a screening worker installed without it says so in one line."""
-    try:
-        import torch  # noqa: F401
-        import torchvision  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as exc:
-        raise CliError(f"screenline optimize needs the `optimize` extra ({OPTIMIZE_EXTRA}; missing: {exc.name}): "
-                       f"pip install '.[optimize]' in the checkout (this install can ingest, screen, audit and run nightly)") \
-            from None
+    """Training needs the `optimize` extra; a screening worker installed without it says so in one line. Looked up,
+    not imported (importing torch takes seconds, and the flow imports it anyway), so a bad invocation fails at once."""
+    from importlib.util import find_spec
+
+    def absent(name: str) -> bool:
+        try:
+            return find_spec(name) is None
+        except ImportError:
+            return True
+
+    missing = next((name for name in ("torch", "torchvision", "onnxscript") if absent(name)), None)
+    if missing:
+        raise CliError(f"screenline optimize needs the `optimize` extra ({OPTIMIZE_EXTRA}; missing: {missing}): "
+                       f"pip install '.[optimize]' in the checkout (this install can ingest, screen, audit and run nightly)")
 
 
 def _check_test_subsets(lake: str | None, names: list[str] | None) -> None:
