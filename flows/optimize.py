@@ -139,6 +139,8 @@ def optimize(
                     folds=folds,
                     spec_margin=spec_margin)
     gates.rule  # a bad rule, delta or calibration fails here, before the lake is read
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs {epochs!r}: give a whole number of epochs, at least 1")
     sweep_stale_temps_task(root)
     split: SplitRef = make_split_task(root, tuple(test_subsets or ()))
     logger.info("split %s: %s; held-out test: %s %s", split.sha256[:16], split.counts, split.held_out_description(),

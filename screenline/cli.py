@@ -620,6 +620,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
           f"report:      {report.report}")
 
 
+def _epochs(text: str) -> int:
+    """An epoch count: a whole number ≥ 1 (argparse prints the usage and this error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} epochs: give a whole number, at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="screenline",
@@ -671,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     _lake_arg(p)
     # Options the flow has a default for are passed only when given (SUPPRESS), so the flow's signature (read from
     # TrainSettings and GateSettings) is the one home of each default; the help repeats it, and a test checks it does.
-    p.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help="training epochs (default 16)")
+    p.add_argument("--epochs", type=_epochs, default=argparse.SUPPRESS, help="training epochs (default 16)")
     p.add_argument("--width", type=float, default=argparse.SUPPRESS,
                    help="width multiplier (capacity vs speed; default 1.25)")
     # the stems are models/nets.STEMS, spelled out here because the CLI does not import torch

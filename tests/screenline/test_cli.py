@@ -124,3 +124,20 @@ def test_optimize_says_the_knees_fit_where_the_manifest_records_one_and_nothing_
     assert _fit({"batch": 64, "fit": {"call_ms": 0.2733, "image_ms": 0.0881}}) == \
         " (a call 0.273 ms + 0.0881 ms an image)"
     assert _fit({"batch": 64}) == "" and _fit({"batch": 64, "fit": {"call_ms": 0.3}}) == ""
+
+
+@pytest.mark.parametrize("given", ["0", "-3", "2.5", "x"])
+def test_an_epoch_count_below_one_or_not_whole_is_a_usage_error_and_the_flow_refuses_it_too(given, capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["optimize", "--epochs", given])
+    assert exited.value.code == 2 and f"argument --epochs: '{given}' epochs: give a whole number" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_the_optimize_flow_refuses_zero_epochs_before_reading_the_lake(tmp_path):
+    from flows.optimize import optimize
+
+    state = optimize(lake=str(tmp_path / "lake"), epochs=0, return_state=True)
+    assert state.is_failed() and "epochs 0: give a whole number of epochs, at least 1" in str(
+        state.result(raise_on_failure=False))
+    assert not (tmp_path / "lake").exists()
