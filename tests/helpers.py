@@ -85,7 +85,14 @@ def spot_detector(centre: float = 37.0, scale: float = 6.0):
                                                                                  count_include_pad=False)
             return (dog.amax(dim=(1, 2, 3)) - centre) / scale
 
-    return SpotDetector()
+    detector = SpotDetector()
+    detector.export_key = ("spot-detector", centre, scale)  # no weights: these two numbers are the whole model
+    return detector
+
+
+_EXPORTED: dict[tuple, bytes] = {}
+"""register_model's graphs by (net, seed) or a hand-made model's `export_key`: torch's exporter takes ~6 s a graph
+on 2 cores, and the same random-weight ScreenNet of a seed is registered by many tests."""
 
 
 def register_model(lake: Path, version: str, seed: int, threshold: float = 0.5, knee: int | None = 16,
@@ -106,10 +113,18 @@ def register_model(lake: Path, version: str, seed: int, threshold: float = 0.5, 
     from tasks.audit import REFERENCE_FILE
     from tasks.lake import Lake, write_table_atomic
 
-    torch.manual_seed(seed)
     registry = Registry(Lake(lake))
     folder = registry.folder(version)
-    onnx = export_onnx((model or ScreenNet()).eval(), folder / "model-fp32.onnx")
+    onnx = folder / "model-fp32.onnx"
+    key = ("screennet", seed) if model is None else getattr(model, "export_key", None)
+    if key in _EXPORTED:  # the same net exported before in this session: its graph, not another ~6 s export
+        folder.mkdir(parents=True, exist_ok=True)
+        onnx.write_bytes(_EXPORTED[key])
+    else:
+        torch.manual_seed(seed)
+        export_onnx((model or ScreenNet()).eval(), onnx)
+        if key is not None:
+            _EXPORTED[key] = onnx.read_bytes()
     if reference is not None:
         write_table_atomic(folder / REFERENCE_FILE, pa.table({"score": scores(OrtEngine(onnx), reference)}))
     host = host_fingerprint("onnxruntime", "fp32")
