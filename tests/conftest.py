@@ -61,3 +61,22 @@ def tar_shard(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     path = tmp_path / "shards" / "shard-000.tar"
     write_tar(path, imgs, labels)
     return path, imgs, labels
+
+
+@pytest.fixture(scope="session")
+def fp32_graph(tmp_path_factory) -> Path:
+    """A random-weight ScreenNet's FP32 graph whose BatchNorm is not the identity (so folding is exercised), for the
+    engine tests (OpenVINO, TensorRT's graphs): exported once a session (~6 s an export here). Read it, do not write
+    over it."""
+    import torch
+
+    from models.export import export_onnx
+    from models.nets import ScreenNet
+
+    torch.manual_seed(3)
+    model = ScreenNet().eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2)
+    return export_onnx(model, tmp_path_factory.mktemp("fp32-graph") / "model-fp32.onnx")

@@ -16,22 +16,6 @@ from tasks.optimize import Candidate, choose
 openvino = pytest.importorskip("openvino", reason="OpenVINO is a dependency; this host lacks it")
 
 
-@pytest.fixture(scope="module")
-def fp32_graph(tmp_path_factory):
-    import torch
-
-    from models.export import export_onnx
-    from models.nets import ScreenNet
-
-    torch.manual_seed(3)
-    model = ScreenNet().eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):  # BatchNorm that is not the identity, so folding is exercised
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2)
-    return export_onnx(model, tmp_path_factory.mktemp("ov") / "model-fp32.onnx")
-
-
 def candidate(name: str, engine: str, images_per_s: float, passes: bool = True) -> Candidate:
     precision = name.removeprefix("ov-").split("-")[0]
     return Candidate(name, f"model-{name.removeprefix('ov-')}.onnx", precision, engine, passes=passes,

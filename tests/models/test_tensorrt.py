@@ -12,15 +12,12 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 
 from session_env import ENV
 
 from models import tensorrt
 from models.engine import OrtEngine, resolve_engine, scores
-from models.export import export_onnx
-from models.nets import ScreenNet
 from models.registry import GateFailed, ModelNotFound, Registry
 from models.tensorrt import Device, PlanKey, Profile, TensorRTUnavailable, plan_key, profile_for
 from tasks.lake import Lake
@@ -32,17 +29,6 @@ no_gpu = pytest.mark.skipif(WHY_NOT is None, reason="this host can run TensorRT"
 
 def pixels(n: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 1, 64, 64), dtype=np.uint8)
-
-
-@pytest.fixture(scope="module")
-def fp32_graph(tmp_path_factory):
-    torch.manual_seed(3)
-    model = ScreenNet().eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2)
-    return export_onnx(model, tmp_path_factory.mktemp("trt") / "model-fp32.onnx")
 
 
 # --- without a GPU ---------------------------------------------------------------------------------------------------
@@ -99,8 +85,8 @@ def test_plan_keys_change_with_everything_a_plan_depends_on():
     assert PlanKey(**{**key.as_dict(), "profile": Profile(**key.as_dict()["profile"])}) == key
 
 
-def test_fp16_graph_keeps_uint8_in_and_float32_out_and_tracks_fp32(fp32_graph):
-    path = tensorrt.fp16_graph(fp32_graph, fp32_graph.with_name("model-fp16.onnx"))
+def test_fp16_graph_keeps_uint8_in_and_float32_out_and_tracks_fp32(fp32_graph, tmp_path):
+    path = tensorrt.fp16_graph(fp32_graph, tmp_path / "model-fp16.onnx")
     graph = onnx.load(str(path))
     assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
@@ -111,8 +97,8 @@ def test_fp16_graph_keeps_uint8_in_and_float32_out_and_tracks_fp32(fp32_graph):
     assert diff < 0.01
 
 
-def test_int8_graph_for_tensorrt_has_symmetric_activations(fp32_graph):
-    path = tensorrt.int8_graph(fp32_graph, fp32_graph.with_name("model-int8-trt.onnx"), pixels(128, seed=2))
+def test_int8_graph_for_tensorrt_has_symmetric_activations(fp32_graph, tmp_path):
+    path = tensorrt.int8_graph(fp32_graph, tmp_path / "model-int8-trt.onnx", pixels(128, seed=2))
     graph = onnx.load(str(path))
     init = {i.name: i for i in graph.graph.initializer}
     quantizers = [n for n in graph.graph.node if n.op_type == "QuantizeLinear"]
