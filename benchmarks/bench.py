@@ -141,6 +141,9 @@ def _verified(registry, version: str):
     return manifest
 
 
+RANDOM_FP32 = "screennet-fp32.onnx"  # the random-weight run's ScreenNet, which the levers and the screen lake reuse
+
+
 def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
     """Export the baselines, find the optimized model, write the pixels; returns the configurations and context."""
     import torch
@@ -189,7 +192,7 @@ def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
         width = TrainSettings().width
         model = ScreenNet(ScreenNetConfig(width=width, stem=TrainSettings().stem)).eval()
         checkpoint = None
-        fp32 = export_onnx(model, work / "screennet-fp32.onnx")
+        fp32 = export_onnx(model, work / RANDOM_FP32)
         calibration = generate(128, 0.1, 5, "b", "calibration")[0][:, None]
         files = {"fp32": fp32}
         variants = (("u8s8", False),) if quick else (("u8s8", False), ("u8s8", True), ("s8s8", False), ("s8s8", True))
@@ -197,7 +200,9 @@ def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
             name = f"int8-{fmt}-{'per-channel' if per_channel else 'per-tensor'}"
             files[name] = quantize_int8(fp32, work / f"screennet-{name}.onnx", calibration, fmt, per_channel)
         context.update(version="random weights (no promoted model in the lake)", width=width,
-                       stem=TrainSettings().stem)
+                       stem=TrainSettings().stem,
+                       screen_graph={"file": str(files["int8-u8s8-per-tensor"]), "precision": "int8",
+                                     "candidate": "int8-u8s8-per-tensor (random weights)", "engine": "onnxruntime"})
     mflops["screennet"] = 2 * macs_per_image(model) / 1e6
 
     big = 8 if quick else 512
@@ -303,6 +308,8 @@ def run_levers(lake: Path, work: Path, threads: int, quick: bool) -> dict:
     out = work / "levers.json"
     command = [sys.executable, "-m", "benchmarks.levers", "--lake", str(lake), "--threads", str(threads),
                "--out", str(out)] + (["--quick"] if quick else [])
+    if (random_fp32 := work / RANDOM_FP32).exists():  # a random-weight run: its net, not another export
+        command += ["--fp32", str(random_fp32)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
     print(done.stdout, end="", flush=True)
     if done.returncode:
@@ -574,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.screen_throughput import run as screen_run
 
         n = args.screen_n or (2000 if args.quick else 100_000)
-        screen = screen_run(n, 1 if args.quick else 10, log=log, graph=context.get("ship_graph"),
+        screen = screen_run(n, 1 if args.quick else 10, log=log,
+                            graph=context.get("ship_graph") or context.get("screen_graph"),
                             repeats=1 if args.quick else 3, one_off=not args.quick)
         levers = run_levers(lake, work, args.threads, args.quick)
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")

@@ -89,9 +89,11 @@ def parallel_throughput(runs: list, pixels: np.ndarray, seconds: float, batches=
     return {"images_per_s": rate, "batch": batch}
 
 
-def shapes(work: Path, calibration: np.ndarray, pixels: np.ndarray, threads: int, quick: bool, record) -> None:
+def shapes(work: Path, calibration: np.ndarray, pixels: np.ndarray, threads: int, quick: bool, record,
+           exported: dict[tuple[float, str], Path] | None = None) -> None:
     """Each SHAPES net, INT8 (U8S8 per-tensor; S8S8 per-tensor too in the full run) on ONNX Runtime and, where
-    installed, OpenVINO, at its knee (`find_knee`, windows until stable), with its multiply-adds an image."""
+    installed, OpenVINO, at its knee (`find_knee`, windows until stable), with its multiply-adds an image.
+    `exported`: (width, stem) → a random-weight FP32 graph of that net already exported (an export takes ~6 s)."""
     from models.engine import OpenVinoEngine, OrtEngine, find_knee, openvino_missing
     from models.export import export_onnx
     from models.nets import ScreenNet, ScreenNetConfig, macs_per_image
@@ -104,7 +106,7 @@ def shapes(work: Path, calibration: np.ndarray, pixels: np.ndarray, threads: int
     for width, stem in SHAPES[1:3] if quick else SHAPES:
         model = ScreenNet(ScreenNetConfig(width=width, stem=stem)).eval()
         mmacs = macs_per_image(model) / 1e6
-        fp32 = export_onnx(model, work / f"w{width}-{stem}.onnx")
+        fp32 = (exported or {}).get((width, stem)) or export_onnx(model, work / f"w{width}-{stem}.onnx")
         if width == 1.0 and stem == "conv3s2":
             record(f"width {width} FP32 (random weights)",
                    _at_knee(find_knee(OrtEngine(fp32, threads=threads), pixels, **sweep)), mmacs=mmacs)
@@ -160,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny timings")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--fp32", help="a random-weight ScreenNet of the default width and stem, its FP32 graph as "
+                                       "exported (the bench's), measured instead of exporting another")
     args = parser.parse_args(argv)
     seconds = 0.05 if args.quick else 0.5
     from models.engine import OrtEngine
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             source = f"model {shipped['version']}"
         else:
             config = ScreenNetConfig(width=width, stem=TrainSettings().stem)
-            fp32 = export_onnx(ScreenNet(config).eval(), work / "fp32.onnx")
+            fp32 = Path(args.fp32) if args.fp32 else export_onnx(ScreenNet(config).eval(), work / "fp32.onnx")
             graphs = {"fp32": fp32, "int8-u8s8-per-tensor":
                       quantize_int8(fp32, work / "u8s8.onnx", calibration, "u8s8", False)}
             source = "random-weight ScreenNet"
@@ -226,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
 
         import torch
 
-        shapes(work, calibration, pixels, args.threads, args.quick, record)
+        default_shape = (TrainSettings().width, TrainSettings().stem)
+        shapes(work, calibration, pixels, args.threads, args.quick, record,
+               {default_shape: Path(args.fp32)} if args.fp32 else None)
 
         torch.set_num_threads(args.threads)
         model = ScreenNet(ScreenNetConfig(width=width)).eval()
