@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from models.engine import competing_engines, resolve_engine
 from models.manifest import Manifest
-from tasks.baseline import BASELINE_TRAINING, baseline_task, missing_checkpoint
+from tasks.baseline import BASELINE_TRAINING, baseline_task
 from tasks.dataset import SplitRef, make_split_task
 from tasks.housekeeping import sweep_stale_temps_task
 from tasks.lake import lake_root
@@ -151,9 +151,10 @@ def optimize(
         if baseline == "train":
             baseline_ckpt, baseline_arch = train_task(split, BASELINE_TRAINING), None
         else:
-            if why := missing_checkpoint(baseline):
-                raise ValueError(why)
             baseline_ckpt = str(Path(baseline).expanduser().resolve())
+            if not Path(baseline_ckpt).is_file():
+                raise ValueError(f"baseline checkpoint {baseline} does not exist: pass a state_dict file, or "
+                                 f"--baseline train")
         baseline_dir = baseline_task(baseline_ckpt, baseline_arch, split, gates, baseline)
         logger.info("baseline %s evaluated in %.1f min", baseline, (time.perf_counter() - started) / 60)
         if distill and teacher is None:

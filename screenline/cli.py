@@ -278,10 +278,8 @@ def _check_baseline(baseline: str | None, arch: str | None) -> None:
     """A baseline checkpoint that cannot be loaded safely fails in one line, before any flow starts."""
     if baseline is None or baseline == "train":
         return
-    from tasks.baseline import missing_checkpoint
-
-    if why := missing_checkpoint(baseline):  # before importing torch to load it
-        raise CliError(why)
+    if not Path(baseline).expanduser().is_file():  # before importing torch to load it
+        raise CliError(f"baseline checkpoint {baseline} does not exist: pass a state_dict file, or --baseline train")
     from models.baseline import BaselineError, load_baseline
 
     try:

@@ -42,14 +42,6 @@ SUMMARY_FILE = "baseline.json"
 KNEE_MAX_BATCH = 64  # a ResNet18 at 224×224 runs ~25 images/s here: a sweep past 64 only costs minutes
 
 
-def missing_checkpoint(baseline: str) -> str | None:
-    """Why `--baseline CKPT` cannot be used, when its file is not there (None when it is); torch-free, so the CLI
-    says so before anything imports torch, and the flow says the same."""
-    if Path(baseline).expanduser().is_file():
-        return None
-    return f"baseline checkpoint {baseline} does not exist: pass a state_dict file, or --baseline train"
-
-
 def evaluate_baseline(checkpoint: Path, arch: str | None, split: SplitRef, gates: Any, out_dir: Path,
                       source: str) -> dict[str, Any]:
     """Export, score val and test, calibrate, measure the knee; writes the scores and baseline.json; returns the
