@@ -43,6 +43,13 @@ def curve_markdown(where: str, curve: list[dict]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+def runoff_cell(knee: dict) -> str:
+    """A candidate's figure in the run-off among the closest (tasks/optimize.run_off), or a dash if it was not in it."""
+    if "runoff" not in knee:
+        return "–"
+    return f"{knee['runoff']['images_per_s']:,.0f} ({knee['runoff']['share']:.2f})"
+
+
 def parity_markdown(baseline: dict) -> str:
     """The side-by-side with the baseline and the non-inferiority verdicts, or why there is none."""
     if "skipped" in baseline:
@@ -182,12 +189,13 @@ def optimize(
         markdown=(
             f"# {manifest.version}\n\n"
             f"ships **{ship.engine} {ship.candidate}** at threshold {ship.threshold:.4f} ({ship.why})\n\n"
-            f"| engine | candidate | val AUC | val sensitivity | images/s at knee | knee | gate |\n"
-            f"|---|---|---|---|---|---|---|\n"
+            f"| engine | candidate | val AUC | val sensitivity | images/s at knee | knee | run-off images/s (share) "
+            f"| gate |\n"
+            f"|---|---|---|---|---|---|---|---|\n"
             + "".join(
                 f"| {c.get('engine', 'onnxruntime')} | {c['name']} | {c['val_auc']:.4f} | "
                 f"{c['val_table']['sensitivity']:.4f} | "
-                f"{c['knee']['images_per_s']:,.0f} | {c['knee']['batch']} | {c['why']} |\n"
+                f"{c['knee']['images_per_s']:,.0f} | {c['knee']['batch']} | {runoff_cell(c['knee'])} | {c['why']} |\n"
                 for c in manifest.candidates
             )
             + f"\nthreshold: {ship.calibration.get('statement', '')}\n\n"

@@ -408,6 +408,37 @@ def find_knee(engine: Engine, pixels: np.ndarray, max_batch: int = MAX_BATCH, fr
     return Knee(knee, point.images_per_s, sweep[0].ms_per_batch, sweep, call * scale, image * scale)
 
 
+RUNOFF_ROUNDS = 9
+RUNOFF_MARGIN = 0.25
+"""Candidates whose own sweeps read within RUNOFF_MARGIN of the fastest are measured again, in turns, before one is
+picked (`runoff`): each sweep ran at its own moment, minutes apart, and on a shared host the speed moves between
+moments by as much as the candidates differ. On the VNNI host (2026-12-06) the demo's sweeps read OpenVINO's S8S8
+per-tensor graph fastest (15,783 images/s against 13,494–14,495 for the other INT8 graphs); four run-offs of its
+four INT8 graphs read it last each time (shares 0.92–0.95) and a U8S8 graph first (0.97–0.99), a window's spread
+within a run-off 6–25%, which is why a run-off is nine rounds (~7 s for four graphs at 0.2 s a window)."""
+
+
+def runoff(contenders: dict[str, tuple[Engine, np.ndarray]], seconds: float,
+           rounds: int = RUNOFF_ROUNDS) -> dict[str, dict]:
+    """Engines measured in turns, each on its own input (its knee's batch): a round is one window of each (`_window`),
+    its order rotated round by round so that none always runs first after whatever paused the host, and a window
+    counts as its share of its round's fastest. An engine's figures are the medians of its shares and of its images/s
+    and the spread of its shares (find_knee's `_spread`); the largest share is the fastest on the same footing.
+    Returns {name: {"share", "images_per_s", "spread", "rounds"}}."""
+    names = list(contenders)
+    figures: dict[str, list[float]] = {name: [] for name in names}
+    for engine, x in contenders.values():
+        engine.infer(x)  # warm-up
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            engine, x = contenders[name]
+            figures[name].append(_window(engine, x, seconds))
+    shares = {n: [figures[n][r] / max(figures[m][r] for m in names) for r in range(rounds)] for n in names}
+    return {n: {"share": round(statistics.median(shares[n]), 4),
+                "images_per_s": round(statistics.median(figures[n]), 1),
+                "spread": round(_spread(shares[n]), 4), "rounds": rounds} for n in names}
+
+
 def cache_key(sha256: str, precision: str, batch: int, config: dict) -> str:
     """What a compiled OpenVINO engine depends on, as a digest: OpenVINO's version, this CPU, the graph's sha256,
     its precision, the batch it was compiled for and the compile configuration (threads, streams, hints)."""

@@ -28,7 +28,8 @@ import numpy as np
 from prefect import get_run_logger, task
 
 from models.contract import TARGET_SENSITIVITY
-from models.engine import MAX_BATCH, Engine, OrtEngine, find_knee, scores
+from models.engine import (MAX_BATCH, RUNOFF_MARGIN, Engine, OrtEngine, compiled_for, find_knee, runoff,
+                           scores)
 from models.manifest import Manifest, Shipped
 from models.registry import Registry, host_fingerprint
 from screenline.files import atomic_write_bytes, copy_atomic
@@ -236,15 +237,40 @@ def candidate_engine(path: Path, engine: str, precision: str, gates: GateSetting
 
 
 def _fastest_passing(candidates: list[Candidate], engines: tuple[str, ...]) -> Candidate | None:
+    """The passing candidate of `engines` with the largest share in the run-off (`run_off`), where one was held;
+    else, or among those it did not measure, the fastest by its own sweep."""
     passing = [c for c in candidates if c.passes and c.engine in engines]
-    return max(passing, key=lambda c: c.knee["images_per_s"]) if passing else None
+    return max(passing, key=lambda c: (c.knee.get("runoff", {}).get("share", -1.0), c.knee["images_per_s"]),
+               default=None)
+
+
+def run_off(candidates: list[Candidate], engines: tuple[str, ...], make_engine, pixels: np.ndarray,
+            seconds: float) -> list[str]:
+    """Measure again, in turns (models/engine.runoff), the passing candidates within RUNOFF_MARGIN of the fastest of
+    what may ship (the competing `engines`) and of what may fall back (ONNX Runtime), each at its own knee; their
+    figures go in `knee["runoff"]`, and `choose` picks by them. `make_engine(candidate)` is a candidate's engine.
+    Returns the names measured (none when fewer than two are that close: there is nothing to decide)."""
+    contenders: dict[str, Candidate] = {}
+    for pool in (engines, ("onnxruntime",)):
+        passing = [c for c in candidates if c.passes and c.engine in pool]
+        if passing:
+            top = max(c.knee["images_per_s"] for c in passing)
+            contenders |= {c.name: c for c in passing if c.knee["images_per_s"] >= (1 - RUNOFF_MARGIN) * top}
+    if len(contenders) < 2:
+        return []
+    measured = runoff({name: (compiled_for(make_engine(c), c.knee["batch"]),
+                              np.resize(pixels, (c.knee["batch"], *pixels.shape[1:])))
+                       for name, c in contenders.items()}, seconds)
+    for name, figures in measured.items():
+        contenders[name].knee["runoff"] = figures
+    return list(measured)
 
 
 def choose(candidates: list[Candidate], engines: tuple[str, ...]) -> tuple[Candidate, Candidate | None]:
     """What ships and what every other host falls back to, from the candidates' measured figures and verdicts.
 
-    Ships: the fastest (images/s at its knee, on this host) of the candidates of the competing `engines` that passed
-    every gate; a faster one that failed one never ships. When none passed, the FP32 graph of the first engine
+    Ships: the fastest (images/s at its knee, on this host; among those close enough to be measured again in turns,
+    the fastest there: `run_off`) of the candidates of the competing `engines` that passed every gate; a faster one that failed one never ships. When none passed, the FP32 graph of the first engine
     (registered, and the held-out gate says whether it may screen). Fallback, when what ships is not ONNX Runtime
     (a TensorRT plan, an OpenVINO model): the fastest passing ONNX Runtime candidate (FP32 when none passed),
     which every host can run, gated on the test split in its own right."""
@@ -288,10 +314,10 @@ def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings,
     plan = [(name, file, summary.get("engines", {}).get(name, "onnxruntime")) for name, file in summary["files"].items()]
     if "openvino" in engines:
         plan += [(f"ov-{name}", file, "openvino") for name, file, kind in plan if kind == "onnxruntime"]
-    candidates = []
+    candidates, runners = [], {}  # the engines, kept for the run-off (a TensorRT plan takes long to build again)
     for name, file, kind in plan:
-        runner = candidate_engine(export_dir / file, kind, candidate_precision(name), gates, split.channels,
-                                  split.lake_root)
+        runner = runners[name] = candidate_engine(export_dir / file, kind, candidate_precision(name), gates,
+                                                  split.channels, split.lake_root)
         s = scores(runner, x_val)
         c = Candidate(name, file, runner.precision, kind, val_auc=auc(s, y_val))
         c.calibration = dict(crossfit) if crossfit else {**calibrate(s, y_val, gates.rule).as_dict(),
@@ -314,6 +340,7 @@ def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings,
         else:
             c.passes, c.why = True, "passes"
     _choose_on_noninferiority([c for c in candidates if c.passes])
+    run_off(candidates, engines, lambda c: runners[c.name], x_val[:1024], seconds=gates.knee_seconds * 2 / 3)
     ship, fallback = choose(candidates, engines)
     return {"candidates": [asdict(c) for c in candidates], "ship": ship.name,
             "fallback": fallback.name if fallback else None, "engines": list(engines),

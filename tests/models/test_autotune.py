@@ -11,7 +11,7 @@ from models import engine as engines
 from models.engine import OpenVinoEngine, OrtEngine, competing_engines, runnable_engines, scores
 from models.registry import Registry
 from tasks.lake import Lake
-from tasks.optimize import Candidate, choose
+from tasks.optimize import Candidate, choose, run_off
 
 openvino = pytest.importorskip("openvino", reason="OpenVINO is a dependency; this host lacks it")
 
@@ -59,6 +59,55 @@ def test_when_nothing_passes_the_first_engines_fp32_is_registered_and_fp32_falls
     failing = [candidate(c.name, c.engine, c.knee["images_per_s"], passes=False) for c in MEASURED]
     ship, fallback = choose(failing, ("openvino", "onnxruntime"))
     assert (ship.name, fallback.name) == ("ov-fp32", "fp32")
+
+
+class Named:
+    """A stand-in engine that only carries its candidate's name (the run-off's windows are given, not timed)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def infer(self, pixels: np.ndarray) -> np.ndarray:
+        return np.zeros(len(pixels), np.float32)
+
+
+def turns(speeds: dict[str, float], host=lambda _turn: 1.0):
+    """`_window` in the run-off: images/s read from `speeds` by engine, times what the host gives the window (by its
+    place in the whole run-off, counted from 0), and the order the windows ran in."""
+    order: list[str] = []
+
+    def window(engine, _x, _seconds):
+        order.append(engine.name)
+        return speeds[engine.name] * host(len(order) - 1)
+    return window, order
+
+
+def test_candidates_that_read_close_are_measured_again_in_turns_and_the_run_off_picks(monkeypatch):
+    """The sweeps, run minutes apart, read OpenVINO's S8S8 fastest; measured in turns its U8S8 per-tensor graph is
+    8% faster, and ships. ONNX Runtime's two close candidates are measured too (the fallback is chosen the same way);
+    ONNX Runtime's S8S8 (more than 25% behind), and the failing graph, are not."""
+    close = [*MEASURED, candidate("ov-int8-u8s8-per-tensor", "openvino", 10500),
+             candidate("int8-u8s8-per-channel", "onnxruntime", 6500)]
+    speeds = {"ov-int8-s8s8-per-tensor": 12000, "ov-int8-u8s8-per-tensor": 13000, "int8-u8s8-per-tensor": 6000,
+              "int8-u8s8-per-channel": 6600, "fp32": 5200}
+    window, order = turns(speeds, host=lambda turn: 0.5 if turn % 3 == 0 else 1.0)  # a neighbour, now and then
+    monkeypatch.setattr(engines, "_window", window)
+    measured = run_off(close, ("onnxruntime", "openvino"), lambda c: Named(c.name),
+                       np.zeros((8, 1, 64, 64), np.uint8), seconds=0.01)
+    assert sorted(measured) == sorted(speeds)  # fp32 (5,200) is within 25% of ONNX Runtime's fastest (6,900)
+    assert len(order) == len(speeds) * engines.RUNOFF_ROUNDS
+    assert len({order[r * len(speeds)] for r in range(engines.RUNOFF_ROUNDS)}) == len(speeds)  # each first once
+    ship, fallback = choose(close, ("onnxruntime", "openvino"))
+    assert (ship.name, fallback.name) == ("ov-int8-u8s8-per-tensor", "int8-u8s8-per-channel")
+    assert ship.knee["runoff"]["share"] == 1.0 and ship.knee["runoff"]["rounds"] == engines.RUNOFF_ROUNDS
+    assert "runoff" not in next(c for c in close if c.name == "int8-s8s8-per-tensor").knee
+
+
+def test_a_single_close_candidate_needs_no_run_off(monkeypatch):
+    monkeypatch.setattr(engines, "_window", lambda *_: pytest.fail("nothing to decide, nothing to measure"))
+    alone = [candidate("fp32", "onnxruntime", 1850), candidate("int8-u8s8-per-tensor", "onnxruntime", 1200)]
+    assert run_off(alone, ("onnxruntime",), lambda c: Named(c.name), np.zeros((8, 1, 64, 64), np.uint8), 0.01) == []
+    assert choose(alone, ("onnxruntime",))[0].name == "fp32"
 
 
 def test_competing_and_runnable_engines_follow_what_is_installed(monkeypatch):
