@@ -348,6 +348,30 @@ def knee_stability(graph: dict | None, pixels: np.ndarray, threads: int, quick: 
             "factor": max(knees) / min(knees)}
 
 
+def ranking_in_turns(results: list[dict], pixels: np.ndarray, threads: int, quick: bool) -> dict:
+    """The ScreenNet engines within RUNOFF_MARGIN of the fastest row measured again in turns, each at its own knee,
+    as optimize's run-off measures its candidates (models/engine.runoff): each row above ran in its own process
+    minutes from the others, and on a noisy host their order is not a ranking."""
+    from benchmarks.bench_one import make_engine
+    from models.engine import RUNOFF_MARGIN, RUNOFF_ROUNDS, runoff
+
+    rows = [r for r in results if "error" not in r and r["name"].startswith("screennet-") and r.get("onnx")
+            and r["runtime"] in ("onnxruntime", "openvino")]
+    if not rows:
+        return {"skipped": "no ScreenNet engine measured"}
+    top = max(r["knee"]["images_per_s"] for r in rows)
+    close = [r for r in rows if r["knee"]["images_per_s"] >= (1 - RUNOFF_MARGIN) * top]
+    if len(close) < 2:
+        return {"skipped": "one engine within the margin of the fastest: nothing to rank"}
+    contenders = {r["label"]: (make_engine({**r, "threads": threads}, r["knee"]["batch"]),
+                               np.resize(pixels, (r["knee"]["batch"], *pixels.shape[1:]))) for r in close}
+    measured = runoff(contenders, 0.02 if quick else 0.2, 3 if quick else RUNOFF_ROUNDS)
+    ranked = sorted(measured.items(), key=lambda item: -item[1]["share"])
+    return {"margin": RUNOFF_MARGIN, "rows": [{"label": label, "knee": next(r["knee"]["batch"] for r in close
+                                                                            if r["label"] == label), **figures}
+                                              for label, figures in ranked]}
+
+
 def operator_profiles(results: list[dict], ship: dict | None, threads: int, quick: bool) -> list[dict]:
     """Where the time goes (benchmarks/profile.py) for the fastest ScreenNet engine measured and for the one that
     ships, each at its own knee batch."""
@@ -480,6 +504,15 @@ def markdown(report: dict) -> str:
             f"times in a row): knees {stability['knees']} (largest / smallest {stability['factor']:g}×), images/s "
             f"{stability['images_per_s']}, batch-1 ms {stability['batch1_ms']}, each run's largest point spread "
             f"{stability['largest_spread']}.")
+    ranking = report.get("in_turns") or {}
+    if "rows" in ranking:
+        lines += ["", f"The engines within {ranking['margin']:.0%} of the fastest row, measured again in turns "
+                      f"(optimize's run-off, models/engine.runoff: {ranking['rows'][0]['rounds']} rounds of one window "
+                      f"each at its knee, each window against its round's fastest):", "",
+                  "| engine | knee | images/s (median) | share of the fastest (median) | spread |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {row['label']} | {row['knee']} | {row['images_per_s']:,.0f} | {row['share']:.3f} | "
+                  f"{row['spread']:.3f} |" for row in ranking["rows"]]
     levers = report.get("levers") or {}
     if "error" in levers:
         lines += ["", f"Levers: failed: {levers['error'].splitlines()[-1][:200]}"]
@@ -578,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
         stability = knee_stability(context.get("ship_graph"), np.load(work / "pixels.npy"), args.threads,
                                    args.quick)
         log(f"knee stability: {stability}")
+        ranking = ranking_in_turns(results, np.load(work / "pixels.npy"), args.threads, args.quick)
+        log(f"in turns: {ranking}")
         from benchmarks.screen_throughput import run as screen_run
 
         n = args.screen_n or (2000 if args.quick else 100_000)
@@ -588,8 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     command = "make bench-quick" if args.quick else "make bench"
     report = {"date": date, "host": host, "command": command, "context": context, "machine": machine,
-              "configs": results, "profiles": profiles, "knee_stability": stability, "screen": screen, "levers": levers,
-              "seconds": time.perf_counter() - started}
+              "configs": results, "profiles": profiles, "knee_stability": stability, "in_turns": ranking,
+              "screen": screen, "levers": levers, "seconds": time.perf_counter() - started}
     stem = out / f"{date}-{host['hostname']}{'-quick' if args.quick else ''}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
     stem.with_suffix(".md").write_text(markdown(report))

@@ -270,10 +270,11 @@ def choose(candidates: list[Candidate], engines: tuple[str, ...]) -> tuple[Candi
     """What ships and what every other host falls back to, from the candidates' measured figures and verdicts.
 
     Ships: the fastest (images/s at its knee, on this host; among those close enough to be measured again in turns,
-    the fastest there: `run_off`) of the candidates of the competing `engines` that passed every gate; a faster one that failed one never ships. When none passed, the FP32 graph of the first engine
-    (registered, and the held-out gate says whether it may screen). Fallback, when what ships is not ONNX Runtime
-    (a TensorRT plan, an OpenVINO model): the fastest passing ONNX Runtime candidate (FP32 when none passed),
-    which every host can run, gated on the test split in its own right."""
+    the fastest there: `run_off`) of the candidates of the competing `engines` that passed every gate; a faster
+    one that failed one never ships. When none passed, the FP32 graph of the first engine (registered, and the
+    held-out gate says whether it may screen). Fallback, when what ships is not ONNX Runtime (a TensorRT plan, an
+    OpenVINO model): the fastest passing ONNX Runtime candidate (FP32 when none passed), which every host can run,
+    gated on the test split in its own right."""
     ship = _fastest_passing(candidates, engines) or next(c for c in candidates if c.engine == engines[0]
                                                          and c.precision == "fp32")
     fallback = None
