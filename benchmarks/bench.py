@@ -353,14 +353,13 @@ def ranking_in_turns(results: list[dict], pixels: np.ndarray, threads: int, quic
     as optimize's run-off measures its candidates (models/engine.runoff): each row above ran in its own process
     minutes from the others, and on a noisy host their order is not a ranking."""
     from benchmarks.bench_one import make_engine
-    from models.engine import RUNOFF_MARGIN, RUNOFF_ROUNDS, runoff
+    from models.engine import RUNOFF_MARGIN, RUNOFF_ROUNDS, close_to_fastest, runoff
 
     rows = [r for r in results if "error" not in r and r["name"].startswith("screennet-") and r.get("onnx")
             and r["runtime"] in ("onnxruntime", "openvino")]
     if not rows:
         return {"skipped": "no ScreenNet engine measured"}
-    top = max(r["knee"]["images_per_s"] for r in rows)
-    close = [r for r in rows if r["knee"]["images_per_s"] >= (1 - RUNOFF_MARGIN) * top]
+    close = close_to_fastest(rows, lambda r: r["knee"]["images_per_s"])
     if len(close) < 2:
         return {"skipped": "one engine within the margin of the fastest: nothing to rank"}
     contenders = {r["label"]: (make_engine({**r, "threads": threads}, r["knee"]["batch"]),

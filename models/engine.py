@@ -21,12 +21,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol, TypeVar
 
 import numpy as np
 
 from models.contract import IMAGE_SIZE, INPUT_NAME
 from screenline.files import atomic_write_bytes
+
+T = TypeVar("T")
 
 
 class Engine(Protocol):
@@ -416,6 +418,14 @@ moments by as much as the candidates differ. On the VNNI host (2026-12-06) the d
 per-tensor graph fastest (15,783 images/s against 13,494–14,495 for the other INT8 graphs); four run-offs of its
 four INT8 graphs read it last each time (shares 0.92–0.95) and a U8S8 graph first (0.97–0.99), a window's spread
 within a run-off 6–25%, which is why a run-off is nine rounds (~7 s for four graphs at 0.2 s a window)."""
+
+
+def close_to_fastest(items: list[T], speed: Callable[[T], float], margin: float = RUNOFF_MARGIN) -> list[T]:
+    """The items whose `speed` is within `margin` of the fastest one's: who enters a run-off."""
+    if not items:
+        return []
+    top = max(speed(item) for item in items)
+    return [item for item in items if speed(item) >= (1 - margin) * top]
 
 
 def runoff(contenders: dict[str, tuple[Engine, np.ndarray]], seconds: float,

@@ -28,7 +28,7 @@ import numpy as np
 from prefect import get_run_logger, task
 
 from models.contract import TARGET_SENSITIVITY
-from models.engine import (MAX_BATCH, RUNOFF_MARGIN, Engine, OrtEngine, compiled_for, find_knee, runoff,
+from models.engine import (MAX_BATCH, Engine, OrtEngine, close_to_fastest, compiled_for, find_knee, runoff,
                            scores)
 from models.manifest import Manifest, Shipped
 from models.registry import Registry, host_fingerprint
@@ -253,9 +253,7 @@ def run_off(candidates: list[Candidate], engines: tuple[str, ...], make_engine, 
     contenders: dict[str, Candidate] = {}
     for pool in (engines, ("onnxruntime",)):
         passing = [c for c in candidates if c.passes and c.engine in pool]
-        if passing:
-            top = max(c.knee["images_per_s"] for c in passing)
-            contenders |= {c.name: c for c in passing if c.knee["images_per_s"] >= (1 - RUNOFF_MARGIN) * top}
+        contenders |= {c.name: c for c in close_to_fastest(passing, lambda c: c.knee["images_per_s"])}
     if len(contenders) < 2:
         return []
     measured = runoff({name: (compiled_for(make_engine(c), c.knee["batch"]),
@@ -315,10 +313,19 @@ def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings,
     plan = [(name, file, summary.get("engines", {}).get(name, "onnxruntime")) for name, file in summary["files"].items()]
     if "openvino" in engines:
         plan += [(f"ov-{name}", file, "openvino") for name, file, kind in plan if kind == "onnxruntime"]
-    candidates, runners = [], {}  # the engines, kept for the run-off (a TensorRT plan takes long to build again)
+    # TensorRT plans are kept for the run-off (one takes long to build again); a CPU engine is made again there (an
+    # ONNX Runtime session in milliseconds, OpenVINO compiled for the knee anyway), so ~10 of them (tens of MB each)
+    # are not all alive at once.
+    candidates, plans = [], {}
+
+    def engine_of(name: str, file: str, kind: str) -> Engine:
+        return plans.get(name) or candidate_engine(export_dir / file, kind, candidate_precision(name), gates,
+                                                   split.channels, split.lake_root)
+
     for name, file, kind in plan:
-        runner = runners[name] = candidate_engine(export_dir / file, kind, candidate_precision(name), gates,
-                                                  split.channels, split.lake_root)
+        runner = engine_of(name, file, kind)
+        if kind == "tensorrt":
+            plans[name] = runner
         s = scores(runner, x_val)
         c = Candidate(name, file, runner.precision, kind, val_auc=auc(s, y_val))
         c.calibration = dict(crossfit) if crossfit else {**calibrate(s, y_val, gates.rule).as_dict(),
@@ -341,7 +348,9 @@ def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings,
         else:
             c.passes, c.why = True, "passes"
     _choose_on_noninferiority([c for c in candidates if c.passes])
-    run_off(candidates, engines, lambda c: runners[c.name], x_val[:1024], seconds=gates.knee_seconds * 2 / 3)
+    del runner  # the last candidate's too: the run-off makes what it measures
+    run_off(candidates, engines, lambda c: engine_of(c.name, c.file, c.engine), x_val[:1024],
+            seconds=gates.knee_seconds * 2 / 3)
     ship, fallback = choose(candidates, engines)
     return {"candidates": [asdict(c) for c in candidates], "ship": ship.name,
             "fallback": fallback.name if fallback else None, "engines": list(engines),
