@@ -11,6 +11,7 @@ from flows.ingest import ingest
 from flows.optimize import NotPromoted, optimize
 from helpers import images, task_states
 from models import tensorrt
+from models.engine import RUNOFF_MARGIN
 from models.registry import Manifest, Registry
 from tasks.dataset import make_split
 from tasks.lake import Lake
@@ -71,12 +72,22 @@ def test_optimize_registers_a_version_whose_promotion_matches_its_test_gate(tiny
     ship = manifest.shipping
     shipped = next(c for c in manifest.candidates if c["name"] == ship.candidate)
     assert shipped["engine"] == ship.engine and shipped["threshold"] == ship.threshold
-    # the CPU engines competed on the same graphs; what ships is the fastest that passed, and a version shipping
-    # OpenVINO carries the fastest passing ONNX Runtime candidate for hosts without it
+    # the CPU engines competed on the same graphs; what ships is the fastest that passed: the passing candidates
+    # within RUNOFF_MARGIN of the fastest sweep were measured again in turns and the largest share there ships (a
+    # sweep alone is not a ranking: tests/models/test_autotune.py pins the rule on hand-made figures); a version
+    # shipping OpenVINO carries the fastest passing ONNX Runtime candidate for hosts without it
     assert {c["engine"] for c in manifest.candidates} == {"onnxruntime", "openvino"}
     passing = [c for c in manifest.candidates if c["passes"]]
     if passing:
-        assert shipped["knee"]["images_per_s"] == max(c["knee"]["images_per_s"] for c in passing)
+        assert shipped["passes"]
+        top = max(c["knee"]["images_per_s"] for c in passing)
+        close = [c for c in passing if c["knee"]["images_per_s"] >= (1 - RUNOFF_MARGIN) * top]
+        if len(close) > 1:
+            assert all("runoff" in c["knee"] for c in close)
+            assert shipped["knee"]["runoff"]["share"] == max(c["knee"]["runoff"]["share"] for c in passing
+                                                             if "runoff" in c["knee"])
+        else:
+            assert shipped["knee"]["images_per_s"] == top
     if ship.engine == "openvino":
         assert manifest.fallback.engine == "onnxruntime" and manifest.fallback.file in manifest.files
     else:
