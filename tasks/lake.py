@@ -9,6 +9,8 @@ One root (`--lake`, default `./lake`, `SCREENLINE_LAKE` overrides) holds:
     predictions/<model_version>/<shard>.parquet  a row per image scored by that model version
     audits/ models/<version>/    written by audit and optimize
     index/                       the pixel-hash index of images/ ingest finds duplicates with (tasks/hashes.py)
+    images/.footers.json, predictions/<version>/.footers.json   footers screen read, kept by file identity so the
+                                 next run stats unchanged files instead of opening them (tasks/footers.py)
 
 Every write goes to a hidden temp file in the same folder and is renamed into place (screenline/files.py), so
 readers (pyarrow, pandas, DuckDB) only ever see whole files.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -89,8 +89,10 @@ class State:
 
 
 def state_of(lake: Lake, version: str, shard_id: str, points: Iterable[OperatingPoint],
-             digest: str | None = None) -> State:
-    """The state of `version`'s predictions of one shard. `digest`: the images file's, when the caller has it."""
+             digest: str | None = None,
+             read: Callable[[Path], tuple[dict[str, str], int]] = footer_and_rows) -> State:
+    """The state of `version`'s predictions of one shard. `digest`: the images file's, when the caller has it;
+    `read`: how the predictions file's footer is read (a `FooterMemo`'s, over a whole folder)."""
     path = lake.predictions_file(version, shard_id)
     images = lake.image_file(shard_id)
     if not images.exists():
@@ -102,7 +104,7 @@ def state_of(lake: Lake, version: str, shard_id: str, points: Iterable[Operating
     except (pa.ArrowInvalid, OSError) as exc:
         return State("unreadable", f"its images file cannot be read ({exc}): delete it and re-ingest the shard")
     try:
-        meta, rows = footer_and_rows(path)
+        meta, rows = read(path)
     except (pa.ArrowInvalid, OSError):
         return State("rescore", "its predictions file cannot be read")
     if meta.get(IMAGES_KEY) != digest:

@@ -30,6 +30,7 @@ from prefect import get_run_logger, task
 from models.engine import Engine, default_threads, find_knee
 from models.registry import ModelIntegrityError, Registry, host_fingerprint
 from tasks.caching import IO_RETRIES, OutputCache
+from tasks.footers import FooterMemo
 from tasks.lake import (
     IMAGE_IDS_KEY,
     PREDICTIONS_SCHEMA,
@@ -187,19 +188,23 @@ def screen_shard(shard_id: str, model: ScreenModel, run_id: str, engine: Engine 
 def triage(model: ScreenModel, shards: list[tuple[str, str]]) -> tuple[list[tuple[str, str]],
                                                                        list[ShardScreenSummary]]:
     """The shards with work to do, and a summary of each current one: its predictions file's footer read once (the
-    images file's was, listing the shards) and no task started for it, so a nightly run over a lake of many shards
-    costs the new shards' tasks, not one per shard. A shard whose state cannot be read here is left to its task,
-    which says what is wrong with it."""
+    images file's was, listing the shards), or remembered from the last run where the file is unchanged
+    (tasks/footers.py), and no task started for it, so a nightly run over a lake of many shards costs the new
+    shards' tasks and a stat a shard. A shard whose state cannot be read here is left to its task, which says what
+    is wrong with it."""
     lake = Lake.at(model.lake_root)
+    memo = FooterMemo(lake.predictions_dir(model.version))
     pending, current = [], []
     for shard_id, digest in shards:
         try:
-            if digest and (state := state_of(lake, model.version, shard_id, model.points, digest)).current:
+            if digest and (state := state_of(lake, model.version, shard_id, model.points, digest,
+                                             memo.footer_and_rows)).current:
                 current.append(ShardScreenSummary(shard_id, state.rows, -1, 0.0, "already_scored"))
                 continue
         except (pa.ArrowInvalid, OSError):
             pass
         pending.append((shard_id, digest))
+    memo.save()
     return pending, current
 
 
@@ -351,13 +356,15 @@ def list_shards_task(lake_root: str) -> list[tuple[str, str]]:
     """(shard_id, image-id digest) of every shard in the lake's images/ ("" for a file whose footer cannot be read:
     its task then fails naming it)."""
     lake = Lake.at(lake_root)
+    memo = FooterMemo(lake.images)
     shards = []
     for file in lake.shard_files():
         try:
-            digest = images_digest(file)
+            digest = memo.footer_and_rows(file)[0].get(IMAGE_IDS_KEY) or images_digest(file)
         except (pa.ArrowInvalid, OSError):
             digest = ""
         shards.append((file.stem, digest))
+    memo.save()
     landed = {f"{shard_id}.parquet" for shard_id, _ in shards}
     strays = sorted(p.name for p in lake.images.iterdir() if not p.name.startswith(".") and p.name not in landed) \
         if lake.images.is_dir() else []

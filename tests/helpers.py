@@ -155,6 +155,22 @@ def screen_plain(lake, version: str | None = None) -> dict[str, str]:
     return {f.stem: screen_shard(f.stem, model, run_id).status for f in lake.shard_files()}
 
 
+def screen_triaged(lake, version: str | None = None) -> dict[str, str]:
+    """What the screen flow does, without Prefect, the way the flow does it: move orphans aside, list the shards and
+    triage them (the footer memos of tasks/footers.py), then score or re-decide the pending ones; shard_id → status."""
+    import uuid
+
+    from tasks.predictions import sweep_orphans
+    from tasks.screen import list_shards_task, resolve_model, screen_shard, triage
+
+    sweep_orphans(lake)
+    model = resolve_model(lake, version, workers=1)
+    pending, current = triage(model, list_shards_task.fn(str(lake.root)))
+    run_id = str(uuid.uuid4())
+    return {**{s.shard_id: s.status for s in current},
+            **{shard: screen_shard(shard, model, run_id).status for shard, _ in pending}}
+
+
 def labelled_lake_with_model(lake: Path, holdout: Path, hold_x: np.ndarray, hold_y: np.ndarray,
                              sensitivity: float = 1.0):
     """Ingest `holdout` (the shards of hold_x/hold_y) as the labelled subset "holdout" and promote a spot detector
