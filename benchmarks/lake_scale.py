@@ -7,8 +7,9 @@ shards of 5,000 images (unique pixels, cheap to make), landed with `ingest_shard
 U8S8, the shipped kind) registered and every image screened. Then, each in a fresh process so its peak RSS (VmHWM)
 is its own, a new 2,000-image PNG tar is ingested (`ingest_shard`: decode, hashes, the duplicate check against the
 lake, the commit) and the lake screened (what the screen flow does per run, without Prefect: orphans swept, the
-shards triaged, two footer reads a current one, the new shard scored); five nights, a new shard each, in turns
-across the sizes once every lake is built; medians quoted. The signing keys are a temp folder's, never the user's.
+shards triaged, a current one two stats where the footer memos of tasks/footers.py hold its files, the new shard
+scored); five nights, a new shard each, in turns across the sizes once every lake is built; medians quoted. The
+signing keys are a temp folder's, never the user's.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def build(root: Path, n: int) -> tuple[Path, dict]:
 
 def screen_lake(lake) -> dict:
     """What the screen flow does in one run, without Prefect: sweep orphans, list the shards, triage them (current
-    ones cost two footer reads and no task), score the rest."""
+    ones cost two stats, or two footer reads where the memos do not hold them, and no task), score the rest."""
     import uuid
 
     from tasks.predictions import sweep_orphans
