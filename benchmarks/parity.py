@@ -69,6 +69,7 @@ VARIANTS: dict[str, dict] = {
     "affine aug + patch4 stem": {"augment": "flip-exposure-affine", "stem": "patch4"},
     "affine aug + patch4 stem + width 1.5": {"augment": "flip-exposure-affine", "stem": "patch4", "width": 1.5},
     "affine aug + patch4 stem + width 1.0": {"augment": "flip-exposure-affine", "stem": "patch4", "width": 1.0},
+    "affine aug + patch4 stem + width 0.75": {"augment": "flip-exposure-affine", "stem": "patch4", "width": 0.75},
 }
 
 
