@@ -319,8 +319,10 @@ def evaluate_candidates(export_dir: Path, split: SplitRef, gates: GateSettings,
     candidates, plans = [], {}
 
     def engine_of(name: str, file: str, kind: str) -> Engine:
-        return plans.get(name) or candidate_engine(export_dir / file, kind, candidate_precision(name), gates,
-                                                   split.channels, split.lake_root)
+        if name in plans:
+            return plans[name]
+        return candidate_engine(export_dir / file, kind, candidate_precision(name), gates, split.channels,
+                                split.lake_root)
 
     for name, file, kind in plan:
         runner = engine_of(name, file, kind)
