@@ -169,7 +169,12 @@ def footer(path: Path) -> dict[str, str]:
 def footer_and_rows(path: Path) -> tuple[dict[str, str], int]:
     """`footer`, and how many rows the file holds, from one read of its footer."""
     meta = pq.read_metadata(path)
-    return {k.decode(): v.decode() for k, v in (meta.metadata or {}).items() if k != b"ARROW:schema"}, meta.num_rows
+    return key_values(meta), meta.num_rows
+
+
+def key_values(meta: pq.FileMetaData) -> dict[str, str]:
+    """A Parquet footer's key-value metadata as text, without Arrow's own schema entry."""
+    return {k.decode(): v.decode() for k, v in (meta.metadata or {}).items() if k != b"ARROW:schema"}
 
 
 def images_digest(path: Path) -> str:
