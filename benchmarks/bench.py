@@ -174,7 +174,7 @@ def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
                  {c["name"]: c["file"] for c in manifest.candidates}.items()}
         gates = manifest.gates
         context.update(quality=True, version=shipped["version"], ships=manifest.shipping.candidate,
-                       width=arch["width"], stem=arch.get("stem", "conv3s2"), rule={"name": gates.get("threshold_rule", "quantile"),
+                       width=arch["width"], stem=arch.get("stem", "conv3s2"), depth=arch.get("depth", 1.0), rule={"name": gates.get("threshold_rule", "quantile"),
                                                   "target": gates["target_sensitivity"],
                                                   "delta": gates.get("delta", 0.05),
                                                   "margin": gates.get("calibration_margin", 0.01)})
@@ -184,13 +184,12 @@ def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
         files = {name: file for name, file in files.items() if not name.startswith(("ov-", "trt-"))}  # the graphs
         _write_split(lake, manifest, work)
         model = build_model(arch["name"], 1, arch["width"], arch.get("pool", "avg"),
-                            arch.get("stem", "conv3s2"))
+                            arch.get("stem", "conv3s2"), arch.get("depth", 1.0))
     else:
-        from models.nets import ScreenNet, ScreenNetConfig
         from tasks.train import TrainSettings
 
         width = TrainSettings().width
-        model = ScreenNet(ScreenNetConfig(width=width, stem=TrainSettings().stem)).eval()
+        model = build_model("screennet", 1, **TrainSettings().shape()).eval()
         checkpoint = None
         fp32 = export_onnx(model, work / RANDOM_FP32)
         calibration = generate(128, 0.1, 5, "b", "calibration")[0][:, None]
@@ -200,7 +199,7 @@ def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
             name = f"int8-{fmt}-{'per-channel' if per_channel else 'per-tensor'}"
             files[name] = quantize_int8(fp32, work / f"screennet-{name}.onnx", calibration, fmt, per_channel)
         context.update(version="random weights (no promoted model in the lake)", width=width,
-                       stem=TrainSettings().stem,
+                       stem=TrainSettings().stem, depth=TrainSettings().depth,
                        screen_graph={"file": str(files["int8-u8s8-per-tensor"]), "precision": "int8",
                                      "candidate": "int8-u8s8-per-tensor (random weights)", "engine": "onnxruntime"})
     mflops["screennet"] = 2 * macs_per_image(model) / 1e6
@@ -215,7 +214,7 @@ def prepare(work: Path, lake: Path, quick: bool) -> tuple[list[dict], dict]:
          "onnx": str(work / "resnet18-native.onnx"), "max_batch": 4 if quick else 256,
          "mflops": mflops["resnet18-native"]},
         {"name": "screennet-torch", "label": "ScreenNet, torch eager FP32", "runtime": "torch", "arch": "screennet",
-         "width": context["width"], "stem": context["stem"], "checkpoint": checkpoint, "max_batch": big,
+         "width": context["width"], "stem": context["stem"], "depth": context["depth"], "checkpoint": checkpoint, "max_batch": big,
          "mflops": mflops["screennet"], "scored": True},
     ]
     from models.quantize import uint8_input
@@ -522,7 +521,9 @@ def markdown(report: dict) -> str:
         for lever in levers["levers"]:
             if "images_per_s" in lever:
                 p50 = f"{lever['batch1_p50_ms']:.3f}" if "batch1_p50_ms" in lever else "–"
-                lines.append(f"| {lever['lever']} | {lever['images_per_s']:,.0f} ({lever['batch']}) | {p50} |")
+                turns = (f"; {lever['of_default']:.2f}× the default shape's in the same rounds"
+                         if "of_default" in lever else "")
+                lines.append(f"| {lever['lever']} | {lever['images_per_s']:,.0f} ({lever['batch']}{turns}) | {p50} |")
             else:
                 lines.append(f"| {lever['lever']} | session load {lever['load_s'] * 1000:.0f} ms (from the original "
                              f"graph {lever['load_s_from_original'] * 1000:.0f} ms) | – |")

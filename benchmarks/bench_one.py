@@ -45,7 +45,7 @@ def make_engine(config: dict, batch: int | None = None) -> Engine:
         else:
             torch.manual_seed(0)
             model = build_model(config["arch"], 1, config.get("width", 1.0), config.get("pool", "avg"),
-                                config.get("stem", "conv3s2")).eval()
+                                config.get("stem", "conv3s2"), config.get("depth", 1.0)).eval()
 
         def run(x: np.ndarray) -> np.ndarray:
             with torch.inference_mode():

@@ -43,7 +43,7 @@ def build(root: Path, n: int) -> tuple[Path, dict]:
 
     from models.engine import OrtEngine, find_knee
     from models.export import export_onnx
-    from models.nets import ScreenNet, ScreenNetConfig
+    from models.nets import build_model
     from models.quantize import quantize_int8
     from models.registry import Registry, host_fingerprint
     from tasks.hashes import HashIndex
@@ -72,7 +72,7 @@ def build(root: Path, n: int) -> tuple[Path, dict]:
     folder = registry.folder("sn-bench")
     calib = np.random.default_rng(0).integers(0, 256, (256, 1, 64, 64), dtype=np.uint8)
     torch.manual_seed(0)
-    net = ScreenNet(ScreenNetConfig(width=TrainSettings().width, stem=TrainSettings().stem)).eval()
+    net = build_model("screennet", 1, **TrainSettings().shape()).eval()
     fp32 = export_onnx(net, folder / "fp32.onnx")
     quantize_int8(fp32, folder / "model.onnx", calib, "u8s8", per_channel=False)
     fp32.unlink()

@@ -10,10 +10,11 @@ reports the best throughput over a batch sweep and the batch-1 latency:
 - one engine per core (two single-thread sessions on two Python threads) vs one engine with two threads;
 - OpenVINO on the INT8 graphs, one caller on one stream vs two callers at once on two streams (the screen flow);
 - INT8 formats: U8S8 vs S8S8, per-tensor vs per-channel (the promoted model's own graphs);
-- the architecture (issue 18's cheaper net): width 1.25, 1.0 and 0.75, each with the 3×3 stride-2 stem and the
-  4×4 stride-4 patch stem (models/nets.py), INT8 on ONNX Runtime and OpenVINO, each swept by `find_knee` as
-  optimize sweeps (random weights: speed only; the quality of a shape is what `benchmarks/parity.py` measures, see
-  README "Performance");
+- the architecture (issue 18's cheaper net): the SHAPES (width × stem × depth, models/nets.py), INT8 on ONNX
+  Runtime and OpenVINO, each swept by `find_knee` as optimize sweeps, then OpenVINO's S8S8 engines of every shape
+  measured again in turns (`models.engine.runoff`), each as a share of the default shape's: the sweeps ran minutes
+  apart, the run-off on the same footing (random weights: speed only; the quality of a shape is what
+  `benchmarks/parity.py` measures, see README "Performance");
 - torch eager channels-last vs contiguous (the torch path, for reference).
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import threading
@@ -32,9 +34,10 @@ import numpy as np
 from benchmarks.bench import latest_model, log
 
 BATCHES = (8, 16, 32, 64, 128)
-SHAPES = ((1.25, "conv3s2"), (1.25, "patch4"), (1.0, "conv3s2"), (1.0, "patch4"), (0.75, "conv3s2"),
-          (0.75, "patch4"))
-"""(width, stem) of the random-weight nets whose engines are measured side by side."""
+SHAPES = ((1.25, "patch4", 1.0), (1.25, "patch4", 0.5), (1.5, "patch4", 0.5), (1.0, "patch4", 1.0),
+          (1.0, "patch4", 0.5), (0.75, "patch4", 1.0), (1.25, "conv3s2", 1.0), (1.0, "conv3s2", 1.0))
+"""(width, stem, depth) of the random-weight nets whose engines are measured side by side; the first is the default
+(tasks.train.TrainSettings), the others the points of the speed/quality front benchmarks/parity.py trained."""
 
 
 def best_throughput(run, pixels: np.ndarray, seconds: float, batches=BATCHES) -> dict:
@@ -90,11 +93,12 @@ def parallel_throughput(runs: list, pixels: np.ndarray, seconds: float, batches=
 
 
 def shapes(work: Path, calibration: np.ndarray, pixels: np.ndarray, threads: int, quick: bool, record,
-           exported: dict[tuple[float, str], Path] | None = None) -> None:
+           exported: dict[tuple[float, str, float], Path] | None = None) -> None:
     """Each SHAPES net, INT8 (U8S8 per-tensor; S8S8 per-tensor too in the full run) on ONNX Runtime and, where
-    installed, OpenVINO, at its knee (`find_knee`, windows until stable), with its multiply-adds an image.
-    `exported`: (width, stem) → a random-weight FP32 graph of that net already exported (an export takes ~6 s)."""
-    from models.engine import OpenVinoEngine, OrtEngine, find_knee, openvino_missing
+    installed, OpenVINO, at its knee (`find_knee`, windows until stable), with its multiply-adds an image; then the
+    OpenVINO engines of the last format, one a shape at its knee, in turns (`runoff`), each as a share of the first
+    shape's. `exported`: (width, stem, depth) → a random-weight FP32 graph of that net already exported (~6 s)."""
+    from models.engine import OpenVinoEngine, OrtEngine, compiled_for, find_knee, openvino_missing, runoff
     from models.export import export_onnx
     from models.nets import ScreenNet, ScreenNetConfig, macs_per_image
     from models.quantize import quantize_int8
@@ -103,19 +107,32 @@ def shapes(work: Path, calibration: np.ndarray, pixels: np.ndarray, threads: int
     formats = (("u8s8", "INT8-U8S8-PER-TENSOR"),) if quick else (("u8s8", "INT8-U8S8-PER-TENSOR"),
                                                                  ("s8s8", "INT8-S8S8-PER-TENSOR"))
     sweep = {"max_batch": 8, "seconds_per_point": 0.03} if quick else {}
-    for width, stem in SHAPES[1:3] if quick else SHAPES:
-        model = ScreenNet(ScreenNetConfig(width=width, stem=stem)).eval()
+    contenders = {}
+    for width, stem, depth in SHAPES[:2] if quick else SHAPES:
+        model = ScreenNet(ScreenNetConfig(width=width, stem=stem, depth=depth)).eval()
         mmacs = macs_per_image(model) / 1e6
-        fp32 = (exported or {}).get((width, stem)) or export_onnx(model, work / f"w{width}-{stem}.onnx")
-        if width == 1.0 and stem == "conv3s2":
+        name = f"width {width}, {stem} stem, depth {depth}"
+        fp32 = (exported or {}).get((width, stem, depth)) or export_onnx(model, work / f"w{width}-{stem}-d{depth}.onnx")
+        if (width, stem, depth) == (1.0, "conv3s2", 1.0):
             record(f"width {width} FP32 (random weights)",
                    _at_knee(find_knee(OrtEngine(fp32, threads=threads), pixels, **sweep)), mmacs=mmacs)
         for fmt, label in formats:
-            int8 = quantize_int8(fp32, work / f"w{width}-{stem}-{fmt}.onnx", calibration, fmt, False)
+            int8 = quantize_int8(fp32, work / f"w{width}-{stem}-d{depth}-{fmt}.onnx", calibration, fmt, False)
             for kind in kinds:
-                knee = find_knee(kind(int8, "int8", threads), pixels, **sweep)
-                record(f"width {width}, {stem} stem, {kind.name} {label} (random weights)", _at_knee(knee),
-                       mmacs=mmacs, width=width, stem=stem, engine=kind.name)
+                engine = kind(int8, "int8", threads)
+                knee = find_knee(engine, pixels, **sweep)
+                record(f"{name}, {kind.name} {label} (random weights)", _at_knee(knee),
+                       mmacs=mmacs, width=width, stem=stem, depth=depth, engine=kind.name)
+                if kind is OpenVinoEngine and fmt == formats[-1][0]:
+                    contenders[name] = (compiled_for(engine, knee.batch), np.resize(pixels, (knee.batch, 1, 64, 64)),
+                                        mmacs, label)
+    if len(contenders) > 1:
+        turns = runoff({n: c[:2] for n, c in contenders.items()}, 0.03 if quick else 0.2)
+        first = next(iter(contenders))
+        for n, (_, x, mmacs, label) in contenders.items():
+            share = statistics.median(a / b for a, b in zip(turns[n]["windows"], turns[first]["windows"]))
+            record(f"{n}, openvino {label}, in turns", {"images_per_s": turns[n]["images_per_s"], "batch": len(x)},
+                   mmacs=mmacs, of_default=round(share, 3), spread=turns[n]["spread"])
 
 
 def openvino_callers(graphs: dict[str, Path], pixels: np.ndarray, threads: int, seconds: float, record) -> None:
@@ -230,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
         import torch
 
-        default_shape = (TrainSettings().width, TrainSettings().stem)
+        default_shape = (TrainSettings().width, TrainSettings().stem, TrainSettings().depth)
         shapes(work, calibration, pixels, args.threads, args.quick, record,
                {default_shape: Path(args.fp32)} if args.fp32 else None)
 

@@ -70,6 +70,17 @@ VARIANTS: dict[str, dict] = {
     "affine aug + patch4 stem + width 1.5": {"augment": "flip-exposure-affine", "stem": "patch4", "width": 1.5},
     "affine aug + patch4 stem + width 1.0": {"augment": "flip-exposure-affine", "stem": "patch4", "width": 1.0},
     "affine aug + patch4 stem + width 0.75": {"augment": "flip-exposure-affine", "stem": "patch4", "width": 0.75},
+    "affine aug + patch4 stem + depth 0.5": {"augment": "flip-exposure-affine", "stem": "patch4", "depth": 0.5},
+    "affine aug + patch4 stem + width 1.0 + depth 0.5": {"augment": "flip-exposure-affine", "stem": "patch4",
+                                                         "width": 1.0, "depth": 0.5},
+    "affine aug + patch4 stem + width 1.5 + depth 0.5": {"augment": "flip-exposure-affine", "stem": "patch4",
+                                                         "width": 1.5, "depth": 0.5},
+    # distilled from the default (a teacher named by variant: list it before them in --only)
+    "width 0.75 + kd T=4 a=0.5 from the default": {"augment": "flip-exposure-affine", "stem": "patch4", "width": 0.75,
+                                                   "teacher": "affine aug + patch4 stem"},
+    "width 0.75 + kd T=2 a=0.9 from the default": {"augment": "flip-exposure-affine", "stem": "patch4", "width": 0.75,
+                                                   "teacher": "affine aug + patch4 stem", "temperature": 2.0,
+                                                   "distill_weight": 0.9},
 }
 
 
@@ -199,15 +210,20 @@ def main(argv: list[str] | None = None) -> None:
         if cache is not None:
             np.savez(cache, teacher=teacher, **{k: base_scores[k] for k in EVALUATED})
     names = [n for n in args.only.split(",") if n != "none"] if args.only else list(VARIANTS)
+    trained: dict[str, np.ndarray] = {}  # each variant's logits on the training images, a teacher for later ones
     for name in names:
         overrides = dict(VARIANTS[name])
-        use_teacher = overrides.pop("teacher", None) == "baseline"
-        if use_teacher and teacher is None:
+        teacher_name = overrides.pop("teacher", None)
+        if teacher_name == "baseline" and teacher is None:
             raise SystemExit(f"{name} distils from the baseline: run without --no-baseline")
+        if teacher_name not in (None, "baseline") and teacher_name not in trained:
+            raise SystemExit(f"{name} distils from {teacher_name!r}: name that variant before it in --only")
+        soft = teacher if teacher_name == "baseline" else trained.get(teacher_name)
         settings = replace(SCREENNET, seed=args.seed, **overrides)
-        scores, _, minutes, fitted = train_and_score(settings, data, args.device, teacher if use_teacher else None)
+        scores, trained[name], minutes, fitted = train_and_score(settings, data, args.device, soft)
         rows.append({"variant": name, "data": args.data, "seed": args.seed, "minutes": minutes,
                      "epochs": settings.epochs, "width": settings.width, "stem": settings.stem,
+                     **({"teacher": teacher_name} if teacher_name else {}),
                      "best_epoch": _best_epoch(fitted),
                      **figures(scores, data, base_scores)})
         print(json.dumps(rows[-1]), flush=True)

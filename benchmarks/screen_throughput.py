@@ -44,7 +44,7 @@ def build_lake(root: Path, n: int, shards: int, graph: dict | None = None) -> Pa
     from flows.ingest import ingest
     from models.engine import OpenVinoEngine, OrtEngine, find_knee
     from models.export import export_onnx
-    from models.nets import ScreenNet, ScreenNetConfig
+    from models.nets import build_model
     from models.quantize import quantize_int8
     from models.registry import Registry, host_fingerprint
     from tasks.lake import Lake
@@ -67,7 +67,7 @@ def build_lake(root: Path, n: int, shards: int, graph: dict | None = None) -> Pa
                 "engine": graph.get("engine", "onnxruntime")}
     else:
         torch.manual_seed(0)
-        net = ScreenNet(ScreenNetConfig(width=TrainSettings().width, stem=TrainSettings().stem)).eval()
+        net = build_model("screennet", 1, **TrainSettings().shape()).eval()
         fp32 = export_onnx(net, folder / "fp32.onnx")
         quantize_int8(fp32, folder / "model.onnx", calib, "u8s8", per_channel=False)
         fp32.unlink()

@@ -83,6 +83,7 @@ def optimize(
     lake: str | None = None,
     epochs: int = _TRAIN.epochs,
     width: float = _TRAIN.width,
+    depth: float = _TRAIN.depth,
     stem: str = _TRAIN.stem,
     arch: str = _TRAIN.arch,
     teacher: str | None = None,
@@ -108,7 +109,8 @@ def optimize(
     """Train → export (BatchNorm folded) → quantize INT8 → per-engine threshold and knee → gates → register → promote.
 
     arch: screennet (default), or the seed's resnet18 (64→224) / resnet18-native for comparison.
-    width, stem: ScreenNet's width multiplier and stem (models/nets.py; patch4 skips the 32×32 stage).
+    width, depth, stem: ScreenNet's width and depth multipliers and stem (models/nets.py; patch4 skips the 32×32
+    stage; README "Performance" has the speed/quality front they trade along).
     teacher: a checkpoint to distil from (without a baseline). max_batch: top of the knee sweep (extended if the peak is there).
     knee_seconds: each sweep point's measuring time before it repeats until stable (tiny lakes in tests use less).
     threshold_rule: pac (default: the highest threshold whose sensitivity on new images is ≥ target with probability
@@ -166,7 +168,7 @@ def optimize(
         logger.info("baseline %s evaluated in %.1f min", baseline, (time.perf_counter() - started) / 60)
         if distill and teacher is None:
             teacher, teacher_arch = baseline_ckpt, baseline_arch
-    settings = TrainSettings(arch=arch, width=width, stem=stem, epochs=epochs, seed=seed, teacher=teacher,
+    settings = TrainSettings(arch=arch, width=width, depth=depth, stem=stem, epochs=epochs, seed=seed, teacher=teacher,
                              teacher_arch=teacher_arch)
     checkpoint = train_task(split, settings)
     oof_file = None

@@ -78,7 +78,7 @@ def load_baseline(path: Path, arch: str | None = None) -> LoadedBaseline:
     if meta_path.exists() and arch is None:  # a checkpoint this pipeline wrote names its own architecture
         meta = json.loads(meta_path.read_text())
         model = build_model(meta["arch"], meta["channels"], meta.get("width", 1.0), meta.get("pool", "avg"),
-                            meta.get("stem", "conv3s2"))
+                            meta.get("stem", "conv3s2"), meta.get("depth", 1.0))
         model.load_state_dict(state)
         return LoadedBaseline(model.eval(), meta["arch"], meta["channels"], "model.json beside the checkpoint")
     state = _as_baseline_keys(state)

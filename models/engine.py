@@ -434,7 +434,7 @@ def runoff(contenders: dict[str, tuple[Engine, np.ndarray]], seconds: float,
     its order rotated round by round so that none always runs first after whatever paused the host, and a window
     counts as its share of its round's fastest. An engine's figures are the medians of its shares and of its images/s
     and the spread of its shares (find_knee's `_spread`); the largest share is the fastest on the same footing.
-    Returns {name: {"share", "images_per_s", "spread", "rounds"}}."""
+    Returns {name: {"share", "images_per_s", "spread", "rounds", "windows"}}, windows its images/s round by round."""
     names = list(contenders)
     figures: dict[str, list[float]] = {name: [] for name in names}
     for engine, x in contenders.values():
@@ -446,7 +446,8 @@ def runoff(contenders: dict[str, tuple[Engine, np.ndarray]], seconds: float,
     shares = {n: [figures[n][r] / max(figures[m][r] for m in names) for r in range(rounds)] for n in names}
     return {n: {"share": round(statistics.median(shares[n]), 4),
                 "images_per_s": round(statistics.median(figures[n]), 1),
-                "spread": round(_spread(shares[n]), 4), "rounds": rounds} for n in names}
+                "spread": round(_spread(shares[n]), 4), "rounds": rounds,
+                "windows": [round(f, 1) for f in figures[n]]} for n in names}
 
 
 def cache_key(sha256: str, precision: str, batch: int, config: dict) -> str:

@@ -10,7 +10,8 @@ layer (`Preprocess`), so an exported graph takes raw bytes.
   (each 4×4 patch of pixels becomes one vector, as ViT and ConvNeXt stems do) and keeps every later stage at the
   resolution it had (the second stage then does not stride): the 32×32 stage and its cost are gone. At width 1.0
   it is ~7.7 M multiply-adds (~15 MFLOPs) an image (6.6 M with the patch stem). The width multiplier trades
-  capacity for speed. `pool` is how the last 4×4 feature map becomes one vector: `avg` (MobileNetV2's
+  capacity for speed, and so does the depth multiplier: each stage keeps ⌈repeats × depth⌉ of its blocks (at least
+  one), so depth 0.5 keeps 6 of the 9 (1, 1, 2, 1, 1). `pool` is how the last 4×4 feature map becomes one vector: `avg` (MobileNetV2's
   own), `max`, or `avgmax` (both, concatenated). A finding is one small spot in an otherwise normal image, and an
   average over the 16 positions dilutes it 16-fold where a maximum keeps it (README "Clinical parity" measures it).
   `fold_batchnorm()` folds every BatchNorm into its convolution for export.
@@ -20,6 +21,7 @@ Imports torch: only `optimize` and the benchmarks use this module.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -88,6 +90,7 @@ class ScreenNetConfig:
     dropout: float = 0.1
     pool: str = "avg"  # "avg" | "max" | "avgmax"
     stem: str = "conv3s2"  # "conv3s2" (3×3 stride 2, then a 32×32 stage) | "patch4" (4×4 stride 4, to 16×16)
+    depth: float = 1.0  # each stage keeps ⌈repeats × depth⌉ blocks, at least one
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -101,12 +104,15 @@ class ScreenNet(nn.Module):
         self.config = config
         if config.stem not in STEMS:
             raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {config.stem!r}")
+        if not 0 < config.depth <= 4 or not 0 < config.width <= 4:
+            raise ValueError(f"width and depth must be in (0, 4], got {config.width} and {config.depth}")
         cin = _round(16 * config.width)
         patch = config.stem == "patch4"
         layers: list[nn.Module] = [ConvBN(config.channels, cin, 4, 4, padding=0) if patch
                                    else ConvBN(config.channels, cin, 3, 2)]
         for index, (expand, cout, repeats, stride) in enumerate(STAGES):
             cout = _round(cout * config.width)
+            repeats = max(1, math.ceil(repeats * config.depth))
             stride = 1 if patch and index == 1 else stride  # the patch stem already went to 16×16
             for i in range(repeats):
                 layers.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
@@ -201,10 +207,11 @@ def macs_per_image(model: nn.Module, channels: int = 1) -> int:
     return total
 
 
-def build_model(arch: str, channels: int, width: float = 1.0, pool: str = "avg", stem: str = "conv3s2") -> nn.Module:
+def build_model(arch: str, channels: int, width: float = 1.0, pool: str = "avg", stem: str = "conv3s2",
+                depth: float = 1.0) -> nn.Module:
     """A fresh model by name."""
     if arch == "screennet":
-        return ScreenNet(ScreenNetConfig(channels=channels, width=width, pool=pool, stem=stem))
+        return ScreenNet(ScreenNetConfig(channels=channels, width=width, pool=pool, stem=stem, depth=depth))
     if arch in ("resnet18", "resnet18-native"):
         return Baseline(channels=channels, native=arch.endswith("native"))
     raise ValueError(f"unknown architecture {arch!r}: screennet, resnet18 or resnet18-native")

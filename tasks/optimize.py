@@ -149,8 +149,7 @@ def architecture(checkpoint: Path, settings: TrainSettings, channels: int) -> di
     from tasks.train import load_checkpoint
 
     config = getattr(load_checkpoint(checkpoint), "config", None)
-    return {"name": settings.arch, "channels": channels, "width": settings.width, "pool": settings.pool,
-            "stem": settings.stem,
+    return {"name": settings.arch, "channels": channels, **settings.shape(),
             **(config.as_dict() if config is not None else {})}
 
 

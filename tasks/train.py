@@ -39,6 +39,7 @@ class TrainSettings:
 
     arch: str = "screennet"  # "screennet" | "resnet18" (the seed's, 64→224) | "resnet18-native" (at 64×64)
     width: float = 1.25
+    depth: float = 1.0  # screennet's depth multiplier (models/nets.py; issue 18's Pareto front in README)
     pool: str = "avg"  # screennet's global pool: "avg" | "max" | "avgmax" (models/nets.py)
     stem: str = "patch4"  # screennet's stem: "patch4" | "conv3s2" (models/nets.py; issue 18 measured patch4 level and faster)
     epochs: int = 16
@@ -59,6 +60,10 @@ class TrainSettings:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def shape(self) -> dict[str, Any]:
+        """The net's shape fields, as `models.nets.build_model` takes them by keyword."""
+        return {"width": self.width, "pool": self.pool, "stem": self.stem, "depth": self.depth}
 
     def check(self) -> None:
         """Fail before training on a setting no branch below handles."""
@@ -184,7 +189,7 @@ def fit(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.n
         raise ValueError("the training split needs both positives and negatives")
     from models.nets import build_model
 
-    model = build_model(settings.arch, channels, settings.width, settings.pool, settings.stem)
+    model = build_model(settings.arch, channels, **settings.shape())
     model = model.to(device).to(memory_format=torch.channels_last)
     ema = (AveragedModel(model, multi_avg_fn=_ema_with_warmup(settings.ema), use_buffers=True)
            if settings.ema else None)
@@ -281,8 +286,7 @@ def train_model(split: SplitRef, settings: TrainSettings, out_dir: Path, log=pri
         log(f"teacher logits on {len(x_train)} training images: {time.perf_counter() - t0:.0f} s")
     state, fitted = fit(x_train, y_train, x_val, y_val, settings, split.channels, teacher, log=log)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"arch": settings.arch, "channels": split.channels, "width": settings.width, "pool": settings.pool,
-            "stem": settings.stem, **fitted,
+    meta = {"arch": settings.arch, "channels": split.channels, **settings.shape(), **fitted,
             "settings": settings.as_dict(), "split": split.training_sha256}  # the rows it learned from
     atomic_write_bytes(out_dir / "model.json", json.dumps(meta, indent=2).encode())
     with atomic_path(out_dir / "model.pt") as tmp:  # written last: the checkpoint's presence means training finished

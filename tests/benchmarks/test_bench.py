@@ -45,15 +45,21 @@ def test_quick_bench_measures_every_configuration_and_writes_its_outputs(tmp_pat
     assert report_file.with_name(report_file.stem + "-sweep.png").stat().st_size > 10_000
     levers = [lever["lever"] for lever in report["levers"]["levers"]]
     assert "FP32, one session, 2 threads, spinning off (as shipped)" in levers
-    assert "FP32, 2 engines × 1 thread (one per core)" in levers and "width 1.0 FP32 (random weights)" in levers
-    assert "width 1.25, patch4 stem, onnxruntime INT8-U8S8-PER-TENSOR (random weights)" in levers
-    assert "width 1.0, conv3s2 stem, openvino INT8-U8S8-PER-TENSOR (random weights)" in levers
+    assert "FP32, 2 engines × 1 thread (one per core)" in levers
+    assert "width 1.25, patch4 stem, depth 1.0, onnxruntime INT8-U8S8-PER-TENSOR (random weights)" in levers
+    assert "width 1.25, patch4 stem, depth 0.5, openvino INT8-U8S8-PER-TENSOR (random weights)" in levers
+    # the shapes' OpenVINO engines again in turns, each a share of the default shape's in the same rounds
+    turns = {lever["lever"]: lever for lever in report["levers"]["levers"] if lever["lever"].endswith("in turns")}
+    assert list(turns) == [f"width 1.25, patch4 stem, depth {d}, openvino INT8-U8S8-PER-TENSOR, in turns"
+                           for d in (1.0, 0.5)]
+    default, shallower = turns.values()
+    assert default["of_default"] == 1.0 and shallower["of_default"] > 0 and shallower["mmacs"] < default["mmacs"]
     # where the time goes: the fastest engine profiled by operator group, in the report and its table
     (profiled,) = report["profiles"]
     assert profiled["label"].startswith("fastest: ScreenNet") and "error" not in profiled
     assert {"conv stem", "conv depthwise", "conv 1×1"} <= {row[0] for row in profiled["rows"]}
     assert "Where the time goes (fastest: ScreenNet" in table
-    assert "| FP32, spinning on |" in table
+    assert "| FP32, spinning on |" in table and "× the default shape's in the same rounds" in table
     # the rows within 25% of the fastest, measured again in turns (on a noisy host one sweep each is no ranking)
     ranking = report["in_turns"]
     if "rows" in ranking:

@@ -85,3 +85,46 @@ def test_a_checkpoint_of_the_patch4_stem_rebuilds_from_its_model_json(tmp_path):
     loaded = load_baseline(tmp_path / "model.pt").model
     with torch.inference_mode():
         assert torch.allclose(loaded(pixels()), model(pixels()))
+
+
+def test_depth_keeps_the_ceiling_of_each_stages_blocks_and_their_resolutions():
+    from models.nets import STAGES, InvertedResidual
+
+    def blocks(depth: float) -> list[tuple[int, ...]]:
+        model = ScreenNet(ScreenNetConfig(width=1.25, stem="patch4", depth=depth)).eval()
+        seen: list[tuple[int, ...]] = []
+        hooks = [m.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[1:])))
+                 for m in model.features if isinstance(m, InvertedResidual)]
+        with torch.inference_mode():
+            assert model(pixels(2)).shape == (2,)
+        for h in hooks:
+            h.remove()
+        return seen
+
+    full, half = blocks(1.0), blocks(0.5)
+    assert len(full) == sum(r for _, _, r, _ in STAGES) == 9
+    assert len(half) == 6  # ⌈1·½⌉, ⌈2·½⌉, ⌈3·½⌉, ⌈2·½⌉, ⌈1·½⌉ = 1, 1, 2, 1, 1
+    assert len(blocks(0.1)) == len(STAGES)  # never fewer than one block a stage
+    # every stage still ends at the resolution and channels it had: only repeats inside a stage go
+    assert sorted(set(half)) == sorted(set(full)) and half[-1] == full[-1] == (120, 4, 4)
+    assert macs_per_image(ScreenNet(ScreenNetConfig(width=1.25, stem="patch4", depth=0.5))) < 0.7 * macs_per_image(
+        ScreenNet(ScreenNetConfig(width=1.25, stem="patch4")))
+    with pytest.raises(ValueError, match="width and depth must be in"):
+        ScreenNet(ScreenNetConfig(depth=0))
+
+
+def test_a_checkpoint_of_a_shallower_net_rebuilds_from_the_model_json_training_writes(tmp_path):
+    import json
+
+    from models.baseline import load_baseline
+    from tasks.train import TrainSettings
+
+    settings = TrainSettings(width=0.5, depth=0.5)
+    model = ScreenNet(ScreenNetConfig(**settings.shape())).eval()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    # the fields training writes (tasks/train.py: arch, channels and the settings' shape)
+    (tmp_path / "model.json").write_text(json.dumps({"arch": "screennet", "channels": 1, **settings.shape()}))
+    loaded = load_baseline(tmp_path / "model.pt").model
+    assert loaded.config.depth == 0.5
+    with torch.inference_mode():
+        assert torch.allclose(loaded(pixels()), model(pixels()))
