@@ -138,7 +138,7 @@ def train_and_score(settings: TrainSettings, data: dict, device: str, teacher: n
     minutes = (time.perf_counter() - t0) / 60
     from models.nets import build_model
 
-    model = build_model(settings.arch, 1, settings.width, settings.pool, settings.stem)
+    model = build_model(settings.arch, 1, **settings.shape())
     model.load_state_dict(state)
     if save:
         import torch

@@ -62,3 +62,18 @@ def test_the_cli_appends_rows_to_its_results_file(tmp_path, capsys):
     assert [r["variant"] for r in json.loads(out.read_text())["rows"]] == ["strong (against baseline)",
                                                                           "weak (against baseline)"]
     assert "| sample | weak (against baseline) |" in capsys.readouterr().out
+
+
+def test_a_variant_of_another_shape_trains_and_scores_every_split():
+    """train_and_score rebuilds the trained net from its settings' shape (a depth 0.5 net did not fit the default's
+    blocks, 2026-12-07)."""
+    from benchmarks.parity import train_and_score
+    from tasks.train import TrainSettings
+
+    rng = np.random.default_rng(0)
+    data = {name: (rng.integers(0, 256, (48, 1, 64, 64), dtype=np.uint8), np.array([0, 1] * 24, dtype=np.int8))
+            for name in ("train", *EVALUATED)}
+    settings = TrainSettings(width=0.5, depth=0.5, epochs=1, batch_size=16)
+    scores, train_logits, _, fitted = train_and_score(settings, data, "cpu", None)
+    assert set(scores) == {"train", *EVALUATED} and all(len(s) == 48 for s in scores.values())
+    assert train_logits.shape == (48,) and len(fitted["history"]) == 1
