@@ -684,10 +684,10 @@ def build_parser() -> argparse.ArgumentParser:
     # TrainSettings and GateSettings) is the one home of each default; the help repeats it, and a test checks it does.
     p.add_argument("--epochs", type=_epochs, default=argparse.SUPPRESS, help="training epochs (default 16)")
     p.add_argument("--width", type=float, default=argparse.SUPPRESS,
-                   help="width multiplier (capacity vs speed; default 1.25)")
+                   help="width multiplier (capacity vs speed; default 1.5)")
     p.add_argument("--depth", type=float, default=argparse.SUPPRESS,
-                   help="depth multiplier: each stage keeps ceil(blocks x depth) of its blocks (default 1.0; 0.5 is "
-                        "~1.5x faster and flagged more normals in the README's measurement)")
+                   help="depth multiplier: each stage keeps ceil(blocks x depth) of its blocks (default 0.5; "
+                        "--width 1.25 --depth 1.0 is the net before 2026-12-07, level and 1.37x slower)")
     # the stems are models/nets.STEMS, spelled out here because the CLI does not import torch
     p.add_argument("--stem", default=argparse.SUPPRESS, choices=("conv3s2", "patch4"),
                    help="ScreenNet's stem: patch4 (4x4 stride-4 patches straight to 16x16; default patch4) or "
