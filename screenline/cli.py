@@ -620,6 +620,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
           f"report:      {report.report}")
 
 
+def _multiplier(text: str) -> float:
+    """A width or depth multiplier: a number in (0, 4] (models/nets.py refuses others, but only after the split)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 4:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a multiplier above 0 and at most 4")
+    return value
+
+
 def _epochs(text: str) -> int:
     """An epoch count: a whole number ≥ 1 (argparse prints the usage and this error, exit 2)."""
     try:
@@ -683,9 +694,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Options the flow has a default for are passed only when given (SUPPRESS), so the flow's signature (read from
     # TrainSettings and GateSettings) is the one home of each default; the help repeats it, and a test checks it does.
     p.add_argument("--epochs", type=_epochs, default=argparse.SUPPRESS, help="training epochs (default 16)")
-    p.add_argument("--width", type=float, default=argparse.SUPPRESS,
+    p.add_argument("--width", type=_multiplier, default=argparse.SUPPRESS,
                    help="width multiplier (capacity vs speed; default 1.5)")
-    p.add_argument("--depth", type=float, default=argparse.SUPPRESS,
+    p.add_argument("--depth", type=_multiplier, default=argparse.SUPPRESS,
                    help="depth multiplier: each stage keeps ceil(blocks x depth) of its blocks (default 0.5; "
                         "--width 1.25 --depth 1.0 is the net before 2026-12-07, level and 1.37x slower)")
     # the stems are models/nets.STEMS, spelled out here because the CLI does not import torch

@@ -133,6 +133,14 @@ def test_an_epoch_count_below_one_or_not_whole_is_a_usage_error_and_the_flow_ref
     assert exited.value.code == 2 and f"argument --epochs: '{given}' epochs: give a whole number" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, given", [("--width", "0"), ("--depth", "-0.5"), ("--depth", "5"), ("--width", "x")])
+def test_a_width_or_depth_outside_the_nets_range_is_a_usage_error(flag, given, capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["optimize", flag, given])
+    assert exited.value.code == 2 and f"argument {flag}: '{given}': give a multiplier above 0" in capsys.readouterr().err
+    assert vars(build_parser().parse_args(["optimize", flag, "0.5"]))[flag[2:]] == 0.5
+
+
 @pytest.mark.usefixtures("prefect_server")
 def test_the_optimize_flow_refuses_zero_epochs_before_reading_the_lake(tmp_path):
     from flows.optimize import optimize
