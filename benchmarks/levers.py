@@ -34,7 +34,7 @@ import numpy as np
 from benchmarks.bench import latest_model, log
 
 BATCHES = (8, 16, 32, 64, 128)
-SHAPES = ((1.5, "patch4", 0.5), (1.25, "patch4", 1.0), (1.25, "patch4", 0.5), (1.0, "patch4", 1.0),
+SHAPES = ((1.25, "patch4", 1.0), (1.5, "patch4", 0.5), (1.25, "patch4", 0.5), (1.0, "patch4", 1.0),
           (1.0, "patch4", 0.5), (0.75, "patch4", 1.0), (1.25, "conv3s2", 1.0), (1.0, "conv3s2", 1.0))
 """(width, stem, depth) of the random-weight nets whose engines are measured side by side; the first is the default
 (tasks.train.TrainSettings), the others the points of the speed/quality front benchmarks/parity.py trained."""

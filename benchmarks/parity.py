@@ -38,8 +38,8 @@ from tasks.train import TrainSettings, fit, logits
 TARGET = 0.98
 REFERENCE_PER_SITE = 6000
 EVALUATED = ("val", "holdout", "test", "reference")
-# the recipe optimize used before this ablation, pinned (the defaults moved since: the patch stem on 2026-12-01, width
-# 1.5 at depth 0.5 on 2026-12-07), so that each variant's name says all it changes
+# the recipe optimize used before this ablation, pinned (the defaults moved since: the affine augmentation on
+# 2026-11-28, the patch stem on 2026-12-01), so that each variant's name says all it changes
 SCREENNET = TrainSettings(augment="flip-exposure", width=1.25, depth=1.0, stem="conv3s2")
 VARIANTS: dict[str, dict] = {
     "screennet (as before)": {},

@@ -38,8 +38,8 @@ class TrainSettings:
     """How a model is trained; every field is part of the cache key and the manifest."""
 
     arch: str = "screennet"  # "screennet" | "resnet18" (the seed's, 64→224) | "resnet18-native" (at 64×64)
-    width: float = 1.5  # with depth 0.5: level with width 1.25 at full depth, 1.37x faster (README "Performance")
-    depth: float = 0.5  # screennet's depth multiplier (models/nets.py)
+    width: float = 1.25
+    depth: float = 1.0  # screennet's depth multiplier (models/nets.py; README "Depth against width" measures the trade)
     pool: str = "avg"  # screennet's global pool: "avg" | "max" | "avgmax" (models/nets.py)
     stem: str = "patch4"  # screennet's stem: "patch4" | "conv3s2" (models/nets.py; issue 18 measured patch4 level and faster)
     epochs: int = 16
