@@ -29,6 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from deployments.zombies import ZOMBIE_AUTOMATION
 from tasks.ingest import DEFAULT_INBOX, INBOX_ENV
 
 REPO = Path(__file__).resolve().parent.parent
@@ -179,10 +180,12 @@ def _run(args: list[str], env: dict[str, str], what: str) -> None:
 
 
 def start(port: int = 4200, state: Path | None = None, lake: str | None = None, ui: bool = True,
-          timeout: float = 180.0, env: dict[str, str] | None = None) -> Served:
-    """Start the server on 127.0.0.1:port, create the process pool, deploy prefect.yaml, start a worker.
+          timeout: float = 180.0, env: dict[str, str] | None = None, zombie_after: float | None = None) -> Served:
+    """Start the server on 127.0.0.1:port, create the process pool, deploy prefect.yaml, create the automation that
+    marks runs whose process died Crashed (deployments/zombies.py), start a worker.
 
     env: extra environment for all of them (PREFECT_HOME for a private database, SCREENLINE_TIMEZONE, ...).
+    zombie_after: seconds without a heartbeat before a run is Crashed (default: three heartbeats, 9 minutes).
     """
     extra = dict(env or {})
     state = (state or Path(extra.get("PREFECT_HOME") or os.environ.get("PREFECT_HOME", REPO / ".prefect"))
@@ -204,6 +207,8 @@ def start(port: int = 4200, state: Path | None = None, lake: str | None = None, 
         _run([_prefect(), "work-pool", "create", POOL, "--type", "process", "--overwrite"], client_env,
              "creating the pool")
         _run([_prefect(), "--no-prompt", "deploy", "--all"], client_env, "deploying prefect.yaml")
+        _run([sys.executable, "-m", "deployments.zombies"] + (["--within", str(zombie_after)] if zombie_after else []),
+             client_env, "creating the zombie-run automation")
         worker_env = _env(api_url, {**extra, **({"SCREENLINE_LAKE": str(Path(lake).resolve())} if lake else {})})
         worker_pid = _spawn("worker", [_prefect(), "worker", "start", "--pool", POOL, "--type", "process"], state,
                             worker_env)
@@ -294,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state", type=Path, help="where PIDs and logs go (default: $PREFECT_HOME/serve)")
     p.add_argument("--lake", help="the lake the worker's runs use (default: $SCREENLINE_LAKE or ./lake)")
     p.add_argument("--no-ui", dest="ui", action="store_false")
+    p.add_argument("--zombie-after", type=float, metavar="SECONDS",
+                   help="a run with no heartbeat for this long is marked Crashed (default: three heartbeats)")
     p = sub.add_parser("stop", help="stop what start started")
     p.add_argument("--state", type=Path)
     args = parser.parse_args(argv)
@@ -302,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         print("stopped " + ", ".join(stopped) if stopped else "nothing was running")
         return 0
     try:
-        served = start(args.port, args.state, args.lake, args.ui)
+        served = start(args.port, args.state, args.lake, args.ui, zombie_after=args.zombie_after)
     except RuntimeError as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
         return 1
@@ -310,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
           f"worker on pool '{POOL}': pid {served.worker_pid}\n"
           f"deployments: optimize/default, nightly/default (cron 0 2 * * *, {_env()['SCREENLINE_TIMEZONE']}), "
           f"ingest/default, screen/default, audit/default\n"
+          f"runs whose process dies without a word are marked Crashed: automation '{ZOMBIE_AUTOMATION}'\n"
           f"logs and PIDs: {served.state}\n"
           f"run one:  PREFECT_API_URL={served.api_url} .venv/bin/prefect deployment run optimize/default\n"
           f"stop:     make stop")
