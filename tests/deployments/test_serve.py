@@ -65,7 +65,7 @@ def served(tmp_path_factory):
     try:
         client_env = {**os.environ, **env, "PREFECT_API_URL": served.api_url}
         # a run that lives past the window, sending heartbeats, while the tests run: it must not be crashed
-        patient = sleeper("patient", ZOMBIE_AFTER + 45, client_env)
+        patient = sleeper("patient", ZOMBIE_AFTER + 20, client_env)
         zombie = kill_mid_run(served.api_url, client_env)  # then the tests run while its window passes
         yield served, root, client_env, zombie
     finally:
