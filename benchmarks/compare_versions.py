@@ -41,7 +41,7 @@ def paired_rows(a: dict[tuple[str, str], np.ndarray], b: dict[tuple[str, str], n
 def scores_of(lake: Path, version: str, pixels: np.ndarray, threads: int = 2) -> dict[tuple[str, str], np.ndarray]:
     """Every graph of a version (its manifest's candidates, verified), on ONNX Runtime and, where installed,
     OpenVINO: {(engine, graph): scores}."""
-    from models.engine import OpenVinoEngine, OrtEngine, openvino_missing
+    from models.engine import OpenVinoEngine, OrtEngine, openvino_missing, scores
     from models.registry import Registry
     from tasks.lake import Lake
 
@@ -54,11 +54,8 @@ def scores_of(lake: Path, version: str, pixels: np.ndarray, threads: int = 2) ->
         if name.startswith(("ov-", "trt-")):  # the same graphs on another engine: measured on each engine below
             continue
         path = registry.verified_file(version, candidate["file"])
-        precision = "fp32" if name == "fp32" else "int8"
         for kind in kinds:
-            engine = kind(path, precision, threads)
-            out[(kind.name, name)] = np.concatenate([engine.infer(pixels[i:i + 512])
-                                                     for i in range(0, len(pixels), 512)])
+            out[(kind.name, name)] = scores(kind(path, candidate["precision"], threads), pixels, batch=512)
     return out
 
 
